@@ -1,0 +1,155 @@
+"""The jitted distillation step: sharded == single device, jit == eager, teacher in eval mode,
+one augmented view for both models, eval sums with padding (8 simulated CPU devices)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import tiny_models
+from jaxkd import distill, parallel, step as kd_step
+from jaxkd.losses import logit
+
+KD_CONFIG = {'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 4.0}}
+IMAGE_SHAPE = (2, 8, 8, 3)
+
+
+def _setup(mesh_config, width=16, devices=None, config=KD_CONFIG, teacher=True):
+  student = tiny_models.tiny_cnn(width=width, seed=1)
+  teacher_model = tiny_models.tiny_cnn(width=width, seed=2) if teacher else None
+  method = distill.build(config, student=student, teacher=teacher_model, input_shape=IMAGE_SHAPE)
+  mesh = parallel.make_mesh(mesh_config, devices=devices)
+  optimizer = optax.sgd(0.1, momentum=0.9)
+  state = kd_step.init_state(student, method, optimizer, seed=0, mesh=mesh)
+  teacher_state = kd_step.teacher_state(teacher_model, mesh)
+  return student, teacher_model, method, mesh, optimizer, state, teacher_state
+
+
+def _run(mesh_config, devices=None, num_steps=3, **kwargs):
+  student, teacher, method, mesh, optimizer, state, teacher_state = _setup(
+      mesh_config, devices=devices, **kwargs)
+  train_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
+                                       optimizer=optimizer, mesh=mesh)
+  losses = []
+  for i in range(num_steps):
+    state, metrics = train_step(state, teacher_state, parallel.host_to_global(
+        mesh, tiny_models.batch(16, seed=i)))
+    losses.append(metrics['loss'])
+  return np.asarray(losses), jax.device_get(state)
+
+
+@pytest.mark.parametrize('mesh_config', [{'data': 8, 'fsdp': 1}, {'data': 4, 'fsdp': 2},
+                                         {'data': 1, 'fsdp': 8}])
+def test_sharded_step_matches_single_device(mesh_config):
+  single_losses, single_state = _run({'data': 1}, devices=jax.devices()[:1])
+  losses, state = _run(mesh_config)
+  np.testing.assert_allclose(losses, single_losses, rtol=1e-5, atol=1e-5)
+  # Parameters and BatchNorm statistics (over the global batch) agree.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               state.student, single_state.student)
+  assert int(state.step) == 3
+
+
+def test_fsdp_shards_large_state_arrays():
+  _, _, _, mesh, _, state, _ = _setup({'data': 4, 'fsdp': 2})
+  kernel = state.student['conv2']['kernel'].value  # 3x3x16x32
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, 'fsdp')
+  momentum = jax.tree.leaves(state.opt_state)[0]
+  assert {leaf.sharding.spec for leaf in jax.tree.leaves(state.opt_state)} >= {kernel.sharding.spec}
+  del momentum
+
+
+def test_jit_matches_eager():
+  jitted_losses, jitted_state = _run({'data': 2}, devices=jax.devices()[:2], num_steps=2)
+  with jax.disable_jit():
+    eager_losses, eager_state = _run({'data': 2}, devices=jax.devices()[:2], num_steps=2)
+  np.testing.assert_allclose(jitted_losses, eager_losses, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jitted_state.student, eager_state.student)
+
+
+def _reference_loss(student, teacher, images, labels, temperature=4.0):
+  """CE 0.1 + KD 0.9 by hand: student in train mode (batch statistics), teacher in eval mode."""
+  student = nnx.clone(student)
+  student_logits, _ = student(images, train=True)
+  teacher_logits, _ = teacher(images, train=False)
+  ce = optax.softmax_cross_entropy_with_integer_labels(student_logits, labels).mean()
+  kd = logit.kd(student_logits, teacher_logits, temperature=temperature)
+  return 0.1 * ce + 0.9 * kd
+
+
+def _flip(rng, images):
+  del rng
+  return images[:, :, ::-1, :]
+
+
+def test_loss_uses_eval_mode_teacher_and_one_augmented_view():
+  student, teacher, method, mesh, optimizer, state, teacher_state = _setup({'data': 8})
+  # A teacher whose running statistics differ from batch statistics, so train mode would show.
+  teacher.stem_bn.mean.value = teacher.stem_bn.mean.value + 0.5
+  teacher_state = kd_step.teacher_state(teacher, mesh)
+  augment_calls = []
+
+  def augment(rng, images):
+    augment_calls.append(rng)
+    return _flip(rng, images)
+
+  train_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
+                                       optimizer=optimizer, mesh=mesh, augment=augment)
+  host_batch = tiny_models.batch(16)
+  teacher_before = jax.device_get(teacher_state)
+  _, metrics = train_step(state, teacher_state, parallel.host_to_global(mesh, host_batch))
+  assert len(augment_calls) == 1  # traced once: one view for both models
+  expected = _reference_loss(student, teacher, _flip(None, jnp.asarray(host_batch['image'])),
+                             host_batch['label'])
+  np.testing.assert_allclose(metrics['loss'], expected, rtol=1e-5)
+  # The teacher's state is an input, never updated (eval mode keeps its statistics).
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(teacher_state), teacher_before)
+
+
+def test_supervised_training_without_teacher():
+  student, _, method, mesh, optimizer, state, _ = _setup(
+      {'data': 8}, config={'losses': {'ce': 1.0}}, teacher=False)
+  train_step = kd_step.make_train_step(student=student, teacher=None, method=method,
+                                       optimizer=optimizer, mesh=mesh)
+  batch = parallel.host_to_global(mesh, tiny_models.batch(16))
+  losses = []
+  for _ in range(5):
+    state, metrics = train_step(state, None, batch)
+    losses.append(float(metrics['loss']))
+    assert set(metrics) == {'loss', 'ce', 'accuracy'}
+  assert losses[-1] < losses[0]
+
+
+def test_method_needing_a_teacher_without_one_is_an_error():
+  student = tiny_models.tiny_cnn()
+  with pytest.raises(ValueError, match='needs a teacher'):
+    distill.build(KD_CONFIG, student=student, teacher=None, input_shape=IMAGE_SHAPE)
+
+
+def test_eval_step_sums_skip_padding():
+  student, teacher, _, mesh, _, state, teacher_state = _setup({'data': 8})
+  eval_step = kd_step.make_eval_step(student=student, teacher=teacher, mesh=mesh)
+  host_batch = tiny_models.batch(16)
+  host_batch['mask'] = np.arange(16) < 11
+  sums = jax.device_get(eval_step(state, teacher_state, parallel.host_to_global(mesh, host_batch)))
+  student_logits, _ = student(jnp.asarray(host_batch['image'][:11]), train=False)
+  teacher_logits, _ = teacher(jnp.asarray(host_batch['image'][:11]), train=False)
+  predictions = np.argmax(student_logits, -1)
+  assert sums['count'] == 11
+  assert sums['correct'] == np.sum(predictions == host_batch['label'][:11])
+  assert sums['agree'] == np.sum(predictions == np.argmax(teacher_logits, -1))
+  expected_kl = logit.kd(student_logits, teacher_logits, temperature=1.0,
+                         scale_by_temperature_squared=False, reduction='sum')
+  np.testing.assert_allclose(sums['kl'], expected_kl, rtol=1e-5)
+
+
+def test_student_model_carries_trained_weights():
+  student, teacher, method, mesh, optimizer, state, teacher_state = _setup({'data': 8})
+  train_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
+                                       optimizer=optimizer, mesh=mesh)
+  state, _ = train_step(state, teacher_state, parallel.host_to_global(mesh, tiny_models.batch(16)))
+  exported = kd_step.student_model(student, state)
+  np.testing.assert_array_equal(exported.head.kernel.value, state.student['head']['kernel'].value)
+  assert not np.array_equal(exported.head.kernel.value, student.head.kernel.value)
