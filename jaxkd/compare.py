@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxkd import configlib, models, train
+from jaxkd import configlib, data, models, train
 
 _ROLES = ("scratch", "kd")
 
@@ -54,8 +54,9 @@ def student_config(config, role: str, seed: int, teacher_dir: str) -> ml_collect
   return student
 
 
-def _num_params(model_name: str, kwargs) -> int:
-  abstract_model = nnx.eval_shape(lambda: models.create(model_name, **kwargs))
+def _num_params(model_name: str, kwargs, num_classes: int) -> int:
+  abstract_model = nnx.eval_shape(
+      lambda: models.create(model_name, num_classes=num_classes, **kwargs))
   return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract_model, nnx.Param)))
 
 
@@ -70,7 +71,8 @@ def _mean_std(values) -> str:
 def results_table(summary: dict) -> str:
   """Markdown table of a `run` summary: accuracies in %, KL in nats per test example."""
   teacher = summary["teacher"]
-  seeds = len(summary["runs"]["scratch"])
+  num_seeds = len(summary["runs"]["scratch"])
+  seeds = f"{num_seeds} seed{'s' if num_seeds > 1 else ''}"
   lines = [
       f"| model | parameters | top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |",
       "|---|---|---|---|---|",
@@ -81,7 +83,7 @@ def results_table(summary: dict) -> str:
   for role in _ROLES:
     runs = summary["runs"][role]
     lines.append(
-        f"| {labels[role]} `{summary['student']['model']}` ({seeds} seeds) | "
+        f"| {labels[role]} `{summary['student']['model']}` ({seeds}) | "
         f"{summary['student']['parameters']:,} | "
         f"{_mean_std([100 * r['accuracy'] for r in runs])} | "
         f"{_mean_std([100 * r['agreement'] for r in runs])} | "
@@ -113,12 +115,13 @@ def run(config, workdir: str) -> dict:
     results[name] = train.train_and_evaluate(run_config, os.path.join(workdir, name))
     seconds[name] = time.perf_counter() - run_start
 
+  num_classes = data.DATASETS[config.data.name].num_classes
   summary = {
       "teacher": {"model": config.teacher.model,
-                  "parameters": _num_params(config.teacher.model, config.teacher.kwargs),
+                  "parameters": _num_params(config.teacher.model, config.teacher.kwargs, num_classes),
                   **results["teacher"]},
       "student": {"model": config.student.model,
-                  "parameters": _num_params(config.student.model, config.student.kwargs)},
+                  "parameters": _num_params(config.student.model, config.student.kwargs, num_classes)},
       "seeds": seeds,
       "runs": {role: [results[f"{role}/seed_{seed}"] for seed in seeds] for role in _ROLES},
       "seconds": {**seconds, "total": time.perf_counter() - start},

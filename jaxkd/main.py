@@ -5,6 +5,8 @@ error. A config with a `compare` section (configs/quickstart.py) runs the teache
 students comparison of jaxkd.compare; any other config one `train.train_and_evaluate` run.
 Configuration and data problems end the program with one line on stderr and exit status 1.
 """
+import logging as python_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -23,9 +25,54 @@ _USER_ERRORS = (configlib.ConfigError, data.DataUnavailableError,
                 checkpoint.IncompatibleCheckpointError)
 
 
+def _flag_error_message(error: BaseException) -> str:
+  """One line for a command-line error, without the traceback config_flags would embed."""
+  # config_flags re-raises an error of get_config with its traceback pasted into the message;
+  # the innermost user error of the chain is the one to show.
+  user_error, cause = None, error
+  while cause is not None:
+    if isinstance(cause, _USER_ERRORS):
+      user_error = cause
+    cause = cause.__cause__ or cause.__context__
+  if user_error is not None:
+    return str(user_error)
+  if isinstance(error, (AttributeError, KeyError)):
+    # ml_collections' answer to `--config.<field>` for a field the config lacks:
+    # AttributeError(KeyError("'name'\nDid you mean ...?")).
+    while error.args and isinstance(error.args[0], BaseException):
+      error = error.args[0]
+    message = str(error.args[0] if error.args else error).replace("\n", ": ")
+    return f"--config override of a field the config does not have: {message}"
+  return str(error)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; any error ends the program with one line and status 1."""
+  try:
+    remaining_argv = flags.FLAGS(argv)
+    # A config file that cannot be loaded is reported only when the config is first read.
+    _CONFIG.value.get("seed")
+    return remaining_argv
+  except (flags.Error, AttributeError, KeyError) as error:
+    message = _flag_error_message(error)
+  except OSError as error:
+    message = f"--config: {' '.join(str(error.__cause__ or error).split())}"
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _keep_library_warnings_only() -> None:
+  """orbax and grain log every file operation at INFO; keep their warnings, drop the rest."""
+  libraries = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain"))
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= python_logging.WARNING
+      or not any(library in record.pathname for library in libraries))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _keep_library_warnings_only()
   config = _CONFIG.value
   logging.info("Config:\n%s", config)
   try:
@@ -39,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

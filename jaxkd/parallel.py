@@ -110,8 +110,17 @@ def state_shardings(mesh: Mesh, tree: Any, leading_axes: int = 0) -> Any:
 
 
 def shard_state(mesh: Mesh, tree: Any, leading_axes: int = 0) -> Any:
-  """Places `tree` on `mesh` following `state_shardings`."""
-  return jax.device_put(tree, state_shardings(mesh, tree, leading_axes))
+  """A copy of `tree` placed on `mesh` following `state_shardings`.
+
+  Never aliases the input buffers: the train step donates its state, which must not delete the
+  arrays of the model the state was taken from. (``device_put(..., may_alias=False)`` still
+  aliases the device-0 shard on CPU in jax 0.10.2, so local arrays go through a host copy; every
+  process holds the same values, as `jax.device_put` of host data to a global sharding requires.)
+  """
+  def host_copy(leaf):
+    return np.array(leaf) if getattr(leaf, 'is_fully_addressable', True) else leaf
+
+  return jax.device_put(jax.tree.map(host_copy, tree), state_shardings(mesh, tree, leading_axes))
 
 
 def host_to_global(mesh: Mesh, host_batch: Mapping[str, Any]) -> dict[str, jax.Array]:

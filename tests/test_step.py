@@ -1,5 +1,7 @@
 """The jitted distillation step: sharded == single device, jit == eager, teacher in eval mode,
 one augmented view for both models, eval sums with padding (8 simulated CPU devices)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ KD_CONFIG = {'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 4.0}}
 IMAGE_SHAPE = (2, 8, 8, 3)
 
 
-def _setup(mesh_config, width=16, devices=None, config=KD_CONFIG, teacher=True):
+def _setup(mesh_config, width=8, devices=None, config=KD_CONFIG, teacher=True):
   student = tiny_models.tiny_cnn(width=width, seed=1)
   teacher_model = tiny_models.tiny_cnn(width=width, seed=2) if teacher else None
   method = distill.build(config, student=student, teacher=teacher_model, input_shape=IMAGE_SHAPE)
@@ -39,10 +41,15 @@ def _run(mesh_config, devices=None, num_steps=3, **kwargs):
   return np.asarray(losses), jax.device_get(state)
 
 
+@functools.cache
+def _single_device_run():
+  return _run({'data': 1}, devices=jax.devices()[:1])
+
+
 @pytest.mark.parametrize('mesh_config', [{'data': 8, 'fsdp': 1}, {'data': 4, 'fsdp': 2},
                                          {'data': 1, 'fsdp': 8}])
 def test_sharded_step_matches_single_device(mesh_config):
-  single_losses, single_state = _run({'data': 1}, devices=jax.devices()[:1])
+  single_losses, single_state = _single_device_run()
   losses, state = _run(mesh_config)
   np.testing.assert_allclose(losses, single_losses, rtol=1e-5, atol=1e-5)
   # Parameters and BatchNorm statistics (over the global batch) agree.
@@ -53,17 +60,17 @@ def test_sharded_step_matches_single_device(mesh_config):
 
 def test_fsdp_shards_large_state_arrays():
   _, _, _, mesh, _, state, _ = _setup({'data': 4, 'fsdp': 2})
-  kernel = state.student['conv2']['kernel'].value  # 3x3x16x32
+  kernel = state.student["conv2"]["kernel"][...]  # 3x3x8x16
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, 'fsdp')
-  momentum = jax.tree.leaves(state.opt_state)[0]
-  assert {leaf.sharding.spec for leaf in jax.tree.leaves(state.opt_state)} >= {kernel.sharding.spec}
-  del momentum
+  # The optimiser's momentum of that kernel is sharded the same way.
+  assert kernel.sharding.spec in {leaf.sharding.spec for leaf in jax.tree.leaves(state.opt_state)}
 
 
 def test_jit_matches_eager():
-  jitted_losses, jitted_state = _run({'data': 2}, devices=jax.devices()[:2], num_steps=2)
+  one_device = jax.devices()[:1]
+  jitted_losses, jitted_state = _run({'data': 1}, devices=one_device, num_steps=1, width=4)
   with jax.disable_jit():
-    eager_losses, eager_state = _run({'data': 2}, devices=jax.devices()[:2], num_steps=2)
+    eager_losses, eager_state = _run({'data': 1}, devices=one_device, num_steps=1, width=4)
   np.testing.assert_allclose(jitted_losses, eager_losses, rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                jitted_state.student, eager_state.student)
@@ -87,7 +94,7 @@ def _flip(rng, images):
 def test_loss_uses_eval_mode_teacher_and_one_augmented_view():
   student, teacher, method, mesh, optimizer, state, teacher_state = _setup({'data': 8})
   # A teacher whose running statistics differ from batch statistics, so train mode would show.
-  teacher.stem_bn.mean.value = teacher.stem_bn.mean.value + 0.5
+  teacher.stem_bn.mean[...] = teacher.stem_bn.mean[...] + 0.5
   teacher_state = kd_step.teacher_state(teacher, mesh)
   augment_calls = []
 
@@ -151,5 +158,5 @@ def test_student_model_carries_trained_weights():
                                        optimizer=optimizer, mesh=mesh)
   state, _ = train_step(state, teacher_state, parallel.host_to_global(mesh, tiny_models.batch(16)))
   exported = kd_step.student_model(student, state)
-  np.testing.assert_array_equal(exported.head.kernel.value, state.student['head']['kernel'].value)
-  assert not np.array_equal(exported.head.kernel.value, student.head.kernel.value)
+  np.testing.assert_array_equal(exported.head.kernel[...], state.student["head"]["kernel"][...])
+  assert not np.array_equal(exported.head.kernel[...], student.head.kernel[...])

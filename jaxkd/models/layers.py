@@ -108,14 +108,14 @@ class BatchNorm2d(nnx.Module):
       var = jnp.square(inputs - mean).mean(reduce_axes)
       count = x.size // x.shape[-1]
       unbiased_var = var * (count / max(count - 1, 1))
-      self.mean.value = ((1 - self.momentum) * self.mean.value
+      self.mean[...] = ((1 - self.momentum) * self.mean[...]
                          + self.momentum * jax.lax.stop_gradient(mean))
-      self.var.value = ((1 - self.momentum) * self.var.value
+      self.var[...] = ((1 - self.momentum) * self.var[...]
                         + self.momentum * jax.lax.stop_gradient(unbiased_var))
     else:
-      mean, var = self.mean.value, self.var.value
-    scale = self.scale.value.astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
-    outputs = (inputs - mean) * scale + self.bias.value.astype(jnp.float32)
+      mean, var = self.mean[...], self.var[...]
+    scale = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
+    outputs = (inputs - mean) * scale + self.bias[...].astype(jnp.float32)
     return outputs.astype(self.dtype or x.dtype)
 
 

@@ -7,7 +7,13 @@ minutes on two cores. Layout (Springenberg et al. 2015, "Striving for simplicity
     stem:   conv3×3(widths[0]) → BN → ReLU                       (full resolution)
     stage i: conv3×3 stride 2 (widths[i]) → BN → ReLU,
              then (depth - 1) × [conv3×3 → BN → ReLU]             (resolution / 2^i)
-    head:   global average pool → linear(num_classes)
+    head:   global average pool (the CIFAR zoo's head) or, with `flatten=True`, the whole
+            last feature map flattened → linear(num_classes)
+
+Flattening keeps the spatial layout, which Fashion-MNIST's classes (shirt, pullover, coat)
+are told apart by: with three conv layers the receptive field is 15 pixels, so an average of
+local features reaches only ~85% test top-1 (2 epochs, 32-64-128 channels), and a flattening
+head of the same size about 90%.
 
 Features (names shared with the CIFAR zoo): `stem`, `stage1..N` (post-ReLU), `preact_stage1..N`
 (the last BN output of the stage, before its ReLU: what Heo et al. 2019 distil), `pooled`.
@@ -38,7 +44,7 @@ class SmallCNN(nnx.Module):
   """Stem + `len(widths) - 1` stride-2 stages of `depth` ConvBN-ReLU layers + linear head."""
 
   def __init__(self, *, widths: tuple[int, ...], depth: int, num_classes: int, in_channels: int,
-               dtype, param_dtype, rngs: nnx.Rngs):
+               flatten: bool, input_size: int, dtype, param_dtype, rngs: nnx.Rngs):
     layer_kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.stem = ConvBN(in_channels, widths[0], strides=1, **layer_kwargs)
     self.stages = nnx.List([
@@ -46,7 +52,13 @@ class SmallCNN(nnx.Module):
                          strides=2 if layer == 0 else 1, **layer_kwargs) for layer in range(depth)])
         for width_in, width_out in zip(widths[:-1], widths[1:])
     ])
-    self.head = nnx.Linear(widths[-1], num_classes, **layer_kwargs)
+    self.flatten = flatten
+    # SAME padding: each stride-2 stage maps size s to ceil(s / 2).
+    final_size = input_size
+    for _ in widths[1:]:
+      final_size = -(-final_size // 2)
+    head_features = widths[-1] * (final_size**2 if flatten else 1)
+    self.head = nnx.Linear(head_features, num_classes, **layer_kwargs)
 
   def __call__(self, x, *, train: bool = False, return_features: bool = False):
     features = {}
@@ -58,7 +70,7 @@ class SmallCNN(nnx.Module):
         x = nnx.relu(preact)
       features[f"preact_stage{stage_index}"] = preact
       features[f"stage{stage_index}"] = x
-    pooled = jnp.mean(x, axis=(1, 2))
+    pooled = x.reshape(x.shape[0], -1) if self.flatten else jnp.mean(x, axis=(1, 2))
     features["pooled"] = pooled
     logits = self.head(pooled)
     return logits, (features if return_features else {})
@@ -66,8 +78,12 @@ class SmallCNN(nnx.Module):
 
 @register("small_cnn")
 def small_cnn(*, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128), depth: int = 2,
-              in_channels: int = 1, dtype=jnp.float32, param_dtype=jnp.float32,
-              rngs: nnx.Rngs) -> SmallCNN:
-  """The quickstart CNN; `widths[0]` is the stem, each further width one stride-2 stage."""
+              in_channels: int = 1, flatten: bool = False, input_size: int = 28,
+              dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> SmallCNN:
+  """The quickstart CNN; `widths[0]` is the stem, each further width one stride-2 stage.
+
+  `input_size` (square images) only matters with `flatten=True`.
+  """
   return SmallCNN(widths=tuple(widths), depth=depth, num_classes=num_classes,
-                  in_channels=in_channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  in_channels=in_channels, flatten=flatten, input_size=input_size, dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs)
