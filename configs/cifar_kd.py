@@ -18,8 +18,9 @@ Config argument: `configs/cifar_kd.py:teacher=wrn_40_2,student=wrn_16_2`.
 """
 from jaxkd import configlib
 
-# Students trained with lr 0.01 in the reference recipe.
-_LOW_LR_STUDENTS = ("mobilenet", "shufflenet", "shufflev")
+# Students trained with lr 0.01 (RepDistiller train_student.py: `if opt.model_s in
+# ['MobileNetV2', 'ShuffleV1', 'ShuffleV2']`; its 'MobileNetV2' is our 'mobile_half').
+_LOW_LR_STUDENTS = ("MobileNetV2", "mobile_half", "ShuffleV1", "ShuffleV2")
 
 
 def get_config(arg=None):
@@ -43,7 +44,7 @@ def get_config(arg=None):
 
   config.num_epochs = 240
   config.optimizer.name = "sgd"
-  config.optimizer.lr = 0.01 if arg.student.lower().startswith(_LOW_LR_STUDENTS) else 0.05
+  config.optimizer.lr = 0.01 if arg.student in _LOW_LR_STUDENTS else 0.05
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 5e-4
   config.optimizer.schedule = "step"

@@ -33,10 +33,10 @@ def get_config(arg=None):
 
   # Teacher: 3 conv layers, 32-64-128 channels; trained first by jaxkd.compare.
   config.teacher.model = "small_cnn"
-  config.teacher.kwargs = {"widths": (32, 64, 128), "depth": 1}
+  config.teacher.kwargs = {"widths": (32, 64, 128), "depth": 1, "flatten": True}
   # Student: 8-16-32 channels.
   config.student.model = "small_cnn"
-  config.student.kwargs = {"widths": (8, 16, 32), "depth": 1}
+  config.student.kwargs = {"widths": (8, 16, 32), "depth": 1, "flatten": True}
 
   # Hinton KD with the CIFAR reference weights: 0.1·CE + 0.9·T²·KL(p_T ‖ q_T), T = 4.
   config.distill.losses = {"ce": 0.1, "kd": 0.9}

@@ -244,9 +244,10 @@ def make_train_step(*, student: nnx.Module, teacher: nnx.Module | Sequence[nnx.M
     teacher_graphdef = nnx.graphdef(teacher[0] if _is_ensemble(teacher) else teacher)
   ensemble_rule = ensemble if _is_ensemble(teacher) else None
   per_teacher = ensemble_rule == 'per_teacher'
-  if per_teacher and method.stateful:
-    raise ValueError("ensemble='per_teacher' evaluates teacher terms once per teacher; a method "
-                     "with state (memory banks) needs one combined teacher: use 'mean_logits'")
+  if per_teacher and (method.stateful or len(method.adapters)):
+    raise ValueError("ensemble='per_teacher' evaluates teacher terms once per teacher, which "
+                     "suits terms without adapters or memory banks; combine the teachers with "
+                     "'mean_logits' or 'mean_probs' for this method")
   if augment is not None and teacher is None and method.needs_teacher:
     raise ValueError('a cached teacher holds the outputs of fixed views: it cannot be combined '
                      'with a random augmentation inside the step')

@@ -30,6 +30,11 @@ def _to_nhwc(t):
   return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
 
 
+def _create(module_type, *args, **kwargs):
+  """Constructs a module in one compiled call (eager initialisation compiles per parameter shape)."""
+  return nnx.jit(lambda: module_type(*args, rngs=nnx.Rngs(0), **kwargs))()
+
+
 def _apply(module, *args, **kwargs):
   """module(*args, **kwargs) compiled: eager NNX calls dispatch op by op, which is slow."""
   return nnx.jit(lambda m, *a: m(*a, **kwargs))(module, *args)
@@ -125,7 +130,7 @@ class TorchABF(nn.Module):
 @pytest.mark.parametrize('train', [True, False])
 def test_conv_reg_matches_repdistiller(student_hw, teacher_hw, train):
   student_shape, teacher_shape = (2, student_hw, student_hw, 3), (2, teacher_hw, teacher_hw, 5)
-  ours = adapters.ConvReg(student_shape, teacher_shape, rngs=nnx.Rngs(0))
+  ours = _create(adapters.ConvReg, student_shape, teacher_shape)
   theirs = TorchConvReg((2, 3, student_hw, student_hw), (2, 5, teacher_hw, teacher_hw))
   _copy_conv(ours.conv, theirs.conv)
   _copy_bn(ours.bn, theirs.bn, seed=10)
@@ -140,12 +145,12 @@ def test_conv_reg_matches_repdistiller(student_hw, teacher_hw, train):
 
 def test_conv_reg_rejects_unsupported_sizes():
   with pytest.raises(ValueError, match='student size 4'):
-    adapters.ConvReg((1, 4, 4, 3), (1, 6, 6, 3), rngs=nnx.Rngs(0))
+    _create(adapters.ConvReg, (1, 4, 4, 3), (1, 6, 6, 3))
 
 
 @pytest.mark.parametrize('student_hw,teacher_hw', [(4, 4), (8, 4), (4, 8)])
 def test_vid_regressor_and_loss_match_repdistiller(student_hw, teacher_hw):
-  ours = adapters.VIDRegressor(3, 6, 6, rngs=nnx.Rngs(0))
+  ours = _create(adapters.VIDRegressor, 3, 6, 6)
   theirs = TorchVIDLoss(3, 6, 6)
   np.testing.assert_allclose(ours.log_scale[...], theirs.log_scale.detach().numpy(), rtol=RTOL)
   for our_conv, index in zip((ours.conv1, ours.conv2, ours.conv3), (0, 2, 4)):
@@ -161,13 +166,13 @@ def test_vid_regressor_and_loss_match_repdistiller(student_hw, teacher_hw):
 
 
 def test_vid_regressor_initial_variance():
-  regressor = adapters.VIDRegressor(3, 4, 4, init_pred_var=5.0, eps=1e-5, rngs=nnx.Rngs(0))
+  regressor = _create(adapters.VIDRegressor, 3, 4, 4, init_pred_var=5.0, eps=1e-5)
   np.testing.assert_allclose(jax.nn.softplus(regressor.log_scale[...]) + 1e-5, 5.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize('normalize', [True, False])
 def test_embed_matches_repdistiller(normalize):
-  ours = adapters.Embed(10, 4, normalize=normalize, rngs=nnx.Rngs(0))
+  ours = _create(adapters.Embed, 10, 4, normalize=normalize)
   theirs = nn.Linear(10, 4)
   ours.linear.kernel[...] = jnp.asarray(theirs.weight.detach().numpy().T)
   ours.linear.bias[...] = jnp.asarray(theirs.bias.detach().numpy())
@@ -181,7 +186,7 @@ def test_embed_matches_repdistiller(normalize):
 
 
 def test_linear_projection_is_bias_free():
-  projection = adapters.LinearProjection(6, 10, rngs=nnx.Rngs(0))
+  projection = _create(adapters.LinearProjection, 6, 10)
   assert projection.linear.bias is None
   hidden = jnp.asarray(_normal(0, (2, 5, 6)))
   projected = _apply(projection, jnp.stack([hidden, 2 * hidden]))
@@ -191,12 +196,12 @@ def test_linear_projection_is_bias_free():
 
 def test_torch_default_init_bounds():
   """Kernels uniform in ±1/√fan_in (torch's default), ABF convs in ±√(3/fan_in) (a=1)."""
-  reg = adapters.ConvReg((1, 8, 8, 16), (1, 4, 4, 8), rngs=nnx.Rngs(0))
+  reg = _create(adapters.ConvReg, (1, 8, 8, 16), (1, 4, 4, 8))
   bound = 1 / np.sqrt(16 * 9)
   kernel = np.asarray(reg.conv.kernel[...])
   assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
   assert np.abs(np.asarray(reg.conv.bias[...])).max() <= bound
-  abf = adapters.ABF(16, 32, 8, fuse=False, rngs=nnx.Rngs(0))
+  abf = _create(adapters.ABF, 16, 32, 8, fuse=False)
   bound = np.sqrt(3 / 16)
   kernel = np.asarray(abf.conv1.kernel[...])
   assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
@@ -205,7 +210,7 @@ def test_torch_default_init_bounds():
 def test_review_kd_fusion_matches_mdistiller():
   """Three levels (8×8, 4×4, pooled 1×1), student channels (4, 8, 8) -> teacher (6, 10, 12)."""
   in_channels, out_channels, out_sizes = [4, 8, 8], [6, 10, 12], [8, 4, 1]
-  ours = adapters.ReviewKDFusion(in_channels, out_channels, out_sizes, rngs=nnx.Rngs(0))
+  ours = _create(adapters.ReviewKDFusion, in_channels, out_channels, out_sizes)
   mid = min(512, in_channels[-1])
   theirs = [TorchABF(c_in, mid, c_out, level < 2)
             for level, (c_in, c_out) in enumerate(zip(in_channels, out_channels))]
@@ -233,7 +238,7 @@ def test_review_kd_fusion_matches_mdistiller():
 
 def test_adapters_train_under_nnx_jit():
   """A gradient step through ConvReg + fitnet: finite grads, BN statistics updated."""
-  regressor = adapters.ConvReg((2, 8, 8, 3), (2, 4, 4, 5), rngs=nnx.Rngs(0))
+  regressor = _create(adapters.ConvReg, (2, 8, 8, 3), (2, 4, 4, 5))
   student, teacher = jnp.asarray(_normal(0, (2, 8, 8, 3))), jnp.asarray(_normal(1, (2, 4, 4, 5)))
 
   @nnx.jit

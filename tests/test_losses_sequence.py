@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxkd.losses.logit import akl
 from jaxkd.losses.logit import jsd
 from jaxkd.losses.logit import kd
 from jaxkd.losses.logit import reverse_kl
@@ -94,6 +95,7 @@ DIVERGENCES = (
     ('skew_kl', skew_kl, dict(alpha=0.1)),
     ('skew_reverse_kl', skew_reverse_kl, dict(alpha=0.1)),
     ('tvd', tvd, {}),
+    ('akl', akl, {}),
 )
 
 

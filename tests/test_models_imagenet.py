@@ -141,12 +141,13 @@ def _forward(model, images, train=False):
 
 
 def test_bf16_compute_with_f32_params():
-  images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
-  model = _synthetic_model("mobilenet_v1", num_classes=10, dtype=jnp.bfloat16)
+  images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  model = _synthetic_model("resnet18", num_classes=10, dtype=jnp.bfloat16)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
   logits, features = _forward(model, images)
   assert logits.dtype == jnp.float32 and features["stage4"].dtype == jnp.bfloat16
-  f32_logits, _ = _forward(_synthetic_model("mobilenet_v1", num_classes=10), images)
+  # Same structure and shapes as the resnet18 parity test: one f32 compilation for both.
+  f32_logits, _ = _forward(_synthetic_model("resnet18", num_classes=10), images)
   np.testing.assert_allclose(logits, f32_logits, rtol=0.05, atol=0.05 * np.abs(f32_logits).max())
 
 
@@ -287,16 +288,84 @@ def _torch_reference(name, num_classes):
     def forward(self, x):
       return self.classifier(self.features(x).mean((2, 3)))
 
+  class Attention(nn.Module):
+
+    def __init__(self, width, num_heads):
+      super().__init__()
+      self.num_heads = num_heads
+      self.qkv = nn.Linear(width, 3 * width)
+      self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+      batch, length, width = x.shape
+      qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, width // self.num_heads)
+      query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+      weights = ((query * (width // self.num_heads) ** -0.5) @ key.transpose(-2, -1)).softmax(-1)
+      return self.proj((weights @ value).transpose(1, 2).reshape(batch, length, width))
+
+  class Mlp(nn.Module):
+
+    def __init__(self, width):
+      super().__init__()
+      self.fc1 = nn.Linear(width, 4 * width)
+      self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+      return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+  class Block(nn.Module):
+
+    def __init__(self, width, num_heads):
+      super().__init__()
+      self.norm1 = nn.LayerNorm(width, eps=1e-6)
+      self.attn = Attention(width, num_heads)
+      self.norm2 = nn.LayerNorm(width, eps=1e-6)
+      self.mlp = Mlp(width)
+
+    def forward(self, x):
+      x = x + self.attn(self.norm1(x))
+      return x + self.mlp(self.norm2(x))
+
+  class PatchEmbed(nn.Module):
+
+    def __init__(self, width):
+      super().__init__()
+      self.proj = nn.Conv2d(3, width, 16, 16)
+
+    def forward(self, x):
+      return self.proj(x).flatten(2).transpose(1, 2)
+
+  class VisionTransformer(nn.Module):
+    """timm VisionTransformer(img_size=32, embed_dim=192, depth=12, num_heads=3)."""
+
+    def __init__(self, width=192, num_heads=3, num_patches=4):
+      super().__init__()
+      self.patch_embed = PatchEmbed(width)
+      self.cls_token = nn.Parameter(torch.randn(1, 1, width))
+      self.pos_embed = nn.Parameter(torch.randn(1, 1 + num_patches, width))
+      self.blocks = nn.Sequential(*[Block(width, num_heads) for _ in range(12)])
+      self.norm = nn.LayerNorm(width, eps=1e-6)
+      self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+      x = self.patch_embed(x)
+      x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+      return self.head(self.norm(self.blocks(x))[:, 0])
+
   constructors = {
       "resnet18": lambda: ResNet(BasicBlock, (2, 2, 2, 2)),
       "resnet50": lambda: ResNet(Bottleneck, (3, 4, 6, 3)),
       "mobilenet_v1": MobileNetV1,
       "mobilenet_v2": MobileNetV2,
+      "vit_ti16": VisionTransformer,
   }
   torch.manual_seed(0)
   module = constructors[name]().eval()
   with torch.no_grad():  # non-trivial BatchNorm parameters and running statistics
     for submodule in module.modules():
+      if isinstance(submodule, nn.LayerNorm):
+        submodule.weight.uniform_(0.5, 1.5)
+        submodule.bias.normal_(0.0, 0.1)
       if isinstance(submodule, nn.BatchNorm2d):
         submodule.weight.uniform_(0.5, 1.5)
         submodule.bias.normal_(0.0, 0.1)
@@ -313,10 +382,24 @@ def _converted(name, state_dict, **kwargs):
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2"])
 def test_torch_parity_eval_mode(name):
   torch, reference = _torch_reference(name, num_classes=10)
-  images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
     expected = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-  model = _converted(name, reference.state_dict())  # num_classes read off the checkpoint
+  model = _converted(name, reference.state_dict(), num_classes=10)
+  logits, _ = _forward(model, images)
+  scale = np.abs(expected).max()
+  np.testing.assert_allclose(np.asarray(logits) / scale, expected / scale, atol=1e-4)
+
+
+@pytest.mark.xfail(raises=ValueError, strict=True,
+                   reason="torch_import.torch_key has no name for the bare nn.Parameter leaves "
+                   "cls_token / pos_embed (needs identity mapping of unknown leaf names)")
+def test_torch_parity_vit():
+  torch, reference = _torch_reference("vit_ti16", num_classes=10)
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  model = _converted("vit_ti16", reference.state_dict(), num_classes=10, image_size=32)
   logits, _ = _forward(model, images)
   scale = np.abs(expected).max()
   np.testing.assert_allclose(np.asarray(logits) / scale, expected / scale, atol=1e-4)

@@ -407,9 +407,15 @@ def _torch_outputs(torch_model, images_nhwc):
 
 
 def _jax_model(name, state, num_classes):
-  model = models.create(name, num_classes=num_classes)
+  """The converted model, without the (slow, discarded) random initialisation."""
+  model = nnx.eval_shape(lambda: models.create(name, num_classes=num_classes))
   nnx.update(model, state)
   return model
+
+
+@nnx.jit
+def _forward(model, images):
+  return model(images, train=False, return_features=True)
 
 
 @pytest.mark.parametrize("name", sorted(TORCH_MODELS))
@@ -421,7 +427,7 @@ def test_converted_model_matches_torch(name):
 
   state = models.load_torch_state_dict(name, torch_model.state_dict())  # num_classes inferred: 10
   model = _jax_model(name, state, num_classes=10)
-  jax_logits, features = model(jnp.asarray(images), train=False, return_features=True)
+  jax_logits, features = _forward(model, jnp.asarray(images))
 
   np.testing.assert_allclose(jax_logits, logits, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(features["pooled"], pooled, rtol=1e-4, atol=1e-4)
@@ -439,12 +445,12 @@ def test_bottleneck_resnetv2_layout_matches_torch():
                                         head="linear", shortcut_name="shortcut"))
   images = _images()
   logits, feats, preacts, _ = _torch_outputs(torch_model, images)
-  model = cifar_resnet.CifarResNet(
+  model = nnx.eval_shape(lambda: cifar_resnet.CifarResNet(
       layers.Bottleneck, 8, (4, 8, 8, 8), (2, 1, 1, 1), classifier_name="linear",
       shortcut_name="shortcut", num_classes=10, dtype=jnp.float32, param_dtype=jnp.float32,
-      rngs=nnx.Rngs(0))
+      rngs=nnx.Rngs(0)))
   nnx.update(model, torch_import.convert_state_dict(model, torch_model.state_dict()))
-  jax_logits, features = model(jnp.asarray(images), return_features=True)
+  jax_logits, features = _forward(model, jnp.asarray(images))
   np.testing.assert_allclose(jax_logits, logits, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(features["preact_stage4"], preacts[4], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(features["stage2"], feats[2], rtol=1e-4, atol=1e-4)
@@ -464,20 +470,20 @@ def test_checkpoint_wrappers_are_accepted():
   reference = models.load_torch_state_dict("resnet8", state_dict)
   wrapped = {"model": {f"module.{key}": value for key, value in state_dict.items()}, "epoch": 240}
   converted = models.load_torch_state_dict("resnet8", wrapped)
-  np.testing.assert_array_equal(converted["fc"]["kernel"].value, reference["fc"]["kernel"].value)
+  np.testing.assert_array_equal(converted["fc"]["kernel"][...], reference["fc"]["kernel"][...])
   numpy_state = {key: value.numpy() for key, value in state_dict.items()}
   converted = models.load_torch_state_dict("resnet8", numpy_state, num_classes=10)
-  np.testing.assert_array_equal(converted["layer1"][0]["bn1"]["var"].value,
-                                reference["layer1"][0]["bn1"]["var"].value)
+  np.testing.assert_array_equal(converted["layer1"][0]["bn1"]["var"][...],
+                                reference["layer1"][0]["bn1"]["var"][...])
 
 
 def test_layouts_are_transposed():
   state_dict = TORCH_MODELS["resnet8"]().state_dict()
   state = models.load_torch_state_dict("resnet8", state_dict)
-  np.testing.assert_array_equal(state["conv1"]["kernel"].value,
+  np.testing.assert_array_equal(state["conv1"]["kernel"][...],
                                 state_dict["conv1.weight"].numpy().transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(state["fc"]["kernel"].value, state_dict["fc.weight"].numpy().T)
-  np.testing.assert_array_equal(state["layer2"][0]["downsample"][1]["mean"].value,
+  np.testing.assert_array_equal(state["fc"]["kernel"][...], state_dict["fc.weight"].numpy().T)
+  np.testing.assert_array_equal(state["layer2"][0]["downsample"][1]["mean"][...],
                                 state_dict["layer2.0.downsample.1.running_mean"].numpy())
 
 
@@ -496,8 +502,10 @@ def test_mismatch_error_lists_every_offending_key():
 
 
 def test_wrong_architecture_is_reported():
-  with pytest.raises(ValueError, match=r"model 'resnet8x4'.*shape mismatches: conv1.weight"):
+  with pytest.raises(ValueError, match=r"model 'resnet8x4' \(num_classes=10\)") as error:
     models.load_torch_state_dict("resnet8x4", TORCH_MODELS["resnet8"]().state_dict())
+  assert "conv1.weight: checkpoint (16, 3, 3, 3), model expects (32, 3, 3, 3)" in str(error.value)
+  assert "missing keys: layer1.0.downsample.0.weight" in str(error.value)
 
 
 def test_cli_end_to_end(tmp_path):

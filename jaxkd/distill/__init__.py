@@ -341,3 +341,5 @@ def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module
 
 # One import per method module: importing registers its losses.
 from jaxkd.distill import logit  # noqa: E402,F401
+from jaxkd.distill import feature  # noqa: E402,F401
+from jaxkd.distill import crd  # noqa: E402,F401

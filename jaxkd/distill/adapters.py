@@ -39,7 +39,8 @@ def _torch_default_bias_init(fan_in: int):
 
 def _batch_norm(num_features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
   """torch.nn.BatchNorm2d defaults: running-average momentum 0.1, eps 1e-5."""
-  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
+                       rngs=rngs)
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: tuple[int, int], *, rngs: nnx.Rngs,

@@ -43,3 +43,11 @@ from jaxkd.losses.relation import rkd
 from jaxkd.losses.relation import similarity_preserving
 
 # --- sequence / LLM losses (sequence.py, chunked.py) ---
+from jaxkd.losses.chunked import chunked_kd
+from jaxkd.losses.chunked import chunked_per_token_divergence
+from jaxkd.losses.sequence import SparseTeacher
+from jaxkd.losses.sequence import per_token_divergence
+from jaxkd.losses.sequence import sequence_loss
+from jaxkd.losses.sequence import sparse_teacher_from_logits
+from jaxkd.losses.sequence import sparse_topk_kd
+from jaxkd.losses.sequence import token_mean

@@ -236,8 +236,8 @@ def sparse_topk_kd(
   :math:`\log Z` cancels inside :math:`K`, but the mass outside :math:`K` at the new temperature is unknown.
 
   Ids outside [0, V) (e.g. -1) or log-prob -inf are padding (a position with only padding gives 0); a
-  repeated id has its probabilities summed.
-  The teacher is stored data: no gradient flows into it.
+  repeated id has its probabilities summed (found by comparing the k^2 pairs of a position, less memory
+  than the [..., V] logits for k up to about sqrt(V)). The teacher is stored data: no gradient flows into it.
 
   Args:
     student_logits: [..., V] logits.

@@ -1,4 +1,4 @@
-"""ImageNet MobileNets used as KD students: mobilenet_v1 (mdistiller) and mobilenet_v2 (torchvision).
+"""ImageNet MobileNets, KD students: mobilenet_v1 (mdistiller) and mobilenet_v2 (torchvision).
 
 `mobilenet_v1` (Howard et al. 2017) is mdistiller's `mdistiller/models/imagenet/mobilenetv1.py`,
 the student of the ResNet-50 → MobileNet ImageNet benchmark (CRD, ReviewKD, DKD tables):
@@ -99,7 +99,7 @@ def _conv_bn_relu6(in_channels, out_channels, kernel_size, *, stride=1, groups=1
 
 
 class InvertedResidual(nnx.Module):
-  """torchvision `InvertedResidual`: expand 1×1 → depthwise 3×3 → linear 1×1 (+ x if same shape)."""
+  """torchvision `InvertedResidual`: 1×1 expand → 3×3 depthwise → linear 1×1 (+ x, same shape)."""
 
   def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int, *,
                dtype, param_dtype, rngs: nnx.Rngs):

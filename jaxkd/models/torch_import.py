@@ -146,7 +146,7 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
   unexpected = sorted(set(arrays) - set(expected_keys))
   mismatched = []
   converted = []
-  for key, path in expected_keys.items():
+  for key, path in sorted(expected_keys.items()):
     if key not in arrays:
       continue
     variable = variables[path]

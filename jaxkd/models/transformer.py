@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jaxkd.models import layers
 from jaxkd.models.registry import register
 
 # GPT-2 / LLaMA initialisation: every weight matrix and the embedding ~ N(0, 0.02).
@@ -191,27 +192,37 @@ class TransformerLM(nnx.Module):
       key_slots = jnp.arange(cache.key_mask.shape[1])
     attention_mask = key_mask[:, None, :] & (key_slots[None, :] <= query_slots[:, None])[None]
 
+    collect = layers.FeatureCollector(return_features)
     hidden = self.embed_tokens(tokens)
-    features = {"embed": hidden}
+    collect("embed", hidden)
     new_keys, new_values = [], []
     for index, layer in enumerate(self.layers):
       cached_kv = None if cache is None else (cache.keys[index], cache.values[index])
       hidden, (keys, values) = layer(hidden, positions, attention_mask, cached_kv, start)
       new_keys.append(keys)
       new_values.append(values)
-      features[f"layer{index + 1}"] = hidden
+      collect(f"layer{index + 1}", hidden)
     hidden = self.norm(hidden)
-    features["final"] = hidden
+    collect("final", hidden)
     if self.lm_head is None:
       logits = self.embed_tokens.attend(hidden)
     else:
       logits = self.lm_head(hidden)
-    features = features if return_features else {}
+    logits = logits.astype(jnp.float32)
     if cache is None:
-      return logits, features
+      return logits, collect.features
     cache = KVCache(keys=jnp.stack(new_keys), values=jnp.stack(new_values), key_mask=key_mask,
                     end=start + length)
-    return logits, features, cache
+    return logits, collect.features, cache
+
+  @staticmethod
+  def adapt_torch_state_dict(state_dict: dict) -> dict:
+    """Hugging Face `LlamaForCausalLM` keys → this model's: drops the `model.` prefix.
+
+    Hook of `jaxkd.models.load_torch_state_dict`. A tied checkpoint has no `lm_head.weight`
+    (safetensors stores the tied tensor once); load it with `tie_embeddings=True`.
+    """
+    return {key.removeprefix("model."): value for key, value in state_dict.items()}
 
 
 # Small presets for tests, quickstarts and students; vocabulary 256 (bytes) unless overridden.

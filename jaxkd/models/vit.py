@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxkd.models import layers
 from jaxkd.models.registry import register
 
 # timm's `init_weights_vit_timm`: Linear weights ~ N(0, 0.02) (truncated), biases 0.
@@ -106,13 +107,13 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.image_size = image_size
-    self.dtype = dtype
     num_patches = (image_size // patch_size) ** 2
     self.patch_embed = PatchEmbed(patch_size, width, **kw)
     # timm: cls_token ~ N(0, 1e-6), pos_embed ~ truncated N(0, 0.02); the cls token has a position.
     self.cls_token = nnx.Param(
         nnx.initializers.normal(1e-6)(rngs.params(), (1, 1, width), param_dtype))
-    self.pos_embed = nnx.Param(_DENSE_INIT(rngs.params(), (1, 1 + num_patches, width), param_dtype))
+    self.pos_embed = nnx.Param(
+        _DENSE_INIT(rngs.params(), (1, 1 + num_patches, width), param_dtype))
     self.blocks = nnx.List([Block(width, num_heads, mlp_ratio, **kw) for _ in range(depth)])
     self.norm = _layer_norm(width, **kw)
     self.head = _linear(width, num_classes, **kw)
@@ -127,14 +128,14 @@ class VisionTransformer(nnx.Module):
                                   (patches.shape[0], 1, patches.shape[-1]))
     tokens = jnp.concatenate([cls_tokens, patches], axis=1)
     tokens = tokens + self.pos_embed[...].astype(tokens.dtype)
-    features = {"embed": tokens}
+    collect = layers.FeatureCollector(return_features)
+    collect("embed", tokens)
     for index, block in enumerate(self.blocks):
       tokens = block(tokens)
-      features[f"block{index + 1}"] = tokens
+      collect(f"block{index + 1}", tokens)
     pooled = self.norm(tokens)[:, 0]
-    features["pooled"] = pooled
-    logits = self.head(pooled)
-    return logits, (features if return_features else {})
+    collect("pooled", pooled)
+    return self.head(pooled).astype(jnp.float32), collect.features
 
 
 def _preset(width: int, num_heads: int):

@@ -49,7 +49,8 @@ def import_checkpoint(name: str, checkpoint_path: str, out_dir: str,
   if num_classes is None:
     num_classes = torch_import.infer_num_classes(name, state_dict)
   state = torch_import.load_torch_state_dict(name, state_dict, num_classes=num_classes)
-  model = registry.create(name, num_classes=num_classes)
+  # The structure alone: every variable is then overwritten, so skip the random initialisation.
+  model = nnx.eval_shape(lambda: registry.create(name, num_classes=num_classes))
   nnx.update(model, state)
   io.save(out_dir, model, name, num_classes=num_classes)
   return model

@@ -1,0 +1,151 @@
+"""Data: the IDX reader, the sources' error messages, the deterministic pipeline, crop+flip."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkd import data
+from jaxkd.data import idx
+
+import fake_idx
+
+_SPEC = data.DATASETS["fashion_mnist"]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_read_idx_round_trip(tmp_path, compress):
+  array = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+  path = str(tmp_path / ("a.idx" + (".gz" if compress else "")))
+  fake_idx.write_idx(path, array, compress=compress)
+  np.testing.assert_array_equal(idx.read_idx(path), array)
+
+
+def test_read_idx_big_endian_int32(tmp_path):
+  array = np.array([1, -2, 70000], np.int32)
+  path = str(tmp_path / "int.idx")
+  with open(path, "wb") as f:
+    f.write(bytes([0, 0, 0x0C, 1]) + np.asarray([3], ">u4").tobytes() + array.astype(">i4").tobytes())
+  np.testing.assert_array_equal(idx.read_idx(path), array)
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+  bad_magic = str(tmp_path / "bad")
+  with open(bad_magic, "wb") as f:
+    f.write(b"\x1f\x8b\x08\x00garbage")
+  with pytest.raises(ValueError, match="not an IDX file"):
+    idx.read_idx(bad_magic)
+  truncated = str(tmp_path / "short")
+  with open(truncated, "wb") as f:
+    f.write(bytes([0, 0, 0x08, 1]) + np.asarray([10], ">u4").tobytes() + b"\x00" * 4)
+  with pytest.raises(ValueError, match="header says shape"):
+    idx.read_idx(truncated)
+
+
+def test_load_split_mixes_raw_and_gzip(tmp_path):
+  train_images, train_labels = fake_idx.write_split(tmp_path, "train", 7, compress=False)
+  test_images, test_labels = fake_idx.write_split(tmp_path, "t10k", 5, compress=True, seed=1)
+  train = idx.load_split(str(tmp_path), "train")
+  test = idx.load_split(str(tmp_path), "test")
+  np.testing.assert_array_equal(train["image"][..., 0], train_images)
+  np.testing.assert_array_equal(test["label"], test_labels)
+  assert train["image"].shape == (7, 28, 28, 1) and train["label"].dtype == np.int32
+  assert test["image"].shape == (5, 28, 28, 1)
+
+
+def test_idx_source_missing_files_says_how_to_get_them(tmp_path):
+  with pytest.raises(data.DataUnavailableError, match="apt-get install -y dataset-fashion-mnist"):
+    data.open_split("fashion_mnist", "idx", "train", str(tmp_path))
+
+
+def test_tfds_source_missing_says_how_to_prepare(tmp_path):
+  with pytest.raises(data.DataUnavailableError) as error:
+    data.open_split("cifar100", "tfds", "train", str(tmp_path))
+  message = str(error.value)
+  assert "tfds build cifar100 --file_format=array_record" in message
+  assert "--config.data.dir" in message and "configs/quickstart.py" in message
+
+
+def test_tfds_source_in_tfrecord_format_is_refused(tmp_path):
+  version_dir = tmp_path / "cifar100" / "3.0.2"
+  version_dir.mkdir(parents=True)
+  (version_dir / "dataset_info.json").write_text(json.dumps({"name": "cifar100"}))
+  with pytest.raises(data.DataUnavailableError, match="prepared as tfrecord"):
+    data.open_split("cifar100", "tfds", "train", str(tmp_path))
+
+
+def test_batch_indices_are_a_pure_function_of_seed_and_step():
+  first = data.global_batch_indices(3, 5, 100, 16)
+  np.testing.assert_array_equal(first, data.global_batch_indices(3, 5, 100, 16))
+  assert not np.array_equal(first, data.global_batch_indices(4, 5, 100, 16))
+
+
+def test_each_epoch_visits_every_example_once():
+  # 40 examples, batch 8: epoch e is steps 5e .. 5e + 4, each a fresh permutation.
+  epochs = [np.concatenate([data.global_batch_indices(0, step, 40, 8)
+                            for step in range(5 * epoch, 5 * epoch + 5)]) for epoch in range(2)]
+  for visited in epochs:
+    np.testing.assert_array_equal(np.sort(visited), np.arange(40))
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_batches_cross_epoch_boundaries():
+  # 10 examples, batch 4: step 2 holds the last 2 of epoch 0 and the first 2 of epoch 1.
+  stream = np.concatenate([np.random.default_rng([0, epoch]).permutation(10) for epoch in range(2)])
+  np.testing.assert_array_equal(data.global_batch_indices(0, 2, 10, 4), stream[8:12])
+
+
+def _tiny_source(num_examples=24):
+  rng = np.random.default_rng(0)
+  return data.ArraySource({
+      "image": rng.integers(0, 256, (num_examples, 28, 28, 1), dtype=np.uint8),
+      "label": rng.integers(0, 10, num_examples).astype(np.int32)})
+
+
+def test_train_batches_resume_reproduces_the_stream():
+  source = _tiny_source()
+  kwargs = dict(seed=1, num_steps=7, global_batch_size=8, num_examples=20)
+  full = list(data.train_batches(source, _SPEC, start_step=0, **kwargs))
+  resumed = list(data.train_batches(source, _SPEC, start_step=4, **kwargs))
+  assert len(full) == 7 and len(resumed) == 3
+  for expected, actual in zip(full[4:], resumed):
+    for key in ("image", "label", "index"):
+      np.testing.assert_array_equal(expected[key], actual[key])
+  assert max(batch["index"].max() for batch in full) < 20  # only the first num_examples
+  batch = full[0]
+  np.testing.assert_allclose(batch["image"], data.normalize(source.arrays["image"][batch["index"]],
+                                                            _SPEC))
+  np.testing.assert_array_equal(batch["label"], source.arrays["label"][batch["index"]])
+
+
+def test_eval_batches_pad_and_mask():
+  source = _tiny_source(num_examples=19)
+  batches = list(data.eval_batches(source, _SPEC, global_batch_size=8))
+  assert [batch["image"].shape[0] for batch in batches] == [8, 8, 8]
+  mask = np.concatenate([batch["mask"] for batch in batches])
+  assert mask.sum() == 19 and not mask[19:].any()
+  np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches])[mask], np.arange(19))
+
+
+def test_normalize_constants():
+  pixels = np.array([[0, 255]], np.uint8)
+  np.testing.assert_allclose(data.normalize(pixels[..., None], _SPEC)[..., 0],
+                             [[-0.2860 / 0.3530, (1 - 0.2860) / 0.3530]], rtol=1e-6)
+
+
+def test_crop_flip_takes_a_window_of_the_padded_image():
+  spec = data.DATASETS["cifar100"]
+  augment = data.build_augment("crop_flip", spec)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8, 8, 3)), jnp.float32)
+  rng = jax.random.key(0)
+  augmented = np.asarray(augment(rng, images))
+  np.testing.assert_allclose(np.asarray(jax.jit(augment)(rng, images)), augmented, rtol=1e-6)
+  black = -np.asarray(spec.mean) / np.asarray(spec.std)
+  padded = np.pad(np.asarray(images) - black, ((0, 0), (4, 4), (4, 4), (0, 0))) + black
+  for image, out in zip(padded, augmented):
+    windows = [image[y:y + 8, x:x + 8] for y in range(9) for x in range(9)]
+    assert any(np.allclose(out, w, atol=1e-6) or np.allclose(out, w[:, ::-1], atol=1e-6)
+               for w in windows)
+  assert data.build_augment("none", spec) is None

@@ -1,0 +1,186 @@
+"""The method registry: config validation, every registered term (jit == eager, finite values and
+gradients, equal to the loss function called by hand), schedules."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tiny_models
+from jaxkd import distill
+from jaxkd.losses import feature, logit, relation
+
+IMAGE_SHAPE = (2, 8, 8, 3)
+BATCH = 8
+
+
+@functools.cache
+def _models():
+  return tiny_models.tiny_cnn(width=4, seed=1), tiny_models.tiny_cnn(width=8, seed=2)
+
+
+@functools.cache
+def _outputs():
+  student, teacher = _models()
+  host_batch = tiny_models.batch(BATCH)
+  images = jnp.asarray(host_batch['image'])
+  student_logits, student_features = nnx.clone(student)(images, train=True, return_features=True)
+  teacher_logits, teacher_features = teacher(images, train=False, return_features=True)
+  return student_logits, student_features, teacher_logits, teacher_features, host_batch
+
+
+def _evaluate(method, *, jit, step=0):
+  """Method.loss on fixed model outputs, with gradients w.r.t. student logits, features, adapters."""
+  student_logits, student_features, teacher_logits, teacher_features, host_batch = _outputs()
+  batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
+  graphdef, adapter_state = nnx.split(method.adapters)
+  hparams = jax.tree.map(jnp.float32, method.hparams)
+
+  def loss(differentiable, method_state):
+    logits, features, adapter_state = differentiable
+    adapters = nnx.merge(graphdef, adapter_state, copy=True)
+    value, metrics, new_state = method.loss(
+        hparams=hparams, adapters=adapters, method_state=method_state, student_logits=logits,
+        student_features={k: features[k] for k in method.student_features},
+        teacher_logits=teacher_logits,
+        teacher_features={k: teacher_features[k] for k in method.teacher_features},
+        batch=batch, step=jnp.int32(step), rng=jax.random.key(0))
+    return value, (metrics, new_state)
+
+  fn = jax.value_and_grad(loss, has_aux=True)
+  fn = jax.jit(fn) if jit else fn
+  (value, (metrics, new_state)), grads = fn((student_logits, student_features, adapter_state),
+                                            method.init_state())
+  return value, metrics, new_state, grads
+
+
+def _build(config, **kwargs):
+  student, teacher = _models()
+  return distill.build(config, student=student, teacher=teacher, input_shape=IMAGE_SHAPE,
+                       num_train_examples=32, steps_per_epoch=10, **kwargs)
+
+
+ALL_TERMS = [name for name in distill.names() if name != 'ce']
+# The tiny models have no transformer blocks: hidden-state terms read the pooled features.
+TERM_SETTINGS = {'hidden_mse': {'features': ['pooled']}, 'hidden_cosine': {'features': ['pooled']},
+                 'crd': {'num_negatives': 16}}
+
+
+@pytest.mark.parametrize('name', ALL_TERMS)
+def test_every_term_is_finite_and_jit_matches_eager(name):
+  method = _build({'losses': {'ce': 1.0, name: 0.5}, name: TERM_SETTINGS.get(name, {})})
+  eager_value, eager_metrics, _, eager_grads = _evaluate(method, jit=False)
+  value, metrics, _, grads = _evaluate(method, jit=True)
+  assert np.isfinite(value) and set(metrics) == {'ce', name, 'loss'}
+  np.testing.assert_allclose(value, eager_value, rtol=2e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads,
+               eager_grads)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(grads))
+  # The term reaches the student: some gradient is non-zero.
+  assert any(np.any(leaf != 0) for leaf in jax.tree.leaves(grads[:2]))
+
+
+def test_loss_is_weighted_sum_of_terms_equal_to_the_loss_functions():
+  method = _build({'losses': {'ce': 0.1, 'kd': 0.9, 'attention_transfer': 1000.0, 'rkd': 1.0},
+                   'kd': {'temperature': 4.0}})
+  student_logits, student_features, teacher_logits, teacher_features, batch = _outputs()
+  value, metrics, _, _ = _evaluate(method, jit=True)
+  import optax
+  ce = optax.softmax_cross_entropy_with_integer_labels(student_logits, batch['label']).mean()
+  kd = logit.kd(student_logits, teacher_logits, temperature=4.0)
+  stages = ['stage1', 'stage2']
+  at = feature.attention_transfer([student_features[k] for k in stages],
+                                  [teacher_features[k] for k in stages])
+  rkd = relation.rkd(student_features['pooled'], teacher_features['pooled'])
+  for name, expected in (('ce', ce), ('kd', kd), ('attention_transfer', at), ('rkd', rkd)):
+    np.testing.assert_allclose(metrics[name], expected, rtol=1e-5, err_msg=name)
+  np.testing.assert_allclose(value, 0.1 * ce + 0.9 * kd + 1000 * at + rkd, rtol=1e-5)
+
+
+def test_standardize_option_is_kd_plus_ls():
+  method = _build({'losses': {'kd': 9.0}, 'kd': {'temperature': 2.0, 'standardize': True}})
+  student_logits, _, teacher_logits, _, _ = _outputs()
+  _, metrics, _, _ = _evaluate(method, jit=True)
+  expected = logit.kd(logit.standardize(student_logits), logit.standardize(teacher_logits),
+                      temperature=2.0)
+  np.testing.assert_allclose(metrics['kd'], expected, rtol=1e-5)
+
+
+def test_padded_examples_are_left_out_of_per_example_terms():
+  student_logits, _, teacher_logits, _, host_batch = _outputs()
+  method = _build({'losses': {'ce': 1.0, 'kd': 1.0}})
+  mask = np.arange(BATCH) < 5
+  hparams = jax.tree.map(jnp.float32, method.hparams)
+  _, metrics, _ = method.loss(
+      hparams=hparams, adapters=None, method_state={}, student_logits=student_logits,
+      student_features={}, teacher_logits=teacher_logits, teacher_features={},
+      batch={**host_batch, 'mask': mask}, step=jnp.int32(0), rng=jax.random.key(0))
+  np.testing.assert_allclose(
+      metrics['kd'], logit.kd(student_logits[:5], teacher_logits[:5], temperature=4.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize('step, factor', [(0, 1 / 20), (9, 1 / 20), (10, 2 / 20), (195, 20 / 20),
+                                          (10_000, 1.0)])
+def test_dkd_warmup_follows_mdistiller(step, factor):
+  """min(epoch / 20, 1) with the 1-based epoch; 10 steps per epoch here."""
+  method = _build({'losses': {'ce': 1.0, 'dkd': 1.0}, 'dkd': {'beta': 2.0}})
+  value, metrics, _, _ = _evaluate(method, jit=True, step=step)
+  np.testing.assert_allclose(value, metrics['ce'] + factor * metrics['dkd'], rtol=1e-5)
+  student_logits, _, teacher_logits, _, batch = _outputs()
+  np.testing.assert_allclose(
+      metrics['dkd'], logit.dkd(student_logits, teacher_logits, batch['label'], beta=2.0), rtol=1e-5)
+
+
+def test_crd_updates_memory_and_fixes_the_normaliser():
+  method = _build({'losses': {'crd': 0.8}, 'crd': {'num_negatives': 16}})
+  memory = method.init_state()['crd']
+  assert memory.student_bank.shape == (32, 128)
+  _, _, new_state, _ = _evaluate(method, jit=True)
+  new_memory = new_state['crd']
+  index = tiny_models.batch(BATCH)['index']
+  untouched = np.setdiff1d(np.arange(32), index)
+  assert not np.allclose(new_memory.student_bank[index], memory.student_bank[index])
+  np.testing.assert_array_equal(new_memory.student_bank[untouched], memory.student_bank[untouched])
+  np.testing.assert_allclose(np.linalg.norm(new_memory.teacher_bank[index], axis=1), 1.0, rtol=1e-5)
+  assert new_memory.student_normalizer > 0 and memory.student_normalizer < 0
+
+
+def test_feature_choices_follow_repdistiller():
+  cases = {'fitnet': ['stage2'], 'attention_transfer': ['stage1', 'stage2'],
+           'similarity_preserving': ['stage2'], 'rkd': ['pooled'], 'crd': ['pooled'],
+           'review_kd': ['stage1', 'stage2', 'pooled']}
+  for name, expected in cases.items():
+    method = _build({'losses': {name: 1.0}})
+    assert list(method.student_features) == expected, name
+  method = _build({'losses': {'review_kd': 1.0}})
+  assert list(method.teacher_features) == ['preact_stage1', 'preact_stage2', 'pooled']
+  method = _build({'losses': {'fitnet': 1.0}, 'fitnet': {'features': (['stage1'], ['stage2'])}})
+  assert method.student_features == ('stage1',) and method.teacher_features == ('stage2',)
+
+
+@pytest.mark.parametrize('config, message', [
+    ({'losses': {'kd': 1.0, 'kdd': 1.0}}, "unknown loss 'kdd'; known losses: akl, attention_transfer"),
+    ({'losses': {}}, 'losses is empty'),
+    ({'losses': {'kd': 1.0}, 'kd': {'temprature': 2.0}}, 'unknown setting kd.temprature'),
+    ({'losses': {'kd': 1.0}, 'dkd': {'beta': 2.0}}, "settings for \\['dkd'\\]"),
+    ({'losses': {'fitnet': 1.0}, 'fitnet': {'features': ['stage9']}}, "needs feature 'stage9'"),
+])
+def test_config_errors_are_clear(config, message):
+  with pytest.raises(ValueError, match=message):
+    _build(config)
+
+
+def test_warmup_needs_steps_per_epoch():
+  student, teacher = _models()
+  with pytest.raises(ValueError, match='steps_per_epoch'):
+    distill.build({'losses': {'dkd': 1.0}}, student=student, teacher=teacher,
+                  input_shape=IMAGE_SHAPE)
+
+
+def test_hparams_are_traced_floats_options_are_static():
+  method = _build({'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 2, 'standardize': True}})
+  assert method.hparams == {'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 2.0},
+                            'ce': {'label_smoothing': 0.0}}
+  assert method.terms[1].options == {'warmup_epochs': 0, 'standardize': True}

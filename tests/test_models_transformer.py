@@ -1,0 +1,256 @@
+"""Decoder-only LM and KV-cache generation: shapes, features, config, cache == full forward,
+left padding, sampling filters, jit, bf16, and parity with a PyTorch transcription of
+Hugging Face's LlamaForCausalLM after `load_torch_state_dict`."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxkd import models
+from jaxkd.models import generate as generation
+from jaxkd.models.transformer import default_mlp_dim
+
+VOCAB = 61
+
+
+@pytest.fixture(scope="module")
+def model():
+  return models.create("lm_tiny", num_classes=VOCAB, seed=3)
+
+
+def _prompt(batch=2, length=5, seed=0):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+
+
+def test_shapes_and_feature_names(model):
+  tokens = _prompt(length=7)
+  logits, features = model(tokens, return_features=True)
+  assert logits.shape == (2, 7, VOCAB) and logits.dtype == jnp.float32
+  assert list(features) == ["embed", "layer1", "layer2", "final"]
+  assert all(value.shape == (2, 7, 64) for value in features.values())
+  assert model(tokens)[1] == {}
+
+
+def test_jit_matches_eager(model):
+  tokens = _prompt(length=7)
+  eager_logits, _ = model(tokens)
+  jit_logits, _ = nnx.jit(lambda model, tokens: model(tokens))(model, tokens)
+  np.testing.assert_allclose(jit_logits, eager_logits, atol=1e-5)
+
+
+def test_vocab_size_and_num_classes_are_the_same_knob():
+  def shapes(**kwargs):
+    return nnx.eval_shape(lambda: models.create("lm_tiny", **kwargs)).embed_tokens.embedding.shape
+
+  assert shapes() == (256, 64)  # presets default to a byte vocabulary
+  assert shapes(num_classes=VOCAB) == shapes(vocab_size=VOCAB) == (VOCAB, 64)
+  with pytest.raises(ValueError, match="disagree"):
+    shapes(num_classes=VOCAB, vocab_size=VOCAB + 1)
+  with pytest.raises(ValueError, match="needs vocab_size"):
+    models.create("transformer_lm", num_layers=1, width=32, num_heads=2)
+
+
+@pytest.mark.parametrize("tie_embeddings,num_kv_heads", [(False, None), (True, 2)])
+def test_param_count(tie_embeddings, num_kv_heads):
+  width, layers, heads, vocab = 64, 2, 4, VOCAB
+  kv_width = width * (num_kv_heads or heads) // heads
+  mlp = default_mlp_dim(width)
+  expected = (vocab * width * (1 if tie_embeddings else 2) + width
+              + layers * (2 * width * width + 2 * width * kv_width + 3 * width * mlp + 2 * width))
+  abstract = nnx.eval_shape(lambda: models.create(
+      "lm_tiny", num_classes=vocab, tie_embeddings=tie_embeddings, num_kv_heads=num_kv_heads))
+  assert sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == expected
+  assert mlp == 192  # LLaMA's 8/3 · 64 = 170.7, rounded up to a multiple of 64
+
+
+def test_cached_generation_logits_equal_full_forward(model):
+  prompt = _prompt()
+  result = generation.generate(model, prompt, 6, rng=jax.random.key(1), return_logits=True)
+  assert result.tokens.shape == (2, 6) and result.logits.shape == (2, 6, VOCAB)
+  full_logits, _ = model(jnp.concatenate([prompt, result.tokens], axis=1))
+  # Token i is sampled from the logits at position P-1+i of prompt + generated tokens.
+  np.testing.assert_allclose(result.logits, full_logits[:, 4:-1], atol=1e-5)
+
+
+def test_left_padded_prompt_generates_as_if_alone(model):
+  short, long = _prompt(1, 3, seed=4), _prompt(1, 5, seed=5)
+  padded = jnp.concatenate([jnp.concatenate([jnp.zeros((1, 2), short.dtype), short], 1), long])
+  mask = jnp.array([[False, False, True, True, True], [True] * 5])
+  batch = generation.generate(model, padded, 4, rng=jax.random.key(0), greedy=True,
+                              prompt_mask=mask, return_logits=True)
+  for row, prompt in enumerate([short, long]):
+    alone = generation.generate(model, prompt, 4, rng=jax.random.key(0), greedy=True,
+                                return_logits=True)
+    np.testing.assert_array_equal(batch.tokens[row], alone.tokens[0])
+    np.testing.assert_allclose(batch.logits[row], alone.logits[0], atol=1e-5)
+
+
+def test_greedy_is_deterministic_and_top_k_one_is_greedy(model):
+  prompt = _prompt()
+  greedy = [generation.generate(model, prompt, 5, rng=jax.random.key(seed), greedy=True).tokens
+            for seed in (0, 1)]
+  np.testing.assert_array_equal(greedy[0], greedy[1])
+  top1 = generation.generate(model, prompt, 5, rng=jax.random.key(2), top_k=1).tokens
+  np.testing.assert_array_equal(top1, greedy[0])
+
+
+def test_sampling_with_temperature_varies_with_rng(model):
+  prompt = _prompt()
+  samples = [generation.generate(model, prompt, 8, rng=jax.random.key(seed), temperature=5.0)
+             .tokens for seed in (0, 1)]
+  assert not np.array_equal(samples[0], samples[1])
+
+
+def test_top_p_never_samples_outside_the_nucleus():
+  # probabilities 0.5, 0.3, 0.1, 0.05, 0.05 (shuffled): the 0.75-nucleus is {0.5, 0.3}.
+  probs = np.array([0.05, 0.3, 0.05, 0.5, 0.1])
+  logits = jnp.log(jnp.asarray(probs))[None].repeat(4000, axis=0)
+  filtered = generation.filter_logits(logits[:1], top_p=0.75)
+  np.testing.assert_array_equal(np.isfinite(filtered[0]), [False, True, False, True, False])
+  tokens = generation.sample_logits(logits, jax.random.key(0), top_p=0.75)
+  assert set(np.unique(tokens)) == {1, 3}
+  # The kept tokens keep their relative odds: P(3) = 0.5 / 0.8.
+  assert abs(float(jnp.mean(tokens == 3)) - 0.625) < 0.03
+  # The most likely token is always kept, even for a tiny top_p.
+  np.testing.assert_array_equal(
+      generation.sample_logits(logits[:100], jax.random.key(1), top_p=1e-3), 3)
+
+
+def test_top_k_and_extreme_logits():
+  logits = jnp.array([[1e4, -1e4, 9_999.0, -jnp.inf, 0.0]])
+  filtered = generation.filter_logits(logits, top_k=2)
+  np.testing.assert_array_equal(np.isfinite(filtered[0]), [True, False, True, False, False])
+  tokens = generation.sample_logits(logits.repeat(500, 0), jax.random.key(0), top_k=2,
+                                    top_p=0.9)
+  assert set(np.unique(tokens)) <= {0, 2}
+
+
+def test_generate_inside_jit_and_traced_temperature_reuses_the_compilation(model):
+  prompt = _prompt()
+
+  @nnx.jit
+  def sample(model, prompt, rng):
+    return generation.generate(model, prompt, 4, rng=rng, top_k=5).tokens
+
+  np.testing.assert_array_equal(
+      sample(model, prompt, jax.random.key(3)),
+      generation.generate(model, prompt, 4, rng=jax.random.key(3), top_k=5).tokens)
+  compiled_before = generation._generate._cache_size()
+  for temperature in (0.5, 2.0):
+    generation.generate(model, prompt, 4, rng=jax.random.key(3), top_k=5,
+                        temperature=temperature)
+  assert generation._generate._cache_size() == compiled_before
+
+
+def test_bf16_compute_with_f32_params():
+  model = models.create("lm_tiny", num_classes=VOCAB, dtype=jnp.bfloat16)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  logits, features = model(_prompt(), return_features=True)
+  assert logits.dtype == jnp.float32 and features["layer2"].dtype == jnp.bfloat16
+  result = generation.generate(model, _prompt(), 3, rng=jax.random.key(0), return_logits=True)
+  assert bool(jnp.all(jnp.isfinite(result.logits)))
+  assert model.init_cache(2, 8).keys.dtype == jnp.bfloat16
+
+
+def test_torch_parity_with_hugging_face_llama_layout():
+  torch = pytest.importorskip("torch")
+  nn = torch.nn
+  width, num_heads, num_kv_heads, mlp_dim, theta = 64, 4, 2, default_mlp_dim(64), 10_000.0
+  head_dim = width // num_heads
+
+  class RMSNorm(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.weight = nn.Parameter(torch.empty(width).uniform_(0.5, 1.5))
+
+    def forward(self, x):
+      return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+  def rotate_half(x):
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+  class Attention(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.q_proj = nn.Linear(width, num_heads * head_dim, bias=False)
+      self.k_proj = nn.Linear(width, num_kv_heads * head_dim, bias=False)
+      self.v_proj = nn.Linear(width, num_kv_heads * head_dim, bias=False)
+      self.o_proj = nn.Linear(num_heads * head_dim, width, bias=False)
+
+    def forward(self, x, cos, sin):
+      batch, length, _ = x.shape
+      query = self.q_proj(x).view(batch, length, num_heads, head_dim).transpose(1, 2)
+      key = self.k_proj(x).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+      value = self.v_proj(x).view(batch, length, num_kv_heads, head_dim).transpose(1, 2)
+      query, key = query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+      repeats = num_heads // num_kv_heads  # HF repeat_kv: head h reads kv head h // repeats
+      key, value = key.repeat_interleave(repeats, 1), value.repeat_interleave(repeats, 1)
+      scores = query @ key.transpose(2, 3) / head_dim**0.5
+      causal = torch.ones(length, length, dtype=torch.bool).tril()
+      weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+      return self.o_proj((weights @ value).transpose(1, 2).reshape(batch, length, -1))
+
+  class Mlp(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.gate_proj = nn.Linear(width, mlp_dim, bias=False)
+      self.up_proj = nn.Linear(width, mlp_dim, bias=False)
+      self.down_proj = nn.Linear(mlp_dim, width, bias=False)
+
+    def forward(self, x):
+      return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+  class DecoderLayer(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.input_layernorm, self.post_attention_layernorm = RMSNorm(), RMSNorm()
+      self.self_attn, self.mlp = Attention(), Mlp()
+
+    def forward(self, x, cos, sin):
+      x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+      return x + self.mlp(self.post_attention_layernorm(x))
+
+  class LlamaModel(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.embed_tokens = nn.Embedding(VOCAB, width)
+      self.layers = nn.ModuleList([DecoderLayer() for _ in range(2)])
+      self.norm = RMSNorm()
+
+    def forward(self, tokens):
+      inverse_frequencies = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+      angles = torch.arange(tokens.shape[1]).float()[:, None] * inverse_frequencies
+      angles = torch.cat([angles, angles], dim=-1)
+      hidden = self.embed_tokens(tokens)
+      for layer in self.layers:
+        hidden = layer(hidden, angles.cos(), angles.sin())
+      return self.norm(hidden)
+
+  class LlamaForCausalLM(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.model = LlamaModel()
+      self.lm_head = nn.Linear(width, VOCAB, bias=False)
+
+    def forward(self, tokens):
+      return self.lm_head(self.model(tokens))
+
+  torch.manual_seed(0)
+  reference = LlamaForCausalLM()
+  tokens = np.asarray(_prompt(length=9))
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(tokens)).numpy()
+  kwargs = dict(num_classes=VOCAB, num_kv_heads=num_kv_heads)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.create("lm_tiny", **kwargs)))
+  model = nnx.merge(graphdef,
+                    models.load_torch_state_dict("lm_tiny", reference.state_dict(), **kwargs))
+  logits, _ = model(jnp.asarray(tokens))
+  np.testing.assert_allclose(logits, expected, atol=1e-5 * np.abs(expected).max())
