@@ -9,6 +9,7 @@ import logging as python_logging
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -75,6 +76,9 @@ def main(argv):
   _keep_library_warnings_only()
   config = _CONFIG.value
   logging.info("Config:\n%s", config)
+  if not jax.config.jax_compilation_cache_dir:  # Unless JAX_COMPILATION_CACHE_DIR says where.
+    # Reruns, and the runs of one comparison (its seeds), share their compiled programs.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "xla_cache"))
   try:
     if "compare" in config:
       compare.run(config, _WORKDIR.value)

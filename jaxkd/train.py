@@ -39,10 +39,13 @@ def evaluate(eval_step, state, teacher_state, mesh, batches) -> dict[str, float]
 
 
 def _run_info(config, spec: data.DatasetSpec) -> dict:
-  """What a checkpoint's state is; a resumed run must match it (jaxkd.checkpoint)."""
-  return {"student.model": config.student.model,
-          "student.kwargs": config.student.kwargs.to_dict(),
-          "num_classes": spec.num_classes, "data.name": config.data.name}
+  """What a checkpoint's state is; a resumed run must match it (jaxkd.checkpoint).
+
+  Passed through JSON, as it is stored, so that tuples compare equal to the lists read back.
+  """
+  return json.loads(json.dumps({
+      "student.model": config.student.model, "student.kwargs": config.student.kwargs.to_dict(),
+      "num_classes": spec.num_classes, "data.name": config.data.name}))
 
 
 def _load_teacher(config, spec: data.DatasetSpec) -> nnx.Module | None:

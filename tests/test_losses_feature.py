@@ -18,6 +18,11 @@ RTOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-7
 
 
+def _key(seed):
+  # 'rbg' keys: XLA:CPU compiles threefry slowly, and the losses accept any key type.
+  return jax.random.key(seed, impl='rbg')
+
+
 def _normal(seed, shape, scale=1.0):
   return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
@@ -346,9 +351,9 @@ def test_hidden_losses_without_valid_tokens_are_zero():
 def test_crd_matches_repdistiller_over_two_steps():
   """Same contrast indices on both steps: Z is set on step 1 then fixed; the banks move."""
   n_data, feat_dim, batch, num_negatives = 32, 8, 4, 6
-  memory = relation.crd_memory_init(jax.random.key(0), n_data, feat_dim)
+  memory = relation.crd_memory_init(_key(0), n_data, feat_dim)
   index = jnp.array([3, 17, 5, 30])
-  contrast_index = relation.crd_sample_contrast_index(jax.random.key(1), index, n_data, num_negatives)
+  contrast_index = relation.crd_sample_contrast_index(_key(1), index, n_data, num_negatives)
   reference = TorchContrastMemory(np.asarray(memory.student_bank), np.asarray(memory.teacher_bank),
                                   n_data)
   loss_and_grads = jax.jit(jax.value_and_grad(relation.crd, argnums=(0, 1), has_aux=True))
@@ -371,7 +376,7 @@ def test_crd_matches_repdistiller_over_two_steps():
 
 
 def test_crd_memory_init_follows_contrast_memory():
-  memory = relation.crd_memory_init(jax.random.key(0), 1000, 12)
+  memory = relation.crd_memory_init(_key(0), 1000, 12)
   stdv = 1.0 / np.sqrt(12 / 3)
   for bank in (memory.student_bank, memory.teacher_bank):
     assert bank.shape == (1000, 12) and bank.dtype == jnp.float32
@@ -383,12 +388,12 @@ def test_crd_memory_init_follows_contrast_memory():
 def test_crd_sample_contrast_index():
   index = jnp.array([0, 7, 19])
   sample = jax.jit(relation.crd_sample_contrast_index, static_argnums=(2, 3))
-  uniform = sample(jax.random.key(0), index, 20, 50)
+  uniform = sample(_key(0), index, 20, 50)
   assert uniform.shape == (3, 51) and uniform.dtype == jnp.int32
   np.testing.assert_array_equal(uniform[:, 0], index)
   assert uniform.min() >= 0 and uniform.max() < 20
   labels = jnp.arange(20) % 4
-  by_class = sample(jax.random.key(0), index, 20, 15, dataset_labels=labels)
+  by_class = sample(_key(0), index, 20, 15, dataset_labels=labels)
   np.testing.assert_array_equal(by_class[:, 0], index)
   for row, example in zip(np.asarray(by_class), np.asarray(index)):
     negatives = row[1:]
@@ -400,9 +405,9 @@ def test_crd_sample_contrast_index():
 # properties shared by every loss
 # ----------------------------------------------------------------------------------------------
 _LOG_SCALE = jnp.full((6,), 0.5)
-_CRD_MEMORY = relation.crd_memory_init(jax.random.key(0), 16, 6)
+_CRD_MEMORY = relation.crd_memory_init(_key(0), 16, 6)
 _CRD_INDEX = jnp.array([1, 4, 9, 12])
-_CRD_CONTRAST = relation.crd_sample_contrast_index(jax.random.key(1), _CRD_INDEX, 16, 5)
+_CRD_CONTRAST = relation.crd_sample_contrast_index(_key(1), _CRD_INDEX, 16, 5)
 
 
 def _crd_loss(student, teacher):

@@ -14,29 +14,42 @@ from jaxkd.models.transformer import default_mlp_dim
 VOCAB = 61
 
 
+# Every test generates NEW tokens after a [2, PROMPT] prompt and returns the logits: one
+# compilation of `generate` per sampling mode, one of the forward pass at [2, PROMPT + NEW].
+PROMPT, NEW = 5, 4
+
+
 @pytest.fixture(scope="module")
 def model():
   return models.create("lm_tiny", num_classes=VOCAB, seed=3)
 
 
-def _prompt(batch=2, length=5, seed=0):
+def _prompt(batch=2, length=PROMPT, seed=0):
   return jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
 
 
+@nnx.jit
+def _forward(model, tokens):
+  return model(tokens, return_features=True)
+
+
+def _generate(model, prompt, seed=0, **kwargs):
+  return generation.generate(model, prompt, NEW, rng=jax.random.key(seed), return_logits=True,
+                             **kwargs)
+
+
 def test_shapes_and_feature_names(model):
-  tokens = _prompt(length=7)
-  logits, features = model(tokens, return_features=True)
-  assert logits.shape == (2, 7, VOCAB) and logits.dtype == jnp.float32
-  assert list(features) == ["embed", "layer1", "layer2", "final"]
-  assert all(value.shape == (2, 7, 64) for value in features.values())
-  assert model(tokens)[1] == {}
+  tokens = _prompt(length=PROMPT + NEW)
+  logits, features = _forward(model, tokens)
+  assert logits.shape == (2, PROMPT + NEW, VOCAB) and logits.dtype == jnp.float32
+  assert set(features) == {"embed", "layer1", "layer2", "final"}
+  assert all(value.shape == (2, PROMPT + NEW, 64) for value in features.values())
+  assert jax.eval_shape(lambda tokens: model(tokens), tokens)[1] == {}
 
 
 def test_jit_matches_eager(model):
-  tokens = _prompt(length=7)
-  eager_logits, _ = model(tokens)
-  jit_logits, _ = nnx.jit(lambda model, tokens: model(tokens))(model, tokens)
-  np.testing.assert_allclose(jit_logits, eager_logits, atol=1e-5)
+  tokens = _prompt(length=PROMPT + NEW)
+  np.testing.assert_allclose(_forward(model, tokens)[0], model(tokens)[0], atol=1e-5)
 
 
 def test_vocab_size_and_num_classes_are_the_same_knob():
@@ -66,39 +79,37 @@ def test_param_count(tie_embeddings, num_kv_heads):
 
 def test_cached_generation_logits_equal_full_forward(model):
   prompt = _prompt()
-  result = generation.generate(model, prompt, 6, rng=jax.random.key(1), return_logits=True)
-  assert result.tokens.shape == (2, 6) and result.logits.shape == (2, 6, VOCAB)
-  full_logits, _ = model(jnp.concatenate([prompt, result.tokens], axis=1))
-  # Token i is sampled from the logits at position P-1+i of prompt + generated tokens.
-  np.testing.assert_allclose(result.logits, full_logits[:, 4:-1], atol=1e-5)
+  result = _generate(model, prompt)
+  assert result.tokens.shape == (2, NEW) and result.logits.shape == (2, NEW, VOCAB)
+  full_logits, _ = _forward(model, jnp.concatenate([prompt, result.tokens], axis=1))
+  # Token i is sampled from the logits at position PROMPT-1+i of prompt + generated tokens.
+  np.testing.assert_allclose(result.logits, full_logits[:, PROMPT - 1:-1], atol=1e-5)
 
 
 def test_left_padded_prompt_generates_as_if_alone(model):
-  short, long = _prompt(1, 3, seed=4), _prompt(1, 5, seed=5)
-  padded = jnp.concatenate([jnp.concatenate([jnp.zeros((1, 2), short.dtype), short], 1), long])
-  mask = jnp.array([[False, False, True, True, True], [True] * 5])
-  batch = generation.generate(model, padded, 4, rng=jax.random.key(0), greedy=True,
-                              prompt_mask=mask, return_logits=True)
-  for row, prompt in enumerate([short, long]):
-    alone = generation.generate(model, prompt, 4, rng=jax.random.key(0), greedy=True,
-                                return_logits=True)
-    np.testing.assert_array_equal(batch.tokens[row], alone.tokens[0])
-    np.testing.assert_allclose(batch.logits[row], alone.logits[0], atol=1e-5)
+  short, long = _prompt(1, 3, seed=4), _prompt(1, PROMPT, seed=5)
+  padding = jnp.zeros((1, PROMPT - 3), short.dtype)
+  mask = jnp.arange(PROMPT) >= jnp.array([[PROMPT - 3], [0]])
+  result = _generate(model, jnp.concatenate([jnp.concatenate([padding, short], 1), long]),
+                     greedy=True, prompt_mask=mask)
+  # Each sequence alone, unpadded; the short one right-padded, which a causal model ignores.
+  alone = jnp.concatenate([jnp.concatenate([short, result.tokens[:1], padding], 1),
+                           jnp.concatenate([long, result.tokens[1:]], 1)])
+  alone_logits, _ = _forward(model, alone)
+  np.testing.assert_allclose(result.logits[0], alone_logits[0, 2:2 + NEW], atol=1e-5)
+  np.testing.assert_allclose(result.logits[1], alone_logits[1, PROMPT - 1:-1], atol=1e-5)
+  np.testing.assert_array_equal(result.tokens, jnp.argmax(result.logits, -1))
 
 
 def test_greedy_is_deterministic_and_top_k_one_is_greedy(model):
   prompt = _prompt()
-  greedy = [generation.generate(model, prompt, 5, rng=jax.random.key(seed), greedy=True).tokens
-            for seed in (0, 1)]
+  greedy = [_generate(model, prompt, seed, greedy=True).tokens for seed in (0, 1)]
   np.testing.assert_array_equal(greedy[0], greedy[1])
-  top1 = generation.generate(model, prompt, 5, rng=jax.random.key(2), top_k=1).tokens
-  np.testing.assert_array_equal(top1, greedy[0])
+  np.testing.assert_array_equal(_generate(model, prompt, 2, top_k=1).tokens, greedy[0])
 
 
 def test_sampling_with_temperature_varies_with_rng(model):
-  prompt = _prompt()
-  samples = [generation.generate(model, prompt, 8, rng=jax.random.key(seed), temperature=5.0)
-             .tokens for seed in (0, 1)]
+  samples = [_generate(model, _prompt(), seed, temperature=5.0).tokens for seed in (0, 1)]
   assert not np.array_equal(samples[0], samples[1])
 
 
@@ -128,27 +139,22 @@ def test_top_k_and_extreme_logits():
 
 def test_generate_inside_jit_and_traced_temperature_reuses_the_compilation(model):
   prompt = _prompt()
-
-  @nnx.jit
-  def sample(model, prompt, rng):
-    return generation.generate(model, prompt, 4, rng=rng, top_k=5).tokens
-
-  np.testing.assert_array_equal(
-      sample(model, prompt, jax.random.key(3)),
-      generation.generate(model, prompt, 4, rng=jax.random.key(3), top_k=5).tokens)
+  outer_jit = nnx.jit(lambda model, prompt, rng: generation.generate(
+      model, prompt, NEW, rng=rng, return_logits=True).tokens)
+  np.testing.assert_array_equal(outer_jit(model, prompt, jax.random.key(3)),
+                                _generate(model, prompt, 3).tokens)
   compiled_before = generation._generate._cache_size()
   for temperature in (0.5, 2.0):
-    generation.generate(model, prompt, 4, rng=jax.random.key(3), top_k=5,
-                        temperature=temperature)
+    _generate(model, prompt, temperature=temperature, top_p=0.9)
   assert generation._generate._cache_size() == compiled_before
 
 
 def test_bf16_compute_with_f32_params():
   model = models.create("lm_tiny", num_classes=VOCAB, dtype=jnp.bfloat16)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  logits, features = model(_prompt(), return_features=True)
+  logits, features = _forward(model, _prompt(length=PROMPT + NEW))
   assert logits.dtype == jnp.float32 and features["layer2"].dtype == jnp.bfloat16
-  result = generation.generate(model, _prompt(), 3, rng=jax.random.key(0), return_logits=True)
+  result = _generate(model, _prompt())
   assert bool(jnp.all(jnp.isfinite(result.logits)))
   assert model.init_cache(2, 8).keys.dtype == jnp.bfloat16
 
@@ -245,12 +251,12 @@ def test_torch_parity_with_hugging_face_llama_layout():
 
   torch.manual_seed(0)
   reference = LlamaForCausalLM()
-  tokens = np.asarray(_prompt(length=9))
+  tokens = np.array(_prompt(length=PROMPT + NEW))
   with torch.no_grad():
     expected = reference(torch.from_numpy(tokens)).numpy()
   kwargs = dict(num_classes=VOCAB, num_kv_heads=num_kv_heads)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.create("lm_tiny", **kwargs)))
   model = nnx.merge(graphdef,
                     models.load_torch_state_dict("lm_tiny", reference.state_dict(), **kwargs))
-  logits, _ = model(jnp.asarray(tokens))
+  logits, _ = _forward(model, jnp.asarray(tokens))
   np.testing.assert_allclose(logits, expected, atol=1e-5 * np.abs(expected).max())

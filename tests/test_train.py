@@ -17,9 +17,25 @@ import fake_idx
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """The runs below compile the same few programs again and again, as `jaxkd.main` would."""
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  yield
+  jax.config.update("jax_compilation_cache_dir", previous)
+
+
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
   return fake_idx.write_dataset(tmp_path_factory.mktemp("fashion_mnist"), 128, 96)
+
+
+@pytest.fixture(scope="module")
+def comparison(idx_dir, tmp_path_factory):
+  """The quickstart comparison on the fake dataset: its workdir and summary."""
+  workdir = tmp_path_factory.mktemp("quickstart")
+  return workdir, compare.run(_smoke_config(idx_dir), str(workdir))
 
 
 def _smoke_config(idx_dir: str):
@@ -48,8 +64,8 @@ def _train_steps(workdir: str) -> list[int]:
     return [record["step"] for record in map(json.loads, f) if record["split"] == "train"]
 
 
-def test_quickstart_comparison_end_to_end(idx_dir, tmp_path):
-  summary = compare.run(_smoke_config(idx_dir), str(tmp_path))
+def test_quickstart_comparison_end_to_end(comparison):
+  tmp_path, summary = comparison
 
   table = (tmp_path / "results.md").read_text()
   for row in ("teacher `small_cnn`", "student from scratch", "student with KD", "KD − scratch"):
@@ -78,18 +94,14 @@ def test_results_table_mean_and_std():
   assert "| KD − scratch, paired by seed | | 2.50 ± 0.71 |" in table
 
 
-def test_resume_matches_an_uninterrupted_run(idx_dir, tmp_path):
+def test_resume_matches_an_uninterrupted_run(idx_dir, comparison, tmp_path):
   """Stop after 3 of 8 steps, run again: same final weights as one uninterrupted run.
 
-  KD from an exported teacher with random crop+flip, so the restored RNG and data position
-  both matter.
+  KD from the comparison's exported teacher with random crop+flip, so the restored RNG and
+  the data position both matter.
   """
-  teacher_config = compare.teacher_config(_smoke_config(idx_dir))
-  teacher_config.num_epochs = 1
-  train.train_and_evaluate(teacher_config, str(tmp_path / "teacher"))
-
   config = compare.student_config(_smoke_config(idx_dir), "kd", seed=0,
-                                  teacher_dir=str(tmp_path / "teacher" / "model"))
+                                  teacher_dir=str(comparison[0] / "teacher" / "model"))
   config.num_epochs = 2  # 64 examples / batch 16 → 8 steps.
   config.data.augment = "crop_flip"
   config.log_every_steps = 1
