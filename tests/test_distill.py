@@ -25,10 +25,15 @@ def _models():
 def _outputs():
   student, teacher = _models()
   host_batch = tiny_models.batch(BATCH)
-  images = jnp.asarray(host_batch['image'])
-  student_logits, student_features = nnx.clone(student)(images, train=True, return_features=True)
-  teacher_logits, teacher_features = teacher(images, train=False, return_features=True)
-  return student_logits, student_features, teacher_logits, teacher_features, host_batch
+
+  @jax.jit
+  def forward(student_state, teacher_state, images):
+    student_model = nnx.merge(nnx.graphdef(student), student_state, copy=True)
+    teacher_model = nnx.merge(nnx.graphdef(teacher), teacher_state, copy=True)
+    return (*student_model(images, train=True, return_features=True),
+            *teacher_model(images, train=False, return_features=True))
+
+  return (*forward(nnx.state(student), nnx.state(teacher), host_batch['image']), host_batch)
 
 
 def _evaluate(method, *, jit, step=0):
@@ -68,15 +73,20 @@ TERM_SETTINGS = {'hidden_mse': {'features': ['pooled']}, 'hidden_cosine': {'feat
                  'crd': {'num_negatives': 16}}
 
 
+# Eager evaluation is slow (op by op): jit == eager is checked on one term of each kind.
+EAGER_CHECKED = ('kd', 'dist', 'fitnet', 'rkd', 'crd')
+
+
 @pytest.mark.parametrize('name', ALL_TERMS)
-def test_every_term_is_finite_and_jit_matches_eager(name):
+def test_every_term_is_finite_with_finite_gradients(name):
   method = _build({'losses': {'ce': 1.0, name: 0.5}, name: TERM_SETTINGS.get(name, {})})
-  eager_value, eager_metrics, _, eager_grads = _evaluate(method, jit=False)
   value, metrics, _, grads = _evaluate(method, jit=True)
   assert np.isfinite(value) and set(metrics) == {'ce', name, 'loss'}
-  np.testing.assert_allclose(value, eager_value, rtol=2e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads,
-               eager_grads)
+  if name in EAGER_CHECKED:
+    eager_value, _, _, eager_grads = _evaluate(method, jit=False)
+    np.testing.assert_allclose(value, eager_value, rtol=2e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads,
+                 eager_grads)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(grads))
   # The term reaches the student: some gradient is non-zero.
   assert any(np.any(leaf != 0) for leaf in jax.tree.leaves(grads[:2]))

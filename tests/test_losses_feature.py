@@ -248,7 +248,7 @@ def test_fitnet_matches_mse_loss():
 
 @pytest.mark.parametrize('student_size,teacher_size', [(8, 8), (8, 4), (4, 8)])
 def test_attention_transfer_matches_repdistiller(student_size, teacher_size):
-  """Two stages; the larger map of the first stage is pooled to the smaller."""
+  """Two stages, the second a strided slice (the same elements in NHWC and NCHW order)."""
   def ours(s, t):
     return feature.attention_transfer([s, s[:, ::2, ::2, :2]], [t, t[:, ::2, ::2, :4]])
 
@@ -256,7 +256,6 @@ def test_attention_transfer_matches_repdistiller(student_size, teacher_size):
     return torch_at([s, s[:, :2, ::2, ::2]], [t, t[:, :4, ::2, ::2]])
   student = _normal(0, (3, student_size, student_size, 6))
   teacher = _normal(1, (3, teacher_size, teacher_size, 10))
-  # Compare with the strided stage computed in NCHW order on the same elements.
   _check_value_and_student_grad(ours, reference, student, teacher)
 
 
@@ -267,11 +266,7 @@ def test_similarity_preserving_matches_repdistiller():
 
 
 def test_rkd_matches_repdistiller():
-  _check_value_and_student_grad(relation.rkd, torch_rkd, _normal(0, (6, 5)), _normal(1, (6, 9)))
-
-
-def test_rkd_matches_repdistiller_on_feature_maps():
-  # The flattening order (NHWC vs NCHW) does not change distances or angles.
+  # Feature maps: the flattening order (NHWC vs NCHW) does not change distances or angles.
   _check_value_and_student_grad(relation.rkd, torch_rkd, _normal(2, (5, 2, 2, 3)),
                                 _normal(3, (5, 2, 2, 4)))
 
@@ -280,7 +275,7 @@ def test_pkt_matches_repdistiller():
   _check_value_and_student_grad(relation.pkt, torch_pkt, _normal(0, (6, 5)), _normal(1, (6, 9)))
 
 
-@pytest.mark.parametrize('student_size,teacher_size', [(4, 4), (8, 4), (2, 4)])
+@pytest.mark.parametrize('student_size,teacher_size', [(8, 4), (2, 4)])
 def test_nst_matches_repdistiller(student_size, teacher_size):
   _check_value_and_student_grad(
       lambda s, t: feature.nst([s], [t]), lambda s, t: torch_nst([s], [t]),

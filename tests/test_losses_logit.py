@@ -262,10 +262,13 @@ def test_akl_student_is_detached_in_the_weights():
   tail[:, 0] = False
   head_w = (err * ~tail).sum(-1) / err.sum(-1)
   tail_w = (err * tail).sum(-1) / err.sum(-1)
-  fixed = lambda s_: jnp.mean(head_w * logit.kd(s_, t, temperature=1.0, reduction='none')
-                              + tail_w * logit.reverse_kl(s_, t, reduction='none'))
-  np.testing.assert_allclose(jax.grad(logit.akl)(s, t), jax.grad(fixed)(s), rtol=1e-5,
-                             atol=1e-7)
+
+  def with_fixed_weights(student):
+    return jnp.mean(head_w * logit.kd(student, t, temperature=1.0, reduction='none')
+                    + tail_w * logit.reverse_kl(student, t, reduction='none'))
+
+  np.testing.assert_allclose(jax.grad(logit.akl)(s, t), jax.grad(with_fixed_weights)(s),
+                             rtol=1e-5, atol=1e-7)
 
 
 def test_dkd_exact_mask_and_warmup():
@@ -526,7 +529,8 @@ def _distillm_skewed_reverse_kl(logits, teacher_logits, no_model_batch, lam=0.1)
 def _akl_get_ratio(teacher_logits, logits, mu=0.5):
   torch = _torch()
   F = torch.nn.functional
-  teacher_logits = torch.masked_fill(teacher_logits, torch.isinf(teacher_logits), 0).to(torch.float32)
+  teacher_logits = torch.masked_fill(teacher_logits, torch.isinf(teacher_logits), 0).to(
+      torch.float32)
   logits = torch.masked_fill(logits, torch.isinf(logits), 0).to(torch.float32)
   teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
   student_probs = F.softmax(logits, dim=-1, dtype=torch.float32).detach()
@@ -552,7 +556,8 @@ def _akl_get_kl(teacher_logits, logits, inf_mask, mask, ratio=None):
   prod_probs = torch.masked_fill(teacher_probs * logprobs, inf_mask, 0)
   x = torch.sum(prod_probs, dim=-1).view(-1)
   if ratio is None:
-    distil_loss = torch.sum((teacher_x - x) * mask.view(-1), dim=0) / torch.sum(mask.view(-1), dim=0)
+    distil_loss = torch.sum((teacher_x - x) * mask.view(-1), dim=0) / torch.sum(mask.view(-1),
+                                                                               dim=0)
   else:
     distil_loss = torch.sum((teacher_x - x) * ratio.view(-1) * mask.view(-1), dim=0) / torch.sum(
         mask.view(-1), dim=0)
@@ -733,7 +738,7 @@ def test_mse_logits_matches_kd_data():
 
 
 def test_dkd_with_standardization_matches_logit_standardization():
-  """sunshangquan/logit-standardization-KD mdistiller/distillers/DKD.py: normalize, then dkd_loss."""
+  """logit-standardization-KD mdistiller/distillers/DKD.py: normalize, then dkd_loss."""
   s, t = _normal(0, (B, C)), _normal(1, (B, C))
   labels = _labels(4, (B,))
   _assert_matches(

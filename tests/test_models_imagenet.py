@@ -28,13 +28,11 @@ PARAM_COUNTS = {
 }
 
 
-def _cnn_features(stem, stages, pooled, preact=True):
+def _cnn_features(stem, stages, pooled):
   """{name: (spatial size, channels)} at a 64x64 input."""
   features = {"stem": stem, "pooled": (None, pooled)}
   for index, stage in enumerate(stages, start=1):
-    features[f"stage{index}"] = stage
-    if preact:
-      features[f"preact_stage{index}"] = stage
+    features[f"stage{index}"] = features[f"preact_stage{index}"] = stage
   return features
 
 
@@ -47,8 +45,7 @@ CNN_FEATURES = {
     "resnet101": _RESNET_BOTTLENECK,
     "resnet152": _RESNET_BOTTLENECK,
     "mobilenet_v1": _cnn_features((32, 32), [(16, 128), (8, 256), (4, 512), (2, 1024)], 1024),
-    "mobilenet_v2": _cnn_features((32, 32), [(16, 24), (8, 32), (4, 96), (2, 320)], 1280,
-                                  preact=False),
+    "mobilenet_v2": _cnn_features((32, 32), [(16, 24), (8, 32), (4, 96), (2, 320)], 1280),
 }
 
 

@@ -7,7 +7,10 @@ hidden states of different widths, and ReviewKD's `ABF` blocks chained by `Revie
 Flax NNX, NHWC. Initialisation reproduces the PyTorch reference: torch's default Conv/Linear
 init (kaiming-uniform with a=√5 on the kernel, uniform ±1/√fan_in on the bias) unless the
 reference overrides it (ReviewKD's ABF convolutions). BatchNorm follows torch's defaults
-(momentum 0.1, i.e. Flax momentum 0.9; eps 1e-5); modules with BatchNorm take `train: bool`.
+(momentum 0.1, i.e. Flax momentum 0.9; eps 1e-5; two-pass variance); modules with BatchNorm take
+`train: bool`. One difference remains: Flax folds the biased batch variance into the running
+variance where torch folds the unbiased one (a factor n/(n−1), n = batch·H·W), so eval-mode
+outputs after training differ slightly; training-mode outputs are identical.
 
 Weight layout when importing torch weights: Conv kernel = torch weight.permute(2, 3, 1, 0);
 ConvTranspose kernel (transpose_kernel=True) = torch weight.permute(2, 3, 1, 0) as well; Linear
@@ -38,7 +41,10 @@ def _torch_default_bias_init(fan_in: int):
 
 
 def _batch_norm(num_features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  """torch.nn.BatchNorm2d defaults: running-average momentum 0.1, eps 1e-5."""
+  """torch.nn.BatchNorm2d defaults: running-average momentum 0.1, eps 1e-5.
+
+  Two-pass variance: Flax's default E[x²] − E[x]² loses digits on small batches (1×1 maps).
+  """
   return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
                        rngs=rngs)
 

@@ -223,8 +223,9 @@ def jsd(
   Self-Generated Mistakes" (GKD), 2023, arXiv:2306.13649, Eq. (1). Reproduces TRL
   ``trl/trainer/gkd_trainer.py`` ``GKDTrainer.generalized_jsd_loss`` (logits / T, no T²).
   TRL's default 'batchmean' is ``sum / number of unmasked tokens`` when labels are given
-  (this 'batchmean' with a per-token ``where``); without labels TRL divides by the batch
-  size only, which for ``[B, S, V]`` input equals ``S`` times ``reduction='sum'`` / (B S).
+  (this 'batchmean' with a per-token ``where``); without labels TRL divides the sum by the
+  batch size only (``jsd.size(0)``), i.e. ``reduction='sum'`` divided by B, which for
+  ``[B, S, V]`` input is S times this 'batchmean'.
 
   Args:
     student_logits: ``[..., V]`` float array.
@@ -791,9 +792,10 @@ def standardize(
   if where is not None:
     included = included & expand_class_mask(where, logits.ndim, axis)
   count = jnp.sum(included, axis=axis, keepdims=True, dtype=jnp.float32)
-  mean = jnp.sum(jnp.where(included, logits, 0.0), axis=axis, keepdims=True) / jnp.maximum(count, 1.0)
-  centered = jnp.where(included, logits - mean, 0.0)
-  variance = jnp.sum(jnp.square(centered), axis=axis, keepdims=True) / jnp.maximum(count - ddof, 1.0)
+  total = jnp.sum(jnp.where(included, logits, 0.0), axis=axis, keepdims=True)
+  centered = jnp.where(included, logits - total / jnp.maximum(count, 1.0), 0.0)
+  squares = jnp.sum(jnp.square(centered), axis=axis, keepdims=True)
+  variance = squares / jnp.maximum(count - ddof, 1.0)
   positive = variance > 0
   std = jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
   return jnp.where(included, centered / (std + epsilon), -jnp.inf)

@@ -1,8 +1,8 @@
 """Sampling from a `TransformerLM` with a fixed-size KV cache: one prefill, then a `lax.scan`.
 
 The whole generation is one compiled program per (model structure, batch, prompt length,
-`max_new_tokens`, `top_k`, `greedy`); `temperature` and `top_p` are traced, so sweeping them
-does not recompile. On-policy distillation (GKD, MiniLLM, SKD) calls this for student samples.
+`max_new_tokens`, `top_k`, `greedy`, `return_logits`, whether `top_p` is None); the values of
+`temperature` and `top_p` are traced, so sweeping them does not recompile. On-policy distillation (GKD, MiniLLM, SKD) calls this for student samples.
 
 Prompts are a [B, P] block. Equal-length prompts need no mask; ragged prompts are LEFT-padded
 with `prompt_mask` False on the padding, so that every sequence's last prompt token sits in
@@ -95,11 +95,11 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, rng, temperature, top
     cache, logits, position = carry
     token = sample(logits, step_rng)
     next_logits, _, cache = model(token[:, None], positions=position[:, None], cache=cache)
-    carry = (cache, next_logits[:, 0].astype(jnp.float32), position + 1)
+    carry = (cache, next_logits[:, 0], position + 1)
     return carry, (token, logits if return_logits else None)
 
   # max_new_tokens - 1 cached forwards; the last token needs no forward of its own.
-  carry = (cache, logits[:, -1].astype(jnp.float32), positions[:, -1] + 1)
+  carry = (cache, logits[:, -1], positions[:, -1] + 1)
   (_, last_logits, _), (tokens, step_logits) = jax.lax.scan(decode_step, carry, rngs[:-1])
   tokens = jnp.concatenate([tokens.T, sample(last_logits, rngs[-1])[:, None]], axis=1)
   if not return_logits:

@@ -18,8 +18,9 @@ torchvision init: convs Kaiming-normal (fan_out), BN (1, 0), Linear N(0, 0.01) w
 torchvision's Dropout(0.2) before the classifier is not applied (the model contract has no
 train-time RNG); its position stays so that the Linear is `classifier.1`.
 Features: `stem` (features.0), `stage1..4` = outputs of features.3, .6, .13, .17 (24, 32, 96,
-320 channels at strides 4, 8, 16, 32; inverted residuals are linear, so no preact features),
-`pooled` (after features.18 and the mean pool).
+320 channels at strides 4, 8, 16, 32), `preact_stage1..4` = the same arrays (inverted residuals
+end linearly; as RepDistiller's CIFAR MobileNetV2 with `preact=True`), `pooled` (after
+features.18 and the mean pool).
 """
 import jax
 import jax.numpy as jnp
@@ -155,7 +156,9 @@ class MobileNetV2(nnx.Module):
     for index in range(1, len(self.features) - 1):
       x = self.features[index](x, train)
       if index in self._STAGE_ENDS:
-        collect(f"stage{self._STAGE_ENDS.index(index) + 1}", x)
+        stage = self._STAGE_ENDS.index(index) + 1
+        collect(f"stage{stage}", x)
+        collect(f"preact_stage{stage}", x)
     x = _apply(self.features[-1], x, train=train)
     pooled = layers.global_avg_pool(x)
     collect("pooled", pooled)

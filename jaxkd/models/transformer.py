@@ -262,6 +262,9 @@ def _register_preset(name: str, preset: dict):
       vocab_size = _PRESET_VOCAB_SIZE
     return _build(preset, num_classes=num_classes, vocab_size=vocab_size, **kwargs)
 
+  build.__name__ = build.__qualname__ = name
+  build.__doc__ = (f"TransformerLM {preset}; vocabulary {_PRESET_VOCAB_SIZE} unless num_classes / "
+                   "vocab_size is given; other TransformerLM arguments override the preset.")
   return build
 
 
