@@ -60,12 +60,13 @@ def _num_params(model_name: str, kwargs, num_classes: int) -> int:
   return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract_model, nnx.Param)))
 
 
-def _mean_std(values) -> str:
-  """`mean ± sample std` (ddof = 1), or the value alone for a single run."""
+def _mean_std(values, sign: str = "") -> str:
+  """`mean ± sample std` (ddof = 1), or the value alone for a single run; `sign='+'` marks
+  positive means."""
   values = np.asarray(values, np.float64)
   if len(values) == 1:
-    return f"{values[0]:.2f}"
-  return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+    return f"{values[0]:{sign}.2f}"
+  return f"{values.mean():{sign}.2f} ± {values.std(ddof=1):.2f}"
 
 
 def results_table(summary: dict) -> str:
@@ -90,7 +91,7 @@ def results_table(summary: dict) -> str:
         f"{_mean_std([r['kl'] for r in runs])} |")
   gain = [100 * (kd["accuracy"] - scratch["accuracy"])
           for kd, scratch in zip(summary["runs"]["kd"], summary["runs"]["scratch"])]
-  lines.append(f"| KD − scratch, paired by seed | | {_mean_std(gain)} | | |")
+  lines.append(f"| KD − scratch, paired by seed | | {_mean_std(gain, sign='+')} | | |")
   return "\n".join(lines)
 
 
@@ -117,11 +118,10 @@ def run(config, workdir: str) -> dict:
 
   num_classes = data.DATASETS[config.data.name].num_classes
   summary = {
-      "teacher": {"model": config.teacher.model,
-                  "parameters": _num_params(config.teacher.model, config.teacher.kwargs, num_classes),
-                  **results["teacher"]},
-      "student": {"model": config.student.model,
-                  "parameters": _num_params(config.student.model, config.student.kwargs, num_classes)},
+      "teacher": {"model": config.teacher.model, **results["teacher"], "parameters": _num_params(
+          config.teacher.model, config.teacher.kwargs, num_classes)},
+      "student": {"model": config.student.model, "parameters": _num_params(
+          config.student.model, config.student.kwargs, num_classes)},
       "seeds": seeds,
       "runs": {role: [results[f"{role}/seed_{seed}"] for seed in seeds] for role in _ROLES},
       "seconds": {**seconds, "total": time.perf_counter() - start},

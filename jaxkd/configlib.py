@@ -15,7 +15,7 @@ class ConfigError(ValueError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults shared by every experiment (a plain supervised run of a small CNN on Fashion-MNIST)."""
+  """Defaults shared by every experiment: a supervised run of a small CNN on Fashion-MNIST."""
   config = ml_collections.ConfigDict()
   config.seed = 0  # Seeds the student's init, the data order and the augmentation.
 

@@ -54,6 +54,20 @@ class Writer:
     self.close()
 
 
+def best(workdir: str, split: str, name: str) -> float | None:
+  """Largest `name` over the `split` records of `<workdir>/metrics.jsonl` (None if none).
+
+  Reads what process 0 wrote: on other processes of a run without a shared workdir, None.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    values = [record[name] for record in map(json.loads, f)
+              if record["split"] == split and name in record]
+  return max(values, default=None)
+
+
 class Progress:
   """Running means of the train metrics and the console line printed every `every` steps:
 

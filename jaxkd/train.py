@@ -101,8 +101,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     raise configlib.ConfigError(f"config.distill: {error}") from None
   schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps)
   optimizer = optim.build(config.optimizer, schedule)
-  state = kd_step.init_state(student, method, optimizer, seed=config.seed, mesh=mesh)
-  state = checkpointer.restore(state)
+  initial_state = kd_step.init_state(student, method, optimizer, seed=config.seed, mesh=mesh)
+  # Loss weights and temperatures come from the config on resume too, like the lr schedule.
+  state = checkpointer.restore(initial_state).replace(hparams=initial_state.hparams)
   start_step = int(state.step)
   if start_step:
     logging.info("Resuming %s from step %d/%d", workdir, start_step, total_steps)
@@ -150,6 +151,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     results = eval_now()
     if start_step < total_steps:
       writer.write(total_steps, "eval", results)
+  # RepDistiller reports the last epoch, mdistiller the best: keep both.
+  results["best_accuracy"] = metrics.best(workdir, "eval", "accuracy") or results["accuracy"]
 
   logging.info("Final evaluation of %s: %s", workdir, json.dumps(results))
   model_io.save(os.path.join(workdir, "model"), kd_step.student_model(student, state),

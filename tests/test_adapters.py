@@ -141,7 +141,8 @@ def test_conv_reg_matches_repdistiller(student_hw, teacher_hw, train):
   _copy_bn(ours.bn, theirs.bn, seed=10)
   theirs.train(train)
   x = _normal(0, student_shape)
-  np.testing.assert_allclose(_apply(ours, jnp.asarray(x), train=train), _to_nhwc(theirs(_to_nchw(x))),
+  np.testing.assert_allclose(_apply(ours, jnp.asarray(x), train=train),
+                             _to_nhwc(theirs(_to_nchw(x))),
                              rtol=RTOL, atol=ATOL)
   if train:  # the batch mean enters the running average with torch's momentum 0.1
     np.testing.assert_allclose(ours.bn.mean[...], theirs.bn.running_mean.numpy(), rtol=RTOL,

@@ -1,5 +1,4 @@
 """Configs: loading, `:arg` variants, validation messages, and the command line's error paths."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,17 +7,10 @@ import pytest
 
 from jaxkd import configlib
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import testing_utils
 
 
-def _get_config(name: str, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(_REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def _main(*args: str, cwd: str = _REPO) -> subprocess.CompletedProcess:
+def _main(*args: str, cwd: str = testing_utils.REPO) -> subprocess.CompletedProcess:
   """`python -m jaxkd.main ARGS` on one CPU device (the command a user types)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   return subprocess.run([sys.executable, "-m", "jaxkd.main", *args], cwd=cwd, env=env,
@@ -29,18 +21,18 @@ def _main(*args: str, cwd: str = _REPO) -> subprocess.CompletedProcess:
                                       ("quickstart", "seeds=5"), ("cifar_kd", None),
                                       ("cifar_kd", "teacher=wrn_40_2,student=wrn_16_2")])
 def test_configs_validate(name, arg):
-  configlib.validate(_get_config(name, arg))
+  configlib.validate(testing_utils.load_config(name, arg))
 
 
 def test_cifar_config_follows_the_reference_recipe():
-  config = _get_config("cifar_kd")
+  config = testing_utils.load_config("cifar_kd")
   assert (config.teacher.model, config.student.model) == ("resnet32x4", "resnet8x4")
   assert config.data.batch_size == 64 and config.num_epochs == 240
   assert tuple(config.optimizer.decay_epochs) == (150, 180, 210)
   assert config.optimizer.lr == 0.05 and config.optimizer.weight_decay == 5e-4
   assert dict(config.distill.losses) == {"ce": 0.1, "kd": 0.9}
   assert config.distill.kd.temperature == 4.0
-  assert _get_config("cifar_kd", "student=ShuffleV1").optimizer.lr == 0.01
+  assert testing_utils.load_config("cifar_kd", "student=ShuffleV1").optimizer.lr == 0.01
 
 
 def test_parse_arg():
@@ -60,7 +52,7 @@ def test_parse_arg():
     ("optimizer.schedule", "linear", "config.optimizer.schedule='linear'"),
 ])
 def test_validate_names_the_field(field, value, message):
-  config = _get_config("cifar_kd")
+  config = testing_utils.load_config("cifar_kd")
   parent, name = field.rsplit(".", 1)
   setattr(config[parent], name, value)
   with pytest.raises(configlib.ConfigError, match=message.replace("(", r"\(")):
@@ -68,7 +60,7 @@ def test_validate_names_the_field(field, value, message):
 
 
 def test_unknown_loss_names_the_field():
-  config = _get_config("quickstart")
+  config = testing_utils.load_config("quickstart")
   config.distill.losses = {"ce": 1.0, "kdd": 1.0}
   with pytest.raises(configlib.ConfigError, match="config.distill.losses.kdd='kdd'"):
     configlib.validate(config)

@@ -1,6 +1,5 @@
 """Data: the IDX reader, the sources' error messages, the deterministic pipeline, crop+flip."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import pytest
 from jaxkd import data
 from jaxkd.data import idx
 
-import fake_idx
+import testing_utils
 
 _SPEC = data.DATASETS["fashion_mnist"]
 
@@ -19,7 +18,7 @@ _SPEC = data.DATASETS["fashion_mnist"]
 def test_read_idx_round_trip(tmp_path, compress):
   array = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
   path = str(tmp_path / ("a.idx" + (".gz" if compress else "")))
-  fake_idx.write_idx(path, array, compress=compress)
+  testing_utils.write_idx(path, array, compress=compress)
   np.testing.assert_array_equal(idx.read_idx(path), array)
 
 
@@ -27,7 +26,8 @@ def test_read_idx_big_endian_int32(tmp_path):
   array = np.array([1, -2, 70000], np.int32)
   path = str(tmp_path / "int.idx")
   with open(path, "wb") as f:
-    f.write(bytes([0, 0, 0x0C, 1]) + np.asarray([3], ">u4").tobytes() + array.astype(">i4").tobytes())
+    f.write(bytes([0, 0, 0x0C, 1]) + np.asarray([3], ">u4").tobytes()
+            + array.astype(">i4").tobytes())
   np.testing.assert_array_equal(idx.read_idx(path), array)
 
 
@@ -45,8 +45,8 @@ def test_read_idx_rejects_bad_files(tmp_path):
 
 
 def test_load_split_mixes_raw_and_gzip(tmp_path):
-  train_images, train_labels = fake_idx.write_split(tmp_path, "train", 7, compress=False)
-  test_images, test_labels = fake_idx.write_split(tmp_path, "t10k", 5, compress=True, seed=1)
+  train_images, train_labels = testing_utils.write_split(tmp_path, "train", 7, compress=False)
+  test_images, test_labels = testing_utils.write_split(tmp_path, "t10k", 5, compress=True, seed=1)
   train = idx.load_split(str(tmp_path), "train")
   test = idx.load_split(str(tmp_path), "test")
   np.testing.assert_array_equal(train["image"][..., 0], train_images)

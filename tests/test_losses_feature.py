@@ -114,7 +114,8 @@ def torch_pkt(output_net, target_net, eps=1e-7):
   target_similarity = (torch.mm(target_net, target_net.transpose(0, 1)) + 1.0) / 2.0
   model_similarity = model_similarity / torch.sum(model_similarity, dim=1, keepdim=True)
   target_similarity = target_similarity / torch.sum(target_similarity, dim=1, keepdim=True)
-  return torch.mean(target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps)))
+  return torch.mean(
+      target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps)))
 
 
 def torch_nst(g_s, g_t):
@@ -279,7 +280,8 @@ def test_pkt_matches_repdistiller():
 def test_nst_matches_repdistiller(student_size, teacher_size):
   _check_value_and_student_grad(
       lambda s, t: feature.nst([s], [t]), lambda s, t: torch_nst([s], [t]),
-      _normal(0, (3, student_size, student_size, 5)), _normal(1, (3, teacher_size, teacher_size, 7)))
+      _normal(0, (3, student_size, student_size, 5)),
+      _normal(1, (3, teacher_size, teacher_size, 7)))
 
 
 def test_correlation_congruence_matches_repdistiller_both_grads():
@@ -366,8 +368,9 @@ def test_crd_matches_repdistiller_over_two_steps():
     np.testing.assert_allclose(grads[1], teacher_t.grad.numpy(), rtol=GRAD_RTOL, atol=GRAD_ATOL)
     np.testing.assert_allclose(memory.student_normalizer, reference.params[2].item(), rtol=RTOL)
     np.testing.assert_allclose(memory.teacher_normalizer, reference.params[3].item(), rtol=RTOL)
-    np.testing.assert_allclose(memory.student_bank, reference.memory_v1.numpy(), rtol=RTOL, atol=1e-7)
-    np.testing.assert_allclose(memory.teacher_bank, reference.memory_v2.numpy(), rtol=RTOL, atol=1e-7)
+    for bank, reference_bank in ((memory.student_bank, reference.memory_v1),
+                                 (memory.teacher_bank, reference.memory_v2)):
+      np.testing.assert_allclose(bank, reference_bank.numpy(), rtol=RTOL, atol=1e-7)
 
 
 def test_crd_memory_init_follows_contrast_memory():

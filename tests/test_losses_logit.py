@@ -294,12 +294,39 @@ def test_standardize_matches_numpy_and_masks():
   assert np.all(np.isfinite(jax.grad(lambda z: jnp.sum(logit.standardize(z) ** 2))(constant)))
 
 
-def test_soft_rank_approaches_hard_ranks():
+def test_soft_rank_torchsort_readme_example():
+  # teddykoker/torchsort README: soft_rank([[8, 0, 5, 3, 2, 1, 6, 7, 9]]) at the default l2, 1.0.
+  x = np.array([[8, 0, 5, 3, 2, 1, 6, 7, 9]], np.float32)
+  np.testing.assert_allclose(logit.soft_rank(x), [[8, 1, 5, 4, 3, 2, 6, 7, 9]], rtol=1e-6)
+
+
+def test_soft_rank_limits_and_invariants():
   x = _normal(0, (3, C))
+  n = C
   hard = np.argsort(np.argsort(x, -1), -1) + 1.0
-  np.testing.assert_allclose(logit.soft_rank(x, rank_temperature=1e-4), hard, atol=1e-3)
-  np.testing.assert_allclose(logit.soft_rank(x.T, rank_temperature=1e-4, axis=0), hard.T,
-                             atol=1e-3)
+  gaps = np.diff(np.sort(x, -1), axis=-1)
+  # Exact ranks once every gap exceeds ε (up to float32 rounding of x / ε - (x / ε - ρ)).
+  small = 0.5 * gaps.min()
+  np.testing.assert_allclose(logit.soft_rank(x, regularization_strength=small), hard, atol=1e-4)
+  np.testing.assert_allclose(logit.soft_rank(x.T, regularization_strength=small, axis=0),
+                             hard.T, atol=1e-4)
+  # Affine once every gap is below ε: x / ε - mean(x / ε) + (n + 1) / 2.
+  large = 2.0 * gaps.max()
+  affine = x / large - (x / large).mean(-1, keepdims=True) + (n + 1) / 2
+  np.testing.assert_allclose(logit.soft_rank(x, regularization_strength=large), affine,
+                             rtol=1e-5)
+  ranks = np.asarray(logit.soft_rank(x))
+  np.testing.assert_allclose(ranks.sum(-1), n * (n + 1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(logit.soft_rank(x + 7.0), ranks, atol=1e-5)
+  # Order-preserving (weakly: soft ranks tie where the isotonic fit pools).
+  order = np.argsort(x, -1)
+  assert np.all(np.diff(np.take_along_axis(ranks, order, -1), axis=-1) >= 0)
+  # Ties get equal ranks and finite gradients.
+  tied = np.array([[1.0, 1.0, 1.0, 0.0, 2.0]], np.float32)
+  np.testing.assert_allclose(logit.soft_rank(tied, regularization_strength=1e-3),
+                             [[3, 3, 3, 1, 5]], atol=1e-6)
+  grad = jax.grad(lambda v: jnp.sum(jnp.arange(5.0) * logit.soft_rank(v)))(tied)
+  assert np.all(np.isfinite(grad))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,32 +709,146 @@ def test_dist_matches_reference(beta, gamma, tau):
                   lambda a, b: _dist_reference(a, b, beta, gamma, tau), s, t)
 
 
-# CMKD (arXiv:2410.06561) has no public reference code we could read; this torch transcription
-# is of the formula documented in logit.correlation_kd (DIST's pearson on probabilities plus
-# pearson of pairwise-sigmoid soft ranks), so it checks the implementation, not a convention.
-def _correlation_kd_formula(z_s, z_t, w_p, w_s, tau, rank_tau):
+# teddykoker/torchsort torchsort/isotonic_cpu.cpp isotonic_l2_kernel (pool-adjacent-violators,
+# from fast-soft-sort / scikit-learn): argmin_{v_1 >= ... >= v_n} 0.5 ||v - y||^2, in float64.
+def _torchsort_isotonic_l2(y):
+  n = y.shape[0]
+  sol, sums = y.astype(np.float64), y.astype(np.float64)
+  c, target = np.ones(n), np.arange(n)
+  i = 0
+  while i < n:
+    k = target[i] + 1
+    if k == n:
+      break
+    if sol[i] > sol[k]:
+      i = k
+      continue
+    sum_y, sum_c = sums[i], c[i]
+    while True:
+      prev_y = sol[k]
+      sum_y += sums[k]
+      sum_c += c[k]
+      k = target[k] + 1
+      if k == n or prev_y > sol[k]:
+        sol[i], sums[i], c[i] = sum_y / sum_c, sum_y, sum_c
+        target[i], target[k - 1] = k - 1, i
+        if i > 0:
+          i = target[i - 1]
+        break
+  i = 0
+  while i < n:
+    k = target[i] + 1
+    sol[i + 1:k] = sol[i]
+    i = k
+  return sol
+
+
+# torchsort torchsort/ops.py SoftRank (regularization='l2') forward and backward for one row:
+# Projection of x / strength onto the permutahedron of w = (n, ..., 1); the vjp averages the
+# cotangent over each block of the isotonic solution (_partition: gaps > 1e-9).
+def _torchsort_soft_rank(x, strength):
+  theta = np.asarray(x, np.float64) / strength
+  permutation = np.argsort(theta)[::-1]
+  s = theta[permutation]
+  dual = _torchsort_isotonic_l2(s - (np.arange(len(s))[::-1] + 1.0))
+  ranks = np.empty_like(s)
+  ranks[permutation] = s - dual
+  starts = np.concatenate([[0], np.flatnonzero(np.abs(np.diff(dual)) > 1e-9) + 1, [len(s)]])
+
+  def vjp(cotangent):
+    sorted_cotangent = np.asarray(cotangent, np.float64)[permutation]
+    block_means = np.concatenate([np.full(end - start, sorted_cotangent[start:end].mean())
+                                  for start, end in zip(starts[:-1], starts[1:])])
+    result = np.asarray(cotangent, np.float64).copy()
+    result[permutation] -= block_means
+    return result / strength
+
+  return ranks, vjp
+
+
+def _torchsort_soft_rank_torch(values, strength):
+  """torchsort.soft_rank(values, 'l2', strength) on a [B, n] torch tensor, via the numpy rows."""
   torch = _torch()
 
-  def soft_rank(x):
-    return 0.5 + torch.sigmoid((x.unsqueeze(-1) - x.unsqueeze(-2)) / rank_tau).sum(-1)
+  class SoftRank(torch.autograd.Function):
 
+    @staticmethod
+    def forward(ctx, tensor):
+      rows = [_torchsort_soft_rank(row, strength) for row in tensor.detach().numpy()]
+      ctx.vjps = [vjp for _, vjp in rows]
+      return torch.tensor(np.stack([ranks for ranks, _ in rows]), dtype=tensor.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+      return torch.tensor(np.stack([vjp(g) for vjp, g in zip(ctx.vjps, grad_output.numpy())]),
+                          dtype=grad_output.dtype)
+
+  return SoftRank.apply(values)
+
+
+@pytest.mark.parametrize('strength', [0.1, 1.0, 10.0])
+def test_soft_rank_matches_torchsort(strength):
+  x = _normal(0, (B, C))
+  x[:, 3] = x[:, 5]  # ties
+  x[0] = np.round(x[0])
+  cotangent = _normal(1, (B, C))
+  ranks, vjp = jax.vjp(lambda v: logit.soft_rank(v, regularization_strength=strength), x)
+  rows = [_torchsort_soft_rank(row, strength) for row in x]
+  np.testing.assert_allclose(ranks, np.stack([r for r, _ in rows]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(vjp(cotangent)[0],
+                             np.stack([f(g) for (_, f), g in zip(rows, cotangent)]),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      jax.jit(functools.partial(logit.soft_rank, axis=0))(x.T, regularization_strength=strength),
+      ranks.T, rtol=1e-6, atol=1e-6)
+
+
+def _assert_solves_decreasing_isotonic_l2(y, v, atol):
+  """KKT conditions of argmin_{v_1 >= ... >= v_n} 0.5 ||v - y||^2 (a convex problem): v is
+  decreasing, each level set holds the mean of its y, and every prefix of a level set has mean
+  <= the level (the multipliers sum_{i <= j} (v_i - y_i) of the active constraints are >= 0)."""
+  assert np.all(np.diff(v) <= 0)
+  for level in np.unique(v):
+    block = y[v == level]
+    np.testing.assert_allclose(block.mean(), level, atol=atol)
+    assert np.all(np.cumsum(block) / np.arange(1, block.size + 1) <= level + atol)
+
+
+def test_isotonic_regression_solves_its_definition():
+  y = np.stack([_normal(2, (C,)), np.arange(C, dtype=np.float32), -np.arange(C, dtype=np.float32),
+                np.round(_normal(3, (C,)))])
+  for row in y:
+    _assert_solves_decreasing_isotonic_l2(row.astype(np.float64),
+                                          _torchsort_isotonic_l2(row), atol=1e-12)
+  ours = np.asarray(logit._isotonic_decreasing(y), np.float64)
+  np.testing.assert_allclose(ours, [_torchsort_isotonic_l2(row) for row in y], rtol=1e-6,
+                             atol=1e-6)
+  for row, solution in zip(y, ours):
+    _assert_solves_decreasing_isotonic_l2(row.astype(np.float64), solution, atol=1e-5)
+
+
+# CMKD (arXiv:2410.06561): neither reference code nor the method section was available, so this
+# transcription is of the formula documented in logit.correlation_kd (DIST's pearson on
+# probabilities plus pearson of torchsort soft ranks of the tempered log-probabilities): it
+# checks the implementation, not the paper's conventions.
+def _correlation_kd_formula(z_s, z_t, w_p, w_s, tau, strength):
   y_s, y_t = (z_s / tau).softmax(dim=1), (z_t / tau).softmax(dim=1)
-  r_s = soft_rank((z_s / tau).log_softmax(dim=1))
-  r_t = soft_rank((z_t / tau).log_softmax(dim=1))
+  r_s = _torchsort_soft_rank_torch((z_s / tau).log_softmax(dim=1), strength)
+  r_t = _torchsort_soft_rank_torch((z_t / tau).log_softmax(dim=1), strength)
   per_example = (w_p * (1 - _dist_pearson_correlation(y_s, y_t))
                  + w_s * (1 - _dist_pearson_correlation(r_s, r_t)))
   return (tau**2 * per_example).mean()
 
 
-@pytest.mark.parametrize('tau, rank_tau', [(1.0, 1.0), (4.0, 0.1)])
-def test_correlation_kd_matches_formula(tau, rank_tau):
+@pytest.mark.parametrize('tau, strength', [(1.0, 1.0), (4.0, 0.1)])
+def test_correlation_kd_matches_formula(tau, strength):
   s, t = _normal(0, (B, C)), _normal(1, (B, C))
   w_s = np.random.default_rng(5).random(B).astype(np.float32)
   _assert_matches(
       lambda s_, t_: logit.correlation_kd(s_, t_, pearson_weight=1 - w_s, spearman_weight=w_s,
-                                          temperature=tau, rank_temperature=rank_tau),
+                                          temperature=tau, regularization_strength=strength),
       lambda a, b: _correlation_kd_formula(a, b, 1 - torch_tensor(w_s), torch_tensor(w_s), tau,
-                                           rank_tau),
+                                           strength),
       s, t)
 
 
@@ -722,9 +863,10 @@ def test_correlation_kd_spearman_term_is_spearman_for_sharp_ranks():
   rs -= rs.mean(-1, keepdims=True)
   rt -= rt.mean(-1, keepdims=True)
   spearman = (rs * rt).sum(-1) / np.sqrt((rs**2).sum(-1) * (rt**2).sum(-1))
-  ours = logit.correlation_kd(s, t, pearson_weight=0.0, temperature=1.0, rank_temperature=1e-5,
-                              reduction='none')
-  np.testing.assert_allclose(ours, 1 - spearman, atol=1e-4)
+  sharp = 0.5 * min(np.diff(np.sort(s, -1)).min(), np.diff(np.sort(t, -1)).min())
+  ours = logit.correlation_kd(s, t, pearson_weight=0.0, temperature=1.0,
+                              regularization_strength=sharp, reduction='none')
+  np.testing.assert_allclose(ours, 1 - spearman, atol=1e-5)
 
 
 # jhoon-oh/kd_data code/image_classfication/tools/losses.py mse_logit

@@ -169,7 +169,8 @@ def test_bfloat16_compute_with_float32_params():
   forward = nnx.jit(lambda m, x: m(x, return_features=True))
   logits, features = forward(model, _images())
   reference_logits, _ = forward(reference, _images())
-  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype("float32")}
+  param_dtypes = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))}
+  assert param_dtypes == {np.dtype("float32")}
   assert features["stage2"].dtype == jnp.bfloat16
   assert logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))

@@ -47,3 +47,15 @@ def batch(size: int = 16, num_classes: int = 10, image_size: int = 8, seed: int 
   return {'image': np.asarray(jax.random.normal(image_rng, (size, image_size, image_size, 3))),
           'label': np.asarray(jax.random.randint(label_rng, (size,), 0, num_classes), np.int32),
           'index': np.arange(size, dtype=np.int32)}
+
+
+def forward(model, images, train: bool = False, return_features: bool = False):
+  """`model(images, ...)` compiled, leaving `model` untouched (train-mode statistics discarded)."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, images):
+    return nnx.merge(graphdef, state, copy=True)(images, train=train,
+                                                  return_features=return_features)
+
+  return run(state, jnp.asarray(images))

@@ -54,7 +54,8 @@ def load_split(directory: str, split: str) -> dict[str, np.ndarray]:
   """
   stem = _SPLIT_STEMS[split]
   paths = {}
-  for key, file_stem in (("image", f"{stem}-images-idx3-ubyte"), ("label", f"{stem}-labels-idx1-ubyte")):
+  for key, file_stem in (("image", f"{stem}-images-idx3-ubyte"),
+                         ("label", f"{stem}-labels-idx1-ubyte")):
     paths[key] = find_file(directory, file_stem)
     if paths[key] is None:
       raise FileNotFoundError(f"{os.path.join(directory, file_stem)}[.gz] does not exist")

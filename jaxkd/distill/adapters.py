@@ -83,7 +83,8 @@ class ConvReg(nnx.Module):
     student_h, student_w, student_c = student_shape[-3:]
     teacher_h, teacher_w, teacher_c = teacher_shape[-3:]
     if student_h == 2 * teacher_h:
-      self.conv = _conv(student_c, teacher_c, (3, 3), strides=2, padding=((1, 1), (1, 1)), rngs=rngs)
+      self.conv = _conv(student_c, teacher_c, (3, 3), strides=2, padding=((1, 1), (1, 1)),
+                        rngs=rngs)
     elif 2 * student_h == teacher_h:
       # torch ConvTranspose2d(k=4, s=2, p=1) pads the dilated input by k − 1 − p = 2 per side;
       # its fan_in (torch counts weight.size(1) = out channels) is the Flax kernel's axis −2.
@@ -106,7 +107,7 @@ class ConvReg(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Linear embedding head, L2-normalised: CRD's `Embed` (or, with normalize=False, CC's `LinearEmbed`).
+  """Linear head, L2-normalised: CRD's `Embed` (with normalize=False, CC's `LinearEmbed`).
 
   RepDistiller `crd/criterion.py` Embed / `models/util.py` LinearEmbed: flatten per sample,
   linear with bias, then `x / ‖x‖₂` (floored at 1e-12 here, which only matters for zero vectors).

@@ -1,11 +1,11 @@
 """Feature-based distillation losses: the student matches the teacher's intermediate features.
 
-Pure functions of arrays (jax and numpy only): jit, vmap and grad safe, no state. Inputs of any float
-dtype are cast to float32 and every loss returns a float32 scalar.
+Pure functions of arrays (jax and numpy only): jit, vmap and grad safe, no state. Inputs of any
+float dtype are cast to float32 and every loss returns a float32 scalar.
 
 Layout: feature maps are NHWC (batch, height, width, channels), as jaxkd's models produce them. The
-reference implementations (RepDistiller, mdistiller) are NCHW; each docstring says which axis of ours
-plays the role of theirs, so that our value on an NHWC array equals the reference value on its
+reference implementations (RepDistiller, mdistiller) are NCHW; each docstring says which axis of
+ours plays the role of theirs, so that our value on an NHWC array equals the reference value on its
 NCHW transpose.
 
 Matrix products and pooling run at `Precision.HIGHEST` so that the float32 values match the
@@ -164,8 +164,8 @@ def nst(student_features, teacher_features, *, degree: int = 2, offset: float = 
 
   Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer", 2017.
   Reproduces RepDistiller `distiller_zoo/NST.py` NSTLoss (full_loss=True). Each channel's spatial
-  map is one sample: NCHW `f.view(B, C, H·W)` normalised over H·W is, in NHWC, `f.reshape(B, H·W, C)`
-  normalised over axis 1. With the polynomial kernel k(x, y) = (x·y + offset)^degree (reference:
+  map is one sample: NCHW `f.view(B, C, H·W)` normalised over H·W is, in NHWC,
+  `f.reshape(B, H·W, C)` normalised over axis 1. With the polynomial kernel k(x, y) = (x·y + offset)^degree (reference:
   degree 2, offset 0), per stage
 
     loss = mean k(t, t) + mean k(s, s) − 2 mean k(s, t),
@@ -179,8 +179,8 @@ def nst(student_features, teacher_features, *, degree: int = 2, offset: float = 
   total = jnp.zeros((), jnp.float32)
   for student, teacher in zip(_as_list(student_features), _as_list(teacher_features), strict=True):
     student, teacher = match_spatial(student, teacher)
-    student = l2_normalize(student.reshape(student.shape[0], -1, student.shape[-1]), axis=1, eps=eps)
-    teacher = l2_normalize(teacher.reshape(teacher.shape[0], -1, teacher.shape[-1]), axis=1, eps=eps)
+    student, teacher = (l2_normalize(f.reshape(f.shape[0], -1, f.shape[-1]), axis=1, eps=eps)
+                        for f in (student, teacher))
     total += (jax.lax.stop_gradient(_polynomial_kernel_mean(teacher, teacher, degree, offset))
               + _polynomial_kernel_mean(student, student, degree, offset)
               - 2.0 * _polynomial_kernel_mean(student, teacher, degree, offset))
@@ -197,7 +197,7 @@ def vid(predicted_mean: jax.Array, target: jax.Array, log_scale: jax.Array, *,
     σ²_c = softplus(log_scale_c) + eps,
     loss = mean_{b,h,w,c} ½ ((μ − t)² / σ²_c + log σ²_c).
 
-  The per-channel variance indexes the last (channel) axis here, the reference's `view(1, -1, 1, 1)`.
+  The per-channel variance indexes the last (channel) axis, the reference's `view(1, -1, 1, 1)`.
   The reference pools the larger map before the regressor; a larger teacher map is pooled here,
   while a larger student map must be pooled before the regressor (`VIDRegressor(x, output_size)`).
 
@@ -245,7 +245,8 @@ def review_hcl(student_features, teacher_features, *, pool_sizes: Sequence[int] 
       if size >= height:
         continue
       weight *= level_decay
-      stage_loss += weight * _mse(adaptive_avg_pool2d(student, size), adaptive_avg_pool2d(teacher, size))
+      stage_loss += weight * _mse(adaptive_avg_pool2d(student, size),
+                                  adaptive_avg_pool2d(teacher, size))
       total_weight += weight
     total += stage_loss / total_weight
   return total

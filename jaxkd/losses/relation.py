@@ -1,8 +1,8 @@
 """Relation-based distillation losses: the student matches relations between samples.
 
-Pure functions of arrays (jax, numpy and optax only): jit, vmap and grad safe. Every loss here is a
-batch-level loss returning a float32 scalar (relations couple the samples of the batch). CRD's memory
-bank is explicit state: `crd` takes a `CRDMemory` and returns the updated one.
+Pure functions of arrays (jax, numpy and optax only): jit, vmap and grad safe. Every loss here is
+a batch-level loss returning a float32 scalar (relations couple the samples of the batch). CRD's
+memory bank is explicit state: `crd` takes a `CRDMemory` and returns the updated one.
 
 Flattening order does not matter for these losses (Gram matrices, pairwise distances and angles are
 invariant to a permutation of the feature axis), so NHWC and NCHW features give the same value.
@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxkd.losses.feature import _HIGHEST, _NORMALIZE_EPS, _as_float32, _as_list, l2_norm, l2_normalize
+from jaxkd.losses.feature import _HIGHEST, _NORMALIZE_EPS, _as_float32, _as_list
+from jaxkd.losses.feature import l2_norm, l2_normalize
 
 
 def _flatten(features: jax.Array) -> jax.Array:
@@ -234,7 +235,7 @@ def crd_sample_contrast_index(key: jax.Array, index: jax.Array, n_data: int, num
 
 
 def _nce_loss(log_scores: jax.Array, n_data: int, eps: float) -> jax.Array:
-  """RepDistiller ContrastLoss (Eq. 18) on log P, P = exp(s/T)/Z, [B, 1 + K] with the positive first.
+  """RepDistiller ContrastLoss (Eq. 18) on log P, P = exp(s/T)/Z, [B, 1 + K], positive first.
 
   With m = K noise samples at P_n = 1/n_data and c = m·P_n + eps:
   loss = −(Σ_b log(P_pos/(P_pos + c)) + Σ_{b,k} log(m·P_n/(P_neg + c))) / B, in log space.

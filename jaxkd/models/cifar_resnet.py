@@ -18,7 +18,7 @@ from jaxkd.models.registry import register
 
 
 class CifarResNet(nnx.Module):
-  """ResNet for 32×32 inputs: 3×3 stem (stride 1), stages with strides (1, 2, 2, …), mean pool, linear.
+  """ResNet for 32×32 inputs: 3×3 stem, stages with strides (1, 2, 2, …), mean pool, linear.
 
   Args:
     block: `layers.BasicBlock` or `layers.Bottleneck`.

@@ -31,7 +31,8 @@ _CONFIGS = {
 
 def _conv_block(widths: tuple[int, ...], in_channels: int, *, dtype, param_dtype,
                 rngs: nnx.Rngs) -> nnx.List:
-  """RepDistiller `_make_layers(cfg, batch_norm=True)`: [conv, BN, ReLU] per width, last ReLU dropped."""
+  """RepDistiller `_make_layers(cfg, batch_norm=True)`: [conv, BN, ReLU] per width, minus the
+  last ReLU."""
   block = []
   for width in widths:
     block += [

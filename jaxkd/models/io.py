@@ -23,7 +23,7 @@ def save(directory: str, model: nnx.Module, name: str, **create_kwargs) -> None:
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, _METADATA), "w") as f:
     json.dump({"name": name, "create_kwargs": create_kwargs}, f, indent=2)
-  state = nnx.state(model).to_pure_dict()
+  state = nnx.to_pure_dict(nnx.state(model))
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(directory, _STATE), state, force=True)
 
@@ -42,10 +42,14 @@ def read_metadata(directory: str) -> dict:
 def load(directory: str, *, dtype=jnp.float32) -> nnx.Module:
   """Rebuilds the saved model with compute `dtype` and restores its weights."""
   metadata = read_metadata(directory)
-  model = create(metadata["name"], dtype=dtype, **metadata["create_kwargs"])
-  abstract_state = nnx.state(model).to_pure_dict()
+  # Abstract construction: random initialisation would compile one kernel per parameter shape
+  # (tens of seconds for a CIFAR ResNet on CPU) only for the weights to be overwritten.
+  model = nnx.eval_shape(lambda: create(metadata["name"], dtype=dtype, **metadata["create_kwargs"]))
+  abstract_state = nnx.to_pure_dict(nnx.state(model))
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(os.path.join(os.path.abspath(directory), _STATE),
                                     abstract_state)
-  nnx.update(model, restored)
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)
   return model

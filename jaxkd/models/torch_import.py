@@ -21,7 +21,6 @@ torch itself is not imported here: tensors are converted with `.numpy()` (or `np
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

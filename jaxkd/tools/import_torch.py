@@ -34,8 +34,8 @@ def _read_torch_checkpoint(path: str):
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, …
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {first_line}") from error
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {reason}") from error
 
 
 def import_checkpoint(name: str, checkpoint_path: str, out_dir: str,

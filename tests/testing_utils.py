@@ -1,8 +1,19 @@
-"""Writes small IDX files (the MNIST / Fashion-MNIST format) for the data and training tests."""
+"""Shared by the data, config and training tests: config loading and small IDX datasets."""
 import gzip
+import importlib.util
 import os
 
 import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None):
+  """`configs/<name>.py`'s get_config(arg), as `--config=configs/<name>.py:arg` loads it."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def write_idx(path: str, array: np.ndarray, *, compress: bool) -> None:
@@ -25,8 +36,8 @@ def write_split(directory, stem: str, num_examples: int, *, compress: bool, seed
     row, col = divmod(int(label), 5)
     image[4 + 10 * row:10 + 10 * row, 1 + 5 * col:5 + 5 * col] = 255
   suffix = ".gz" if compress else ""
-  write_idx(os.path.join(directory, f"{stem}-images-idx3-ubyte{suffix}"), images, compress=compress)
-  write_idx(os.path.join(directory, f"{stem}-labels-idx1-ubyte{suffix}"), labels, compress=compress)
+  for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+    write_idx(os.path.join(directory, f"{stem}-{kind}-ubyte{suffix}"), array, compress=compress)
   return images, labels
 
 
