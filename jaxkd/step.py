@@ -33,6 +33,7 @@ from typing import Any, Literal
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -107,8 +108,12 @@ def _is_ensemble(teacher) -> bool:
 
 
 def stack_trees(trees: Sequence[Any]) -> Any:
-  """Stacks pytrees of one structure along a new leading axis."""
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+  """Stacks pytrees of one structure along a new leading axis, on the host.
+
+  For building ensemble and population states from process-local arrays (numpy stacking needs
+  no compilation per leaf shape); `jaxkd.parallel.shard_state` then places the result.
+  """
+  return jax.tree.map(lambda *leaves: np.stack([np.asarray(leaf) for leaf in leaves]), *trees)
 
 
 def teacher_state(teacher: nnx.Module | Sequence[nnx.Module] | None,
