@@ -82,7 +82,7 @@ _register_divergence('tvd', logit.tvd, {'temperature': 1.0})
 _register_divergence('akl', logit.akl, {'head_threshold': 0.5, 'temperature': 1.0})
 _register_divergence('correlation_kd', logit.correlation_kd,
                      {'pearson_weight': 1.0, 'spearman_weight': 1.0, 'temperature': 1.0,
-                      'rank_temperature': 1.0})
+                      'regularization_strength': 1.0})
 # nn.MSELoss over batch and classes: the per-example class sums divided by C.
 _register_divergence('mse_logits', logit.mse_logits, {}, scale=lambda num_classes: 1.0 / num_classes)
 # DIST correlates each class over the batch: one scalar for the whole batch.

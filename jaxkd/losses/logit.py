@@ -656,8 +656,8 @@ def _isotonic_decreasing_solution(y: Array) -> Array:
   # sums[..., k, l] = y_k + ... + y_l, accumulated from k: no prefix-sum cancellation.
   sums = jnp.cumsum(jnp.where(first_le_last, y[..., None, :], 0.0), axis=-1)
   means = jnp.where(first_le_last, sums / (index[None, :] - index[:, None] + 1), -jnp.inf)
-  # v_i = min_{k <= i} max_{l >= i} mean(y_k..y_l) (Barlow et al. 1972, the max-min formula
-  # written for decreasing fits).
+  # v_i = min_{k <= i} max_{l >= i} mean(y_k..y_l): the min-max formula of isotonic
+  # regression (Barlow et al. 1972), written for decreasing fits.
   best_last = jax.lax.cummax(means, axis=means.ndim - 1, reverse=True)
   return jnp.min(jnp.where(first_le_last, best_last, jnp.inf), axis=-2)
 
