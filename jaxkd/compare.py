@@ -60,22 +60,22 @@ def _num_params(model_name: str, kwargs, num_classes: int) -> int:
   return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract_model, nnx.Param)))
 
 
-def _mean_std(values, sign: str = "") -> str:
+def _mean_std(values, sign: str = "", digits: int = 2) -> str:
   """`mean ± sample std` (ddof = 1), or the value alone for a single run; `sign='+'` marks
   positive means."""
   values = np.asarray(values, np.float64)
   if len(values) == 1:
-    return f"{values[0]:{sign}.2f}"
-  return f"{values.mean():{sign}.2f} ± {values.std(ddof=1):.2f}"
+    return f"{values[0]:{sign}.{digits}f}"
+  return f"{values.mean():{sign}.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
 def results_table(summary: dict) -> str:
-  """Markdown table of a `run` summary: accuracies in %, KL in nats per test example."""
+  """Markdown table of a `run` summary: accuracies in %, KL at T = 1 in nats per test example."""
   teacher = summary["teacher"]
   num_seeds = len(summary["runs"]["scratch"])
   seeds = f"{num_seeds} seed{'s' if num_seeds > 1 else ''}"
   lines = [
-      f"| model | parameters | top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |",
+      "| model | parameters | top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |",
       "|---|---|---|---|---|",
       f"| teacher `{teacher['model']}` | {teacher['parameters']:,} | "
       f"{100 * teacher['accuracy']:.2f} | — | — |",
@@ -88,7 +88,7 @@ def results_table(summary: dict) -> str:
         f"{summary['student']['parameters']:,} | "
         f"{_mean_std([100 * r['accuracy'] for r in runs])} | "
         f"{_mean_std([100 * r['agreement'] for r in runs])} | "
-        f"{_mean_std([r['kl'] for r in runs])} |")
+        f"{_mean_std([r['kl'] for r in runs], digits=3)} |")
   gain = [100 * (kd["accuracy"] - scratch["accuracy"])
           for kd, scratch in zip(summary["runs"]["kd"], summary["runs"]["scratch"])]
   lines.append(f"| KD − scratch, paired by seed | | {_mean_std(gain, sign='+')} | | |")

@@ -219,7 +219,7 @@ def make_train_step(*, student: nnx.Module, teacher: nnx.Module | Sequence[nnx.M
                     method: distill.Method, optimizer: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, augment: Augment | None = None,
                     ensemble: EnsembleRule = 'mean_logits', population_size: int | None = None,
-                    donate: bool = True):
+                    population_chunk: int | None = None, donate: bool = True):
   """Compiles ``train_step(state, teacher_state, batch) -> (state, metrics)``.
 
   Args:
@@ -235,6 +235,12 @@ def make_train_step(*, student: nnx.Module, teacher: nnx.Module | Sequence[nnx.M
     ensemble: how an ensemble's outputs combine (`combine_teachers`).
     population_size: if set, the state is a stacked population (`jaxkd.population`): the student
       update is vmapped over its leading axis; the teacher forward and the view are shared.
+    population_chunk: members updated together: ``None`` vmaps all of them at once;
+      ``k`` runs ``jax.lax.map(update, state, batch_size=k)``, a loop over chunks of ``k``
+      vmapped members inside the one compiled step. Vmapping a convolution over stacked kernels
+      makes it a grouped convolution, which XLA's CPU backend runs slowly; ``k=1`` keeps the
+      student convolutions as they are and still shares the teacher forward (see
+      BENCHMARKS.md). Same results either way.
     donate: donate the state buffers (off only for tests that reuse an input state).
 
   Returns:
@@ -305,7 +311,11 @@ def make_train_step(*, student: nnx.Module, teacher: nnx.Module | Sequence[nnx.M
         raise ValueError('the method needs a teacher: pass teacher= or a batch with cached teacher '
                          'logits (jaxkd.teacher_cache); a cache holds no features')
     update = lambda s: student_update(s, images, batch, teacher_logits, teacher_features)
-    return jax.vmap(update)(state) if population_size else update(state)
+    if not population_size:
+      return update(state)
+    if population_chunk is None:
+      return jax.vmap(update)(state)
+    return jax.lax.map(update, state, batch_size=population_chunk)
 
   state_sharding, teacher_sharding, batch_sharding, metrics_sharding = _shardings(
       mesh, student, method, optimizer, teacher, population_size)

@@ -2,7 +2,9 @@
 
 The torch classes below transcribe RepDistiller (models/util.py ConvReg, distiller_zoo/VID.py
 VIDLoss, crd/criterion.py Embed) and mdistiller (distillers/ReviewKD.py ABF and the ABF chain of
-ReviewKD.forward_train); weights are copied into ours (NHWC) and outputs compared.
+ReviewKD.forward_train). Their state dicts load into ours by the models' mechanical name mapping
+(our variable paths are their keys); outputs are compared, and for BatchNorm the running statistics
+after a training step and the eval-mode outputs that follow.
 """
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from flax import nnx
 
 from jaxkd.distill import adapters
 from jaxkd.losses import feature
+from jaxkd.models import torch_import
 
 torch = pytest.importorskip('torch')
 nn, F = torch.nn, torch.nn.functional
@@ -45,24 +48,35 @@ def _apply(module, *args, **kwargs):
   return nnx.jit(lambda m, *a: m(*a, **kwargs))(module, *args)
 
 
-def _copy_conv(ours, theirs):
-  """torch Conv2d / ConvTranspose2d weight -> Flax kernel (both: permute(2, 3, 1, 0))."""
-  ours.kernel[...] = jnp.asarray(theirs.weight.detach().permute(2, 3, 1, 0).numpy())
-  if theirs.bias is not None:
-    ours.bias[...] = jnp.asarray(theirs.bias.detach().numpy())
+def _load(ours, theirs):
+  """Copies the torch module's state dict into ours (paths = torch keys, kernels to HWIO).
+
+  The tensors are cloned first: on CPU the converted arrays can share the tensors' memory, and
+  torch then updates its running statistics in place, under our arrays.
+  """
+  state_dict = {key: tensor.detach().clone() for key, tensor in theirs.state_dict().items()}
+  nnx.update(ours, torch_import.convert_state_dict(ours, state_dict))
 
 
-def _copy_bn(ours, theirs, seed):
-  """Random affine parameters and running statistics, copied to both."""
-  channels = theirs.num_features
-  values = [_normal(seed, (channels,)), _normal(seed + 1, (channels,)),
-            _normal(seed + 2, (channels,)), np.abs(_normal(seed + 3, (channels,))) + 0.5]
+def _randomize_batch_norms(theirs, seed):
+  """Random affine parameters and running statistics in every BatchNorm of the torch module."""
+  batch_norms = [m for m in theirs.modules() if isinstance(m, nn.BatchNorm2d)]
   with torch.no_grad():
-    for tensor, value in zip((theirs.weight, theirs.bias, theirs.running_mean, theirs.running_var),
-                             values):
-      tensor.copy_(torch.tensor(value))
-  for variable, value in zip((ours.scale, ours.bias, ours.mean, ours.var), values):
-    variable[...] = jnp.asarray(value)
+    for index, bn in enumerate(batch_norms):
+      shape, seed_bn = (bn.num_features,), seed + 10 * index
+      bn.weight.copy_(torch.tensor(_normal(seed_bn, shape)))
+      bn.bias.copy_(torch.tensor(_normal(seed_bn + 1, shape)))
+      bn.running_mean.copy_(torch.tensor(_normal(seed_bn + 2, shape)))
+      bn.running_var.copy_(torch.tensor(np.abs(_normal(seed_bn + 3, shape)) + 0.5))
+
+
+def _assert_state_matches(ours, theirs):
+  """Every parameter and BatchNorm statistic of ours equals the torch module's."""
+  expected = nnx.to_flat_state(torch_import.convert_state_dict(ours, theirs.state_dict()))
+  actual = dict(nnx.to_flat_state(nnx.state(ours, (nnx.Param, nnx.BatchStat))))
+  for path, variable in expected:
+    np.testing.assert_allclose(actual[path][...], variable[...], rtol=RTOL, atol=ATOL,
+                               err_msg=torch_import.torch_key(path))
 
 
 class TorchConvReg(nn.Module):
@@ -131,22 +145,64 @@ class TorchABF(nn.Module):
     return self.conv2(x), x
 
 
-@pytest.mark.parametrize('student_hw,teacher_hw', [(8, 4), (4, 8), (6, 4), (4, 4)])
-@pytest.mark.parametrize('train', [True, False])
-def test_conv_reg_matches_repdistiller(student_hw, teacher_hw, train):
-  student_shape, teacher_shape = (2, student_hw, student_hw, 3), (2, teacher_hw, teacher_hw, 5)
+class TorchReviewKDFusion(nn.Module):
+  """mdistiller distillers/ReviewKD.py ReviewKD: its `abfs` (deepest first) and the ABF chain of
+  forward_train, on student features listed shallow → deep as ours."""
+
+  def __init__(self, in_channels, out_channels, shapes, out_shapes):
+    super().__init__()
+    self.shapes, self.out_shapes = shapes, out_shapes
+    abfs = nn.ModuleList()
+    mid_channel = min(512, in_channels[-1])
+    for idx, in_channel in enumerate(in_channels):
+      abfs.append(TorchABF(in_channel, mid_channel, out_channels[idx], idx < len(in_channels) - 1))
+    self.abfs = abfs[::-1]
+
+  def forward(self, features):
+    x = features[::-1]
+    results = []
+    out_features, res_features = self.abfs[0](x[0], out_shape=self.out_shapes[0])
+    results.append(out_features)
+    for features, abf, shape, out_shape in zip(x[1:], self.abfs[1:], self.shapes[1:],
+                                               self.out_shapes[1:]):
+      out_features, res_features = abf(features, res_features, shape, out_shape)
+      results.insert(0, out_features)
+    return results
+
+
+@pytest.mark.parametrize('student_hw,teacher_hw', [
+    ((8, 8), (4, 4)), ((4, 4), (8, 8)), ((6, 6), (4, 4)), ((4, 4), (4, 4)),
+    ((6, 5), (4, 4))])  # The last: a rectangular 3×2 kernel.
+def test_conv_reg_matches_repdistiller(student_hw, teacher_hw):
+  """A training step (output, then every parameter and running statistic), then eval mode."""
+  student_shape, teacher_shape = (2, *student_hw, 3), (2, *teacher_hw, 5)
   ours = _create(adapters.ConvReg, student_shape, teacher_shape)
-  theirs = TorchConvReg((2, 3, student_hw, student_hw), (2, 5, teacher_hw, teacher_hw))
-  _copy_conv(ours.conv, theirs.conv)
-  _copy_bn(ours.bn, theirs.bn, seed=10)
-  theirs.train(train)
-  x = _normal(0, student_shape)
-  np.testing.assert_allclose(_apply(ours, jnp.asarray(x), train=train),
-                             _to_nhwc(theirs(_to_nchw(x))),
-                             rtol=RTOL, atol=ATOL)
-  if train:  # the batch mean enters the running average with torch's momentum 0.1
-    np.testing.assert_allclose(ours.bn.mean[...], theirs.bn.running_mean.numpy(), rtol=RTOL,
+  theirs = TorchConvReg((2, 3, *student_hw), (2, 5, *teacher_hw))
+  _randomize_batch_norms(theirs, seed=10)
+  _load(ours, theirs)
+  for step, train in enumerate((True, False)):
+    x = _normal(step, student_shape)
+    theirs.train(train)
+    with torch.no_grad():
+      expected = _to_nhwc(theirs(_to_nchw(x)))
+    np.testing.assert_allclose(_apply(ours, jnp.asarray(x), train=train), expected, rtol=RTOL,
                                atol=ATOL)
+    _assert_state_matches(ours, theirs)
+
+
+def test_running_variance_takes_the_unbiased_batch_variance():
+  """torch's update, running ← 0.9·running + 0.1·n/(n−1)·σ², not Flax's biased one.
+
+  1×1 output maps and a batch of 2 give n = 2 per channel, so the two updates differ by 2×.
+  """
+  regressor = _create(adapters.ConvReg, (2, 2, 2, 3), (2, 1, 1, 4))
+  student = jnp.asarray(_normal(0, (2, 2, 2, 3)))
+  bn_input = np.asarray(_apply(regressor.conv, student), np.float64).reshape(-1, 4)
+  _apply(regressor, student, train=True)
+  np.testing.assert_allclose(regressor.bn.var[...], 0.9 + 0.1 * bn_input.var(0, ddof=1),
+                             rtol=RTOL)
+  np.testing.assert_allclose(regressor.bn.mean[...], 0.1 * bn_input.mean(0), rtol=RTOL,
+                             atol=ATOL)
 
 
 def test_conv_reg_rejects_unsupported_sizes():
@@ -159,8 +215,7 @@ def test_vid_regressor_and_loss_match_repdistiller(student_hw, teacher_hw):
   ours = _create(adapters.VIDRegressor, 3, 6, 6)
   theirs = TorchVIDLoss(3, 6, 6)
   np.testing.assert_allclose(ours.log_scale[...], theirs.log_scale.detach().numpy(), rtol=RTOL)
-  for our_conv, index in zip((ours.conv1, ours.conv2, ours.conv3), (0, 2, 4)):
-    _copy_conv(our_conv, theirs.regressor[index])
+  _load(ours, theirs)
   x, target = _normal(0, (2, student_hw, student_hw, 3)), _normal(1, (2, teacher_hw, teacher_hw, 6))
 
   @nnx.jit
@@ -176,18 +231,29 @@ def test_vid_regressor_initial_variance():
   np.testing.assert_allclose(jax.nn.softplus(regressor.log_scale[...]) + 1e-5, 5.0, rtol=1e-6)
 
 
+class TorchEmbed(nn.Module):
+  """RepDistiller crd/criterion.py Embed (normalize=False: models/util.py LinearEmbed)."""
+
+  def __init__(self, dim_in, dim_out, normalize):
+    super().__init__()
+    self.linear = nn.Linear(dim_in, dim_out)
+    self.normalize = normalize
+
+  def forward(self, x):
+    x = self.linear(x.view(x.shape[0], -1))
+    if self.normalize:  # RepDistiller Normalize(2): x / ‖x‖₂
+      x = x / x.pow(2).sum(1, keepdim=True).pow(0.5)
+    return x
+
+
 @pytest.mark.parametrize('normalize', [True, False])
 def test_embed_matches_repdistiller(normalize):
   ours = _create(adapters.Embed, 10, 4, normalize=normalize)
-  theirs = nn.Linear(10, 4)
-  ours.linear.kernel[...] = jnp.asarray(theirs.weight.detach().numpy().T)
-  ours.linear.bias[...] = jnp.asarray(theirs.bias.detach().numpy())
+  theirs = TorchEmbed(10, 4, normalize)
+  _load(ours, theirs)
   x = _normal(0, (3, 10))
-  expected = theirs(torch.tensor(x))
-  if normalize:  # RepDistiller Normalize(2): x / ‖x‖₂
-    expected = expected / expected.pow(2).sum(1, keepdim=True).pow(0.5)
-  np.testing.assert_allclose(_apply(ours, jnp.asarray(x)), expected.detach().numpy(), rtol=RTOL,
-                             atol=ATOL)
+  np.testing.assert_allclose(_apply(ours, jnp.asarray(x)), theirs(torch.tensor(x)).detach().numpy(),
+                             rtol=RTOL, atol=ATOL)
   assert _apply(ours, jnp.asarray(_normal(1, (3, 2, 5)))).shape == (3, 4)  # flattens per sample
 
 
@@ -209,37 +275,32 @@ def test_torch_default_init_bounds():
   assert np.abs(np.asarray(reg.conv.bias[...])).max() <= bound
   abf = _create(adapters.ABF, 16, 32, 8, fuse=False)
   bound = np.sqrt(3 / 16)
-  kernel = np.asarray(abf.conv1.kernel[...])
+  kernel = np.asarray(abf.conv1[0].kernel[...])
   assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
 
 
 def test_review_kd_fusion_matches_mdistiller():
-  """Three levels (8×8, 4×4, pooled 1×1), student channels (4, 8, 8) -> teacher (6, 10, 12)."""
+  """Three levels (8×8, 4×4, pooled 1×1), student channels (4, 8, 8) -> teacher (6, 10, 12).
+
+  A training step (outputs, then every parameter and running statistic: the pooled level's BN
+  sees n = 2 values per channel, where the unbiased update doubles the biased one), then eval.
+  """
   in_channels, out_channels, out_sizes = [4, 8, 8], [6, 10, 12], [8, 4, 1]
   ours = _create(adapters.ReviewKDFusion, in_channels, out_channels, out_sizes)
-  mid = min(512, in_channels[-1])
-  theirs = [TorchABF(c_in, mid, c_out, level < 2)
-            for level, (c_in, c_out) in enumerate(zip(in_channels, out_channels))]
-  for level, (block, reference) in enumerate(zip(ours.blocks, theirs)):
-    _copy_conv(block.conv1, reference.conv1[0])
-    _copy_conv(block.conv2, reference.conv2[0])
-    _copy_bn(block.bn1, reference.conv1[1], seed=10 * level)
-    _copy_bn(block.bn2, reference.conv2[1], seed=10 * level + 5)
-    if reference.att_conv is not None:
-      _copy_conv(block.att_conv, reference.att_conv[0])
-  features = [_normal(0, (2, 8, 8, 4)), _normal(1, (2, 4, 4, 8)), _normal(2, (2, 1, 1, 8))]
-  # mdistiller forward_train: levels deepest first, shapes = each input's size.
-  x = [_to_nchw(f) for f in features][::-1]
-  shapes, outs = [1, 4, 8], out_sizes[::-1]
-  expected = []
-  out, residual = theirs[2](x[0], out_shape=outs[0])
-  expected.append(out)
-  for feat, abf, shape, out_shape in zip(x[1:], theirs[::-1][1:], shapes[1:], outs[1:]):
-    out, residual = abf(feat, residual, shape, out_shape)
-    expected.insert(0, out)
-  results = _apply(ours, [jnp.asarray(f) for f in features], train=True)
-  for result, reference in zip(results, expected):
-    np.testing.assert_allclose(result, _to_nhwc(reference), rtol=RTOL, atol=ATOL)
+  # mdistiller's SHAPES are the inputs' sizes and OUT_SHAPES the teacher's, both deepest first.
+  theirs = TorchReviewKDFusion(in_channels, out_channels, [1, 4, 8], out_sizes[::-1])
+  _randomize_batch_norms(theirs, seed=10)
+  _load(ours, theirs)
+  shapes = [(2, 8, 8, 4), (2, 4, 4, 8), (2, 1, 1, 8)]
+  for step, train in enumerate((True, False)):
+    features = [_normal(10 * step + level, shape) for level, shape in enumerate(shapes)]
+    theirs.train(train)
+    with torch.no_grad():
+      expected = theirs([_to_nchw(f) for f in features])
+    results = _apply(ours, [jnp.asarray(f) for f in features], train=train)
+    for result, reference in zip(results, expected):
+      np.testing.assert_allclose(result, _to_nhwc(reference), rtol=RTOL, atol=ATOL)
+    _assert_state_matches(ours, theirs)
 
 
 def test_adapters_train_under_nnx_jit():

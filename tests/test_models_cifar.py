@@ -72,6 +72,15 @@ def _abstract(name, **kwargs):
   return nnx.eval_shape(lambda: models.create(name, **kwargs))
 
 
+@functools.cache
+def _shared_abstract(name):
+  """`create(name, dtype=bfloat16)` (100 classes, float32 params), built abstractly once per name
+  and shared by the tests that only read it: building traces every initialiser, a second or more
+  for the deeper models. Shapes do not depend on the compute dtype, so the shape tests also check
+  that every layer of every model computes in the requested dtype."""
+  return _abstract(name, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+
+
 def _abstract_forward(model, batch_shape=(2, 32, 32, 3), **call_kwargs):
   images = jax.ShapeDtypeStruct(batch_shape, jnp.float32)
   return nnx.eval_shape(lambda m, x: m(x, **call_kwargs), model, images)
@@ -79,8 +88,14 @@ def _abstract_forward(model, batch_shape=(2, 32, 32, 3), **call_kwargs):
 
 @functools.cache
 def _default_outputs(name):
-  """(logits, features) shapes of `create(name)` on a (2, 32, 32, 3) batch, traced once per name."""
-  return _abstract_forward(_abstract(name), return_features=True)
+  """(logits, features) of `_shared_abstract(name)` on a (2, 32, 32, 3) batch, traced once per name."""
+  return _abstract_forward(_shared_abstract(name), return_features=True)
+
+
+@nnx.jit(static_argnames="train")
+def _forward(model, images, train=False):
+  """The one jitted forward of this file: each (model structure, train) compiles once."""
+  return model(images, train=train, return_features=True)
 
 
 def _with_weights(model, seed=0):
@@ -109,8 +124,9 @@ def _images(batch=2):
 
 @pytest.mark.parametrize("name, expected", sorted(REFERENCE_PARAMETER_COUNTS.items()))
 def test_parameter_count_matches_reference(name, expected):
-  params = nnx.state(_abstract(name, num_classes=100), nnx.Param)
-  assert sum(leaf.size for leaf in jax.tree.leaves(params)) == expected
+  params = jax.tree.leaves(nnx.state(_shared_abstract(name), nnx.Param))  # 100 classes: default
+  assert sum(leaf.size for leaf in params) == expected
+  assert {leaf.dtype for leaf in params} == {np.dtype("float32")}
 
 
 @pytest.mark.parametrize("name", CIFAR_MODELS)
@@ -121,12 +137,13 @@ def test_logits_and_feature_names(name):
   expected = {"stem", "pooled"} | {f"stage{k}" for k in stages} | {
       f"preact_stage{k}" for k in stages}
   assert set(features) == expected
+  assert {value.dtype for value in features.values()} == {np.dtype(jnp.bfloat16)}
   for k in stages:
     assert features[f"preact_stage{k}"].shape == features[f"stage{k}"].shape
 
 
 def test_features_are_empty_unless_requested():
-  _, features = _abstract_forward(_abstract("resnet8"))
+  _, features = _abstract_forward(_shared_abstract("resnet8"))
   assert features == {}
 
 
@@ -152,27 +169,33 @@ def test_unknown_name_lists_known_names():
     assert name in str(error.value)
 
 
+def test_unknown_name_suggests_the_names_differing_only_in_case():
+  # mdistiller's CIFAR `ResNet18` and torchvision's ImageNet `resnet18` are both reference names.
+  with pytest.raises(ValueError, match=r"unknown model 'Resnet18' \(did you mean 'ResNet18' or "
+                     r"'resnet18'\?\); known models: .*ShuffleV2"):
+    models.create("Resnet18")
+  with pytest.raises(ValueError, match=r"unknown model 'mobilenetv2' \(did you mean 'MobileNetV2'"
+                     r"\?\)"):
+    models.create("mobilenetv2")
+
+
 def test_jit_matches_eager():
   model = _with_weights(_abstract("resnet8"))
   images = _images()
   eager_logits, eager_features = model(images, return_features=True)
-  jit_logits, jit_features = nnx.jit(lambda m, x: m(x, return_features=True))(model, images)
+  jit_logits, jit_features = _forward(model, images)
   np.testing.assert_allclose(jit_logits, eager_logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(jit_features["preact_stage3"], eager_features["preact_stage3"],
                              rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_compute_with_float32_params():
-  reference = _with_weights(_abstract("wrn_16_1"))
-  model = _abstract("wrn_16_1", dtype=jnp.bfloat16, param_dtype=jnp.float32)
+def test_bfloat16_compute_matches_float32():
+  reference = _with_weights(_abstract("resnet8"))
+  model = _abstract("resnet8", dtype=jnp.bfloat16)
   nnx.update(model, nnx.state(reference))
-  forward = nnx.jit(lambda m, x: m(x, return_features=True))
-  logits, features = forward(model, _images())
-  reference_logits, _ = forward(reference, _images())
-  param_dtypes = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))}
-  assert param_dtypes == {np.dtype("float32")}
-  assert features["stage2"].dtype == jnp.bfloat16
-  assert logits.dtype == jnp.float32
+  logits, features = _forward(model, _images())
+  reference_logits, _ = _forward(reference, _images())
+  assert features["stage2"].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits))
   scale = np.abs(reference_logits).max()
   np.testing.assert_allclose(logits, reference_logits, atol=0.05 * scale)
@@ -181,11 +204,9 @@ def test_bfloat16_compute_with_float32_params():
 def test_train_mode_uses_batch_statistics_and_updates_running_statistics():
   model = _with_weights(_abstract("resnet8"))
   running_mean = np.asarray(model.bn1.mean[...])
-  eval_step = nnx.jit(lambda m, x: m(x, train=False))
-  train_step = nnx.jit(lambda m, x: m(x, train=True))
-  eval_logits, _ = eval_step(model, _images())
+  eval_logits, _ = _forward(model, _images(), train=False)
   np.testing.assert_array_equal(model.bn1.mean[...], running_mean)
-  train_logits, _ = train_step(model, _images())
+  train_logits, _ = _forward(model, _images(), train=True)
   assert not np.allclose(train_logits, eval_logits)
   assert not np.allclose(model.bn1.mean[...], running_mean)
 
@@ -222,7 +243,9 @@ def test_conv2d_padding_is_symmetric_like_torch():
 
 
 def test_initialisers_follow_torch_conventions():
-  keys = jax.random.split(jax.random.key(0), 3)
+  # RngBitGenerator keys: the distributions do not depend on the PRNG, and each eager draw compiles
+  # in about half the time of a threefry draw.
+  keys = jax.random.split(jax.random.key(0, impl="rbg"), 3)
   kernel = layers.kaiming_normal_fan_out(keys[0], (3, 3, 64, 256))
   np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / (3 * 3 * 256)), rtol=0.02)
   weight = layers.torch_default_kernel_init(keys[1], (400, 300))

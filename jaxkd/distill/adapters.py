@@ -4,17 +4,15 @@ They belong to the distillation method, not to the model: FitNet's `ConvReg` reg
 `Embed` heads (and CC's linear ones), VID's `VIDRegressor`, a bias-free `LinearProjection` for
 hidden states of different widths, and ReviewKD's `ABF` blocks chained by `ReviewKDFusion`.
 
-Flax NNX, NHWC. Initialisation reproduces the PyTorch reference: torch's default Conv/Linear
-init (kaiming-uniform with a=√5 on the kernel, uniform ±1/√fan_in on the bias) unless the
-reference overrides it (ReviewKD's ABF convolutions). BatchNorm follows torch's defaults
-(momentum 0.1, i.e. Flax momentum 0.9; eps 1e-5; two-pass variance); modules with BatchNorm take
-`train: bool`. One difference remains: Flax folds the biased batch variance into the running
-variance where torch folds the unbiased one (a factor n/(n−1), n = batch·H·W), so eval-mode
-outputs after training differ slightly; training-mode outputs are identical.
+Flax NNX, NHWC, built from the torch-semantics layers of `jaxkd.models.layers`: torch's default
+Conv/Linear init (kaiming-uniform with a=√5 on the kernel, uniform ±1/√fan_in on the bias) unless
+the reference overrides it (ReviewKD's ABF convolutions), and `BatchNorm2d` as torch's (momentum
+0.1, eps 1e-5, running variance fed the unbiased batch variance), so that outputs match the
+reference in train and in eval mode. Modules with BatchNorm take `train: bool`.
 
-Weight layout when importing torch weights: Conv kernel = torch weight.permute(2, 3, 1, 0);
-ConvTranspose kernel (transpose_kernel=True) = torch weight.permute(2, 3, 1, 0) as well; Linear
-kernel = torch weight.T.
+Each variable's nnx path is the reference module's state-dict key, as for the models
+(`('abfs', 0, 'conv1', 1, 'var')` ↔ `'abfs.0.conv1.1.running_var'`), so reference weights load
+with `jaxkd.models.torch_import.convert_state_dict(adapter, torch_module.state_dict())`.
 """
 from collections.abc import Sequence
 
@@ -24,45 +22,10 @@ import numpy as np
 from flax import nnx
 
 from jaxkd.losses.feature import adaptive_avg_pool2d, l2_normalize
+from jaxkd.models import layers
 
-# torch's default kaiming_uniform_(a=√5) gives bound 1/√fan_in, i.e. variance 1/(3·fan_in).
-_torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-# kaiming_uniform_(a=1), used by ReviewKD's ABF: bound √(3/fan_in), i.e. variance 1/fan_in.
+# kaiming_uniform_(a=1), used by ReviewKD's ABF: gain² = 2 / (1 + a²) = 1, bound √(3/fan_in).
 _kaiming_uniform_a1 = nnx.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
-
-
-def _torch_default_bias_init(fan_in: int):
-  """torch's default bias init for Conv/Linear: uniform in ±1/√fan_in."""
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
-def _batch_norm(num_features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  """torch.nn.BatchNorm2d defaults: running-average momentum 0.1, eps 1e-5.
-
-  Two-pass variance: Flax's default E[x²] − E[x]² loses digits on small batches (1×1 maps).
-  """
-  return nnx.BatchNorm(num_features, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
-                       rngs=rngs)
-
-
-def _conv(in_channels: int, out_channels: int, kernel_size: tuple[int, int], *, rngs: nnx.Rngs,
-          strides: int = 1, padding='VALID', use_bias: bool = True,
-          kernel_init=_torch_default_kernel_init) -> nnx.Conv:
-  fan_in = in_channels * kernel_size[0] * kernel_size[1]
-  return nnx.Conv(in_channels, out_channels, kernel_size, strides=strides, padding=padding,
-                  use_bias=use_bias, kernel_init=kernel_init,
-                  bias_init=_torch_default_bias_init(fan_in), rngs=rngs)
-
-
-def _linear(in_features: int, out_features: int, *, rngs: nnx.Rngs,
-            use_bias: bool = True) -> nnx.Linear:
-  return nnx.Linear(in_features, out_features, use_bias=use_bias,
-                    kernel_init=_torch_default_kernel_init,
-                    bias_init=_torch_default_bias_init(in_features), rngs=rngs)
 
 
 class ConvReg(nnx.Module):
@@ -71,6 +34,7 @@ class ConvReg(nnx.Module):
   RepDistiller `models/util.py` ConvReg (= mdistiller `distillers/_common.py`), chosen by heights:
   H_s = 2 H_t: 3×3 conv, stride 2, padding 1; 2 H_s = H_t: 4×4 transposed conv, stride 2,
   padding 1; H_s ≥ H_t: a (1 + H_s − H_t) × (1 + W_s − W_t) valid conv; otherwise an error.
+  Variables `conv`, `bn` as the reference's.
 
   Args:
     student_shape: NHWC shape of the student feature (the batch entry is ignored).
@@ -83,26 +47,30 @@ class ConvReg(nnx.Module):
     student_h, student_w, student_c = student_shape[-3:]
     teacher_h, teacher_w, teacher_c = teacher_shape[-3:]
     if student_h == 2 * teacher_h:
-      self.conv = _conv(student_c, teacher_c, (3, 3), strides=2, padding=((1, 1), (1, 1)),
-                        rngs=rngs)
+      self.conv = layers.conv2d(student_c, teacher_c, 3, stride=2, padding=1, rngs=rngs)
     elif 2 * student_h == teacher_h:
       # torch ConvTranspose2d(k=4, s=2, p=1) pads the dilated input by k − 1 − p = 2 per side;
       # its fan_in (torch counts weight.size(1) = out channels) is the Flax kernel's axis −2.
       self.conv = nnx.ConvTranspose(
           student_c, teacher_c, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-          transpose_kernel=True, kernel_init=_torch_default_kernel_init,
-          bias_init=_torch_default_bias_init(teacher_c * 16), rngs=rngs)
+          transpose_kernel=True, kernel_init=layers.torch_default_kernel_init,
+          bias_init=layers.torch_default_bias_init(teacher_c * 16), rngs=rngs)
     elif student_h >= teacher_h:
+      # Rectangular when the height and width gaps differ, which `layers.conv2d` does not take.
       kernel_size = (1 + student_h - teacher_h, 1 + student_w - teacher_w)
-      self.conv = _conv(student_c, teacher_c, kernel_size, rngs=rngs)
+      self.conv = nnx.Conv(
+          student_c, teacher_c, kernel_size, padding='VALID',
+          kernel_init=layers.torch_default_kernel_init,
+          bias_init=layers.torch_default_bias_init(student_c * kernel_size[0] * kernel_size[1]),
+          rngs=rngs)
     else:
       raise ValueError(f'ConvReg: no regressor from student size {student_h} to teacher size '
                        f'{teacher_h} (as RepDistiller).')
-    self.bn = _batch_norm(teacher_c, rngs)
+    self.bn = layers.BatchNorm2d(teacher_c)
     self.use_relu = use_relu
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = self.bn(self.conv(x), use_running_average=not train)
+    x = self.bn(self.conv(x), train)
     return nnx.relu(x) if self.use_relu else x
 
 
@@ -110,13 +78,14 @@ class Embed(nnx.Module):
   """Linear head, L2-normalised: CRD's `Embed` (with normalize=False, CC's `LinearEmbed`).
 
   RepDistiller `crd/criterion.py` Embed / `models/util.py` LinearEmbed: flatten per sample,
-  linear with bias, then `x / ‖x‖₂` (floored at 1e-12 here, which only matters for zero vectors).
-  Flattening NHWC differs from NCHW in order; it only matters when importing torch weights for a
-  spatial input (the references embed pooled [B, C] features, where it does not).
+  linear with bias (variable `linear`), then `x / ‖x‖₂` (floored at 1e-12 here, which only matters
+  for zero vectors). Flattening NHWC differs from NCHW in order; it only matters when importing
+  torch weights for a spatial input (the references embed pooled [B, C] features, where it does
+  not).
   """
 
   def __init__(self, dim_in: int, dim_out: int = 128, *, normalize: bool = True, rngs: nnx.Rngs):
-    self.linear = _linear(dim_in, dim_out, rngs=rngs)
+    self.linear = layers.linear(dim_in, dim_out, rngs=rngs)
     self.normalize = normalize
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -132,7 +101,7 @@ class LinearProjection(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
-    self.linear = _linear(in_features, out_features, use_bias=False, rngs=rngs)
+    self.linear = layers.linear(in_features, out_features, bias=False, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.linear(x)
@@ -142,17 +111,18 @@ class VIDRegressor(nnx.Module):
   """VID's mean regressor and per-channel variance parameter.
 
   RepDistiller `distiller_zoo/VID.py` VIDLoss (RepDistiller builds it with
-  mid_channels = out_channels = the teacher's channels): 1×1 conv → ReLU → 1×1 conv → ReLU →
-  1×1 conv, all bias-free, and `log_scale` = softplus⁻¹(init_pred_var − eps) per output channel,
-  so that the initial variance softplus(log_scale) + eps equals init_pred_var. Feed
+  mid_channels = out_channels = the teacher's channels): `regressor` = 1×1 conv → ReLU → 1×1 conv
+  → ReLU → 1×1 conv, all bias-free, and `log_scale` = softplus⁻¹(init_pred_var − eps) per output
+  channel, so that the initial variance softplus(log_scale) + eps equals init_pred_var. Feed
   `(self(x), target, self.log_scale)` to `jaxkd.losses.feature.vid`.
   """
 
   def __init__(self, in_channels: int, mid_channels: int, out_channels: int, *,
                init_pred_var: float = 5.0, eps: float = 1e-5, rngs: nnx.Rngs):
-    self.conv1 = _conv(in_channels, mid_channels, (1, 1), use_bias=False, rngs=rngs)
-    self.conv2 = _conv(mid_channels, mid_channels, (1, 1), use_bias=False, rngs=rngs)
-    self.conv3 = _conv(mid_channels, out_channels, (1, 1), use_bias=False, rngs=rngs)
+    self.regressor = nnx.List([
+        layers.conv2d(in_channels, mid_channels, 1, bias=False, rngs=rngs), nnx.relu,
+        layers.conv2d(mid_channels, mid_channels, 1, bias=False, rngs=rngs), nnx.relu,
+        layers.conv2d(mid_channels, out_channels, 1, bias=False, rngs=rngs)])
     inverse_softplus = float(np.log(np.expm1(init_pred_var - eps)))
     self.log_scale = nnx.Param(jnp.full((out_channels,), inverse_softplus, jnp.float32))
 
@@ -161,7 +131,7 @@ class VIDRegressor(nnx.Module):
     adaptive-average-pooled to it, as the reference does before its regressor."""
     if output_size is not None and x.shape[1] > output_size[0]:
       x = adaptive_avg_pool2d(x, output_size)
-    return self.conv3(nnx.relu(self.conv2(nnx.relu(self.conv1(x)))))
+    return layers.sequential(self.regressor, x, train=False)  # No BatchNorm: `train` is unused.
 
 
 def _resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -179,39 +149,43 @@ class ABF(nnx.Module):
   x ← x·a₀ + y·a₁; x is nearest-resized to `out_size` if needed; returns (BN(conv3×3(x)), x),
   the second being the residual for the next (shallower) block. The two main convolutions use
   kaiming_uniform(a=1) as the reference; the attention conv keeps torch's default init.
+  Variables as the reference's `nn.Sequential`s: `conv1` = [conv, BN], `conv2` = [conv, BN],
+  `att_conv` = [conv, sigmoid] (None without `fuse`).
   """
 
   def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool, *,
                rngs: nnx.Rngs):
-    self.conv1 = _conv(in_channels, mid_channels, (1, 1), use_bias=False,
-                       kernel_init=_kaiming_uniform_a1, rngs=rngs)
-    self.bn1 = _batch_norm(mid_channels, rngs)
-    self.conv2 = _conv(mid_channels, out_channels, (3, 3), padding=((1, 1), (1, 1)),
-                       use_bias=False, kernel_init=_kaiming_uniform_a1, rngs=rngs)
-    self.bn2 = _batch_norm(out_channels, rngs)
-    self.att_conv = _conv(2 * mid_channels, 2, (1, 1), rngs=rngs) if fuse else None
+    conv_args = dict(bias=False, kernel_init=_kaiming_uniform_a1, rngs=rngs)
+    self.conv1 = nnx.List([layers.conv2d(in_channels, mid_channels, 1, **conv_args),
+                           layers.BatchNorm2d(mid_channels)])
+    self.conv2 = nnx.List([layers.conv2d(mid_channels, out_channels, 3, padding=1, **conv_args),
+                           layers.BatchNorm2d(out_channels)])
+    self.att_conv = (nnx.List([layers.conv2d(2 * mid_channels, 2, 1, rngs=rngs), nnx.sigmoid])
+                     if fuse else None)
 
   def __call__(self, x: jax.Array, residual: jax.Array | None = None,
                out_size: tuple[int, int] | None = None, *,
                train: bool) -> tuple[jax.Array, jax.Array]:
-    x = self.bn1(self.conv1(x), use_running_average=not train)
+    x = layers.sequential(self.conv1, x, train=train)
     if self.att_conv is not None:
       residual = _resize_nearest(residual, x.shape[1:3])
-      attention = nnx.sigmoid(self.att_conv(jnp.concatenate([x, residual], axis=-1)))
+      attention = layers.sequential(self.att_conv, jnp.concatenate([x, residual], axis=-1),
+                                    train=train)
       x = x * attention[..., 0:1] + residual * attention[..., 1:2]
     if out_size is not None and tuple(x.shape[1:3]) != tuple(out_size):
       x = _resize_nearest(x, out_size)
-    return self.bn2(self.conv2(x), use_running_average=not train), x
+    return layers.sequential(self.conv2, x, train=train), x
 
 
 class ReviewKDFusion(nnx.Module):
   """ReviewKD's student-side review module: ABF blocks fused from the deepest level up.
 
-  mdistiller `distillers/ReviewKD.py` ReviewKD (the ABF chain of forward_train). All lists run
-  from shallow to deep, the last level being the pooled feature as a [B, 1, 1, C] map.
-  mid channels = min(max_mid_channels, in_channels[-1]); the deepest block does not fuse.
-  `out_sizes` is mdistiller's OUT_SHAPES reversed (mdistiller lists it deepest first); its
-  SHAPES are the inputs' own sizes, read from the arrays here.
+  mdistiller `distillers/ReviewKD.py` ReviewKD (the ABF chain of forward_train). All arguments and
+  the inputs and outputs run from shallow to deep, the last level being the pooled feature as a
+  [B, 1, 1, C] map; `abfs` holds the blocks deepest first, as mdistiller's (`abfs[::-1]`), so that
+  `abfs.0` is the same block on both sides. mid channels = min(max_mid_channels, in_channels[-1]);
+  the deepest block does not fuse. `out_sizes` is mdistiller's OUT_SHAPES reversed (mdistiller
+  lists it deepest first); its SHAPES are the inputs' own sizes, read from the arrays here.
 
   Args:
     in_channels: student channels per level (mdistiller IN_CHANNELS).
@@ -226,16 +200,16 @@ class ReviewKDFusion(nnx.Module):
       raise ValueError('ReviewKDFusion: in_channels, out_channels and out_sizes need one entry '
                        'per level.')
     mid_channels = min(max_mid_channels, in_channels[-1])
-    self.blocks = nnx.List([
-        ABF(c_in, mid_channels, c_out, level < len(in_channels) - 1, rngs=rngs)
-        for level, (c_in, c_out) in enumerate(zip(in_channels, out_channels))])
+    blocks = [ABF(c_in, mid_channels, c_out, level < len(in_channels) - 1, rngs=rngs)
+              for level, (c_in, c_out) in enumerate(zip(in_channels, out_channels))]
+    self.abfs = nnx.List(blocks[::-1])
     self.out_sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in out_sizes]
 
   def __call__(self, student_features: Sequence[jax.Array], train: bool) -> list[jax.Array]:
     """Student features shallow → deep; returns the fused maps shallow → deep (for `review_hcl`)."""
     outputs, residual = [], None
-    for level in reversed(range(len(self.blocks))):
-      output, residual = self.blocks[level](student_features[level], residual,
-                                            self.out_sizes[level], train=train)
+    for abf, student_feature, out_size in zip(self.abfs, student_features[::-1],
+                                              self.out_sizes[::-1]):
+      output, residual = abf(student_feature, residual, out_size, train=train)
       outputs.insert(0, output)
     return outputs

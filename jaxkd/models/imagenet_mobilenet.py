@@ -30,17 +30,6 @@ from jaxkd.models import layers
 from jaxkd.models.registry import register
 
 
-def _apply(sequence, x, *, train: bool):
-  """`layers.sequential` over torch Sequentials nested inside Sequentials (torchvision's
-  Conv2dNormActivation blocks inside InvertedResidual.conv)."""
-  for layer in sequence:
-    if isinstance(layer, nnx.List):
-      x = _apply(layer, x, train=train)
-    else:
-      x = layers.sequential([layer], x, train=train)
-  return x
-
-
 class MobileNetV1(nnx.Module):
   """mdistiller's ImageNet MobileNetV1 (1024-wide, 1000 classes by default)."""
 
@@ -115,7 +104,7 @@ class InvertedResidual(nnx.Module):
         layers.BatchNorm2d(out_channels, dtype=dtype, param_dtype=param_dtype)])
 
   def __call__(self, x, train: bool = False):
-    out = _apply(self.conv, x, train=train)
+    out = layers.sequential(self.conv, x, train=train)
     return x + out if self.use_residual else out
 
 
@@ -151,7 +140,7 @@ class MobileNetV2(nnx.Module):
 
   def __call__(self, x, train: bool = False, return_features: bool = False):
     collect = layers.FeatureCollector(return_features)
-    x = _apply(self.features[0], x, train=train)
+    x = layers.sequential(self.features[0], x, train=train)
     collect("stem", x)
     for index in range(1, len(self.features) - 1):
       x = self.features[index](x, train)
@@ -159,7 +148,7 @@ class MobileNetV2(nnx.Module):
         stage = self._STAGE_ENDS.index(index) + 1
         collect(f"stage{stage}", x)
         collect(f"preact_stage{stage}", x)
-    x = _apply(self.features[-1], x, train=train)
+    x = layers.sequential(self.features[-1], x, train=train)
     pooled = layers.global_avg_pool(x)
     collect("pooled", pooled)
     return self.classifier[1](pooled).astype(jnp.float32), collect.features

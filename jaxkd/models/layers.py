@@ -10,7 +10,7 @@ reference computes, and each parameter's nnx path is the torch state-dict key
 - `BatchNorm2d` normalises with the biased batch variance and updates the running variance with the
   unbiased one, as torch does.
 - A torch `nn.Sequential` is an `nnx.List` whose parameter-free positions (ReLU) hold a function, so
-  that list indices are torch's indices; `sequential` applies one.
+  that list indices are torch's indices; `sequential` applies one, nested Sequentials included.
 - The initialisers are named after the torch conventions they reproduce.
 
 Layouts: activations NHWC, conv kernels HWIO, linear kernels (in, out).
@@ -119,10 +119,19 @@ class BatchNorm2d(nnx.Module):
     return outputs.astype(self.dtype or x.dtype)
 
 
-def sequential(layers: Sequence[Callable[..., Array]], x: Array, *, train: bool) -> Array:
-  """Applies a torch-style `nn.Sequential` held as a list; BatchNorm layers receive `train`."""
+def sequential(layers: Sequence[Any], x: Array, *, train: bool) -> Array:
+  """Applies a torch-style `nn.Sequential` held as a list; BatchNorm layers receive `train`.
+
+  A list inside the list is a Sequential nested in a Sequential (torchvision's
+  `Conv2dNormActivation` blocks inside `InvertedResidual.conv`) and is applied recursively.
+  """
   for layer in layers:
-    x = layer(x, train=train) if isinstance(layer, BatchNorm2d) else layer(x)
+    if isinstance(layer, (nnx.List, list)):
+      x = sequential(layer, x, train=train)
+    elif isinstance(layer, BatchNorm2d):
+      x = layer(x, train=train)
+    else:
+      x = layer(x)
   return x
 
 

@@ -32,7 +32,11 @@ def create(name: str, *, num_classes: int | None = None, dtype=jnp.float32,
   `num_classes=None` keeps the architecture's default head size (vocab size for LMs).
   """
   if name not in _CONSTRUCTORS:
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    # Reference names differ only in case across families: CIFAR `ResNet18` (mdistiller) vs
+    # ImageNet `resnet18` (torchvision).
+    same_but_case = [known for known in names() if known.lower() == name.lower()]
+    hint = f" (did you mean {' or '.join(map(repr, same_but_case))}?)" if same_but_case else ""
+    raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(names())}")
   if rngs is None:
     rngs = nnx.Rngs(seed)
   if num_classes is not None:

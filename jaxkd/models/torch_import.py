@@ -10,8 +10,10 @@ so each variable's nnx path is its torch key up to the leaf name and the layout:
   (…, 'bn1', 'scale') / 'bias'           '….bn1.weight' / '….bn1.bias'    as is
   (…, 'bn1', 'mean') / 'var'             '….running_mean' / 'running_var' as is
   (…, 'embedding')                       '….weight'                       as is
+  (…, 'cls_token'), any other leaf       '….cls_token'                    as is
 
-torch's `num_batches_tracked` counters have no counterpart and are dropped. A model whose
+A variable that sits directly on a module rather than in a layer (timm ViT's `nn.Parameter`s
+`cls_token` and `pos_embed`) keeps its own name and layout. torch's `num_batches_tracked` counters have no counterpart and are dropped. A model whose
 checkpoints do not follow its own module names (fused projections, renamed heads) defines a
 static method `adapt_torch_state_dict(state_dict) -> state_dict` on its class: it receives the
 checkpoint as {key: numpy array} and returns it in the mechanical convention above.
@@ -27,7 +29,8 @@ from flax import nnx
 
 from jaxkd.models.registry import create
 
-# Leaf variable name in jaxkd → leaf name in the torch state dict.
+# Leaf variable name of a flax layer → leaf name in the torch state dict; other leaf names (bare
+# parameters such as a ViT's `cls_token`) are the same on both sides.
 _TORCH_LEAF_NAMES = {
     "kernel": "weight",
     "scale": "weight",
@@ -45,11 +48,9 @@ _PROBE_CLASSES = 1001  # A head size no model uses by default, to tell head para
 
 def torch_key(path: tuple[Any, ...]) -> str:
   """The torch state-dict key of an nnx variable path: ('layer1', 0, 'bn1', 'mean') →
-  'layer1.0.bn1.running_mean'."""
+  'layer1.0.bn1.running_mean'; ('pos_embed',) → 'pos_embed'."""
   *modules, leaf = path
-  if leaf not in _TORCH_LEAF_NAMES:
-    raise ValueError(f"no torch name for variable {leaf!r} at {path}")
-  return ".".join([str(part) for part in modules] + [_TORCH_LEAF_NAMES[leaf]])
+  return ".".join([str(part) for part in modules] + [_TORCH_LEAF_NAMES.get(leaf, leaf)])
 
 
 def _to_jax_layout(path: tuple[Any, ...], array: np.ndarray) -> np.ndarray:

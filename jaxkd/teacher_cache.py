@@ -1,0 +1,197 @@
+"""Cached teacher: the teacher's outputs computed once, stored on disk, read back by example index.
+
+For deterministic views (no random augmentation, or a fixed pre-augmented dataset) the teacher
+gives the same logits for an example every epoch, so the teacher forward can be paid once. The
+cache holds, per example index:
+
+* ``'dense'``: the logits, ``[N, C]`` (``logits.npy``);
+* ``'topk'``: the k largest log-probabilities and their class ids, ``[N, k]`` each
+  (``topk_logprobs.npy``, ``topk_ids.npy``), the sparse-teacher storage of LLM distillation
+  (DistillKit; Peng et al. 2024 keep top-k).
+
+Arrays are ``.npy`` files read with ``mmap_mode='r'``: a batch reads its rows only. A
+``manifest.json`` records what the cache was computed from (dataset name, size and a
+fingerprint of its data, a fingerprint of the teacher's weights, k, dtype); `open_cache` checks
+every field against what the run uses and refuses a mismatch with an error naming the field.
+
+Training from the cache: add the rows to the host batch (`TeacherCache.add_to_batch`) and build
+the step with ``teacher=None``; the step reads ``batch['teacher_logits']`` (or the top-k pair,
+expanded by `dense_logits`) and never runs a teacher. A top-k teacher is the distribution
+renormalised over its k classes: the other classes get logit ``-inf`` (probability 0), which
+the logit losses handle exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MANIFEST = 'manifest.json'
+FORMAT_VERSION = 1
+Kind = Literal['dense', 'topk']
+
+
+def fingerprint(tree: Any) -> str:
+  """SHA-256 over the shapes, dtypes and bytes of a pytree's leaves (arrays, strings, numbers).
+
+  For the teacher: ``fingerprint(nnx.state(teacher))``. For a dataset: its images and labels in
+  index order (or any string that identifies the data version, e.g. a tfds version).
+  """
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    digest.update(jax.tree_util.keystr(path).encode())
+    if isinstance(leaf, (str, bytes)):
+      digest.update(leaf.encode() if isinstance(leaf, str) else leaf)
+      continue
+    array = np.ascontiguousarray(np.asarray(leaf))
+    digest.update(f'{array.dtype.str}{array.shape}'.encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  """What a cache was computed from; every field must match the run that reads it."""
+  dataset: str
+  num_examples: int
+  data_fingerprint: str
+  teacher_fingerprint: str
+  kind: Kind
+  k: int | None
+  dtype: str
+  num_classes: int
+  version: int = FORMAT_VERSION
+
+
+def _files(kind: Kind) -> tuple[str, ...]:
+  return ('logits',) if kind == 'dense' else ('topk_ids', 'topk_logprobs')
+
+
+def write_cache(directory: str, *, teacher: nnx.Module, batches: Iterable[Mapping[str, Any]],
+                dataset: str, num_examples: int, data_fingerprint: str,
+                kind: Kind = 'dense', k: int | None = None, dtype: str = 'float32') -> Manifest:
+  """Runs the teacher (eval mode) over `batches` and stores its outputs by ``batch['index']``.
+
+  Args:
+    directory: created if needed; an existing cache there is overwritten.
+    teacher: the teacher model.
+    batches: host batches with ``'image'`` (the deterministic view) and ``'index'``; an optional
+      boolean ``'mask'`` marks padding rows, which are not written. Every index in
+      ``[0, num_examples)`` must appear.
+    dataset, num_examples, data_fingerprint: identify the data (see `fingerprint`).
+    kind: ``'dense'`` logits or ``'topk'`` log-probabilities.
+    k: number of classes kept for ``'topk'``.
+    dtype: storage dtype of logits / log-probabilities (``'float32'``, ``'float16'``,
+      ``'bfloat16'`` is not a numpy dtype: use float16 to halve the size).
+  """
+  if kind not in ('dense', 'topk'):
+    raise ValueError(f"kind must be 'dense' or 'topk', got {kind!r}")
+  if (kind == 'topk') != (k is not None):
+    raise ValueError("k is required for kind='topk' and meaningless for kind='dense'")
+  graphdef, state = nnx.split(teacher)
+
+  @jax.jit
+  def outputs(state, images):
+    logits, _ = nnx.merge(graphdef, state)(images, train=False)
+    logits = logits.astype(jnp.float32)
+    if kind == 'dense':
+      return (logits,)
+    log_probs, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
+    return ids.astype(jnp.int32), log_probs
+
+  os.makedirs(directory, exist_ok=True)
+  arrays, written, num_classes = None, np.zeros(num_examples, bool), None
+  for batch in batches:
+    results = [np.asarray(x) for x in outputs(state, jnp.asarray(batch['image']))]
+    keep = np.asarray(batch['mask'], bool) if 'mask' in batch else slice(None)
+    index = np.asarray(batch['index'])[keep]
+    if arrays is None:
+      num_classes = int(jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x)[0], state,
+                                       jnp.asarray(batch['image'][:1])).shape[-1])
+      arrays = [np.lib.format.open_memmap(
+          os.path.join(directory, f'{name}.npy'), mode='w+',
+          dtype=np.int32 if name == 'topk_ids' else np.dtype(dtype),
+          shape=(num_examples, result.shape[-1])) for name, result in zip(_files(kind), results)]
+    for array, result in zip(arrays, results):
+      array[index] = result[keep]
+    written[index] = True
+  if arrays is None or not written.all():
+    raise ValueError(f'the batches cover {int(written.sum())} of {num_examples} examples')
+  for array in arrays:
+    array.flush()
+  manifest = Manifest(dataset=dataset, num_examples=num_examples,
+                      data_fingerprint=data_fingerprint,
+                      teacher_fingerprint=fingerprint(nnx.state(teacher)), kind=kind, k=k,
+                      dtype=str(np.dtype(dtype)), num_classes=num_classes)
+  with open(os.path.join(directory, MANIFEST), 'w') as f:
+    json.dump(dataclasses.asdict(manifest), f, indent=2)
+  return manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherCache:
+  """An opened cache: the manifest and the memory-mapped arrays."""
+  manifest: Manifest
+  arrays: Mapping[str, np.ndarray]
+
+  def lookup(self, index: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch entries for examples `index`: ``'teacher_logits'`` (dense) or
+    ``'teacher_topk_ids'`` and ``'teacher_topk_logprobs'`` (top-k), float32."""
+    index = np.asarray(index)
+    if self.manifest.kind == 'dense':
+      return {'teacher_logits': np.asarray(self.arrays['logits'][index], np.float32)}
+    return {'teacher_topk_ids': np.asarray(self.arrays['topk_ids'][index], np.int32),
+            'teacher_topk_logprobs': np.asarray(self.arrays['topk_logprobs'][index], np.float32)}
+
+  def add_to_batch(self, host_batch: Mapping[str, Any]) -> dict[str, Any]:
+    """`host_batch` plus its cached teacher outputs (looked up by ``host_batch['index']``)."""
+    return {**host_batch, **self.lookup(host_batch['index'])}
+
+
+def open_cache(directory: str, *, dataset: str, num_examples: int, data_fingerprint: str,
+               teacher_fingerprint: str | None = None) -> TeacherCache:
+  """Opens a cache after checking it was computed for this dataset (and teacher).
+
+  Args:
+    directory: where `write_cache` wrote.
+    dataset, num_examples, data_fingerprint: the run's data, as passed to `write_cache`.
+    teacher_fingerprint: `fingerprint` of the teacher the run would use (e.g. of its restored
+      checkpoint); ``None`` skips the check when the run has no teacher weights at hand.
+
+  Raises:
+    FileNotFoundError: no manifest in `directory`.
+    ValueError: a field differs; the message names it with both values.
+  """
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no teacher cache at {directory} ({MANIFEST} is missing)')
+  with open(path) as f:
+    manifest = Manifest(**json.load(f))
+  expected = {'version': FORMAT_VERSION, 'dataset': dataset, 'num_examples': num_examples,
+              'data_fingerprint': data_fingerprint}
+  if teacher_fingerprint is not None:
+    expected['teacher_fingerprint'] = teacher_fingerprint
+  for field, value in expected.items():
+    if getattr(manifest, field) != value:
+      raise ValueError(f'teacher cache {directory} does not match this run: {field} is '
+                       f'{getattr(manifest, field)!r} in the cache, {value!r} here; rebuild it '
+                       'with jaxkd.teacher_cache.write_cache')
+  arrays = {name: np.load(os.path.join(directory, f'{name}.npy'), mmap_mode='r')
+            for name in _files(manifest.kind)}
+  return TeacherCache(manifest=manifest, arrays=arrays)
+
+
+def dense_logits(topk_ids: jax.Array, topk_logprobs: jax.Array, num_classes: int) -> jax.Array:
+  """``[B, C]`` logits of a top-k teacher: its log-probabilities at the stored ids, ``-inf``
+  elsewhere, so a softmax renormalises the teacher over its k classes."""
+  rows = jnp.arange(topk_ids.shape[0])[:, None]
+  logits = jnp.full((topk_ids.shape[0], num_classes), -jnp.inf, jnp.float32)
+  return logits.at[rows, topk_ids].set(topk_logprobs.astype(jnp.float32))
