@@ -14,7 +14,10 @@ converted RepDistiller checkpoint (`python -m jaxkd.tools.import_torch`).
 The data is TFDS 'cifar100' prepared as array_record, read without TensorFlow; nothing is
 downloaded at training time (prepare it once: `tfds build cifar100 --file_format=array_record`).
 
-Config argument: `configs/cifar_kd.py:teacher=wrn_40_2,student=wrn_16_2`.
+Config argument: `configs/cifar_kd.py:teacher=wrn_40_2,student=wrn_16_2` picks the pair;
+`configs/cifar_kd.py:method=ce,student=resnet32x4` trains `student` with cross-entropy alone
+(no teacher): how to train a teacher, whose `<workdir>/model` then serves as
+`--config.teacher.checkpoint`.
 """
 from jaxkd import configlib
 
@@ -24,7 +27,9 @@ _LOW_LR_STUDENTS = ("MobileNetV2", "mobile_half", "ShuffleV1", "ShuffleV2")
 
 
 def get_config(arg=None):
-  arg = configlib.parse_arg(arg, teacher="resnet32x4", student="resnet8x4")
+  arg = configlib.parse_arg(arg, teacher="resnet32x4", student="resnet8x4", method="kd")
+  if arg.method not in ("kd", "ce"):
+    raise configlib.ConfigError(f"config argument method={arg.method!r}: must be 'kd' or 'ce'")
   config = configlib.base_config()
 
   config.data.name = "cifar100"
@@ -36,11 +41,13 @@ def get_config(arg=None):
   config.data.num_threads = 8  # Record reads and decoding are the host's work per step.
 
   config.student.model = arg.student
-  config.teacher.model = arg.teacher  # Checked against the checkpoint's model.json.
-  config.teacher.checkpoint = ""  # Required: a jaxkd.models.io directory of the teacher.
-
-  config.distill.losses = {"ce": 0.1, "kd": 0.9}
-  config.distill.kd = {"temperature": 4.0}  # RepDistiller DistillKL: T² · KL(p_T ‖ q_T).
+  if arg.method == "kd":
+    config.teacher.model = arg.teacher  # Checked against the checkpoint's model.json.
+    config.teacher.checkpoint = ""  # Required: a jaxkd.models.io directory of the teacher.
+    config.distill.losses = {"ce": 0.1, "kd": 0.9}
+    config.distill.kd = {"temperature": 4.0}  # RepDistiller DistillKL: T² · KL(p_T ‖ q_T).
+  else:
+    config.distill.losses = {"ce": 1.0}
 
   config.num_epochs = 240
   config.optimizer.name = "sgd"

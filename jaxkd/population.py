@@ -16,7 +16,10 @@ program:
 The config expresses the sweep, one list of ``size`` values per key::
 
     config.population = dict(size=4, sweep={'kd.temperature': [1, 2, 4, 8]})
-    config.population = dict(size=3, sweep={'losses.kd': [0.5, 0.9, 1.0], 'seed': [0, 1, 2]})
+    config.population = dict(size=3, sweep={'losses': {'kd': [0.5, 0.9, 1.0]}, 'seed': [0, 1, 2]})
+
+(A `ml_collections.ConfigDict` refuses dots in field names: nest the keys there, as in the
+second line.)
 
 Keys: ``'<loss>.<hparam>'`` (e.g. ``'kd.temperature'``, ``'dkd.beta'``), ``'losses.<loss>'``
 (weights), ``'seed'``, ``'learning_rate'``, ``'learning_rate_scale'``. Members share the data
@@ -48,10 +51,25 @@ def with_learning_rate_scale(optimizer: optax.GradientTransformation) -> optax.G
   return optax.chain(optimizer, optax.inject_hyperparams(optax.scale)(step_size=1.0))
 
 
+def _flatten_sweep(sweep: Mapping[str, Any], prefix: str = '') -> dict[str, Sequence[Any]]:
+  """Dotted keys from nested mappings: ``{'kd': {'temperature': [...]}}`` → ``'kd.temperature'``."""
+  flat = {}
+  for key, value in sweep.items():
+    if hasattr(value, 'items'):
+      flat.update(_flatten_sweep(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = list(value)
+  return flat
+
+
 def member_overrides(population_config: Mapping[str, Any]) -> list[dict[str, Any]]:
-  """One ``{sweep key: value}`` dict per member, from ``{'size': P, 'sweep': {key: [P values]}}``."""
+  """One ``{sweep key: value}`` dict per member, from ``{'size': P, 'sweep': {key: [P values]}}``.
+
+  Sweep keys are dotted (``'kd.temperature'``) or nested (``{'kd': {'temperature': [...]}}``,
+  the form an `ml_collections.ConfigDict` accepts, since it refuses dots in field names).
+  """
   size = int(population_config['size'])
-  sweep = dict(population_config.get('sweep') or {})
+  sweep = _flatten_sweep(population_config.get('sweep') or {})
   for key, values in sweep.items():
     if len(values) != size:
       raise ValueError(f'population sweep {key!r} has {len(values)} values for {size} members')

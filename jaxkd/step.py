@@ -168,13 +168,14 @@ def _teacher_forward(graphdef, state, images, feature_names, ensemble: EnsembleR
   return jax.lax.stop_gradient(outputs)
 
 
-def _cached_teacher_logits(batch, num_classes: int) -> jax.Array | None:
+def _cached_teacher_logits(batch, num_classes: Callable[[], int]) -> jax.Array | None:
   """Teacher logits from a cached-teacher batch, or None if the batch carries none."""
   if CACHED_DENSE in batch:
     return batch[CACHED_DENSE].astype(jnp.float32)
   if all(key in batch for key in CACHED_SPARSE):
     from jaxkd import teacher_cache  # the cache module pulls in numpy I/O only when used
-    return teacher_cache.dense_logits(batch[CACHED_SPARSE[0]], batch[CACHED_SPARSE[1]], num_classes)
+    return teacher_cache.dense_logits(batch[CACHED_SPARSE[0]], batch[CACHED_SPARSE[1]],
+                                      num_classes())
   return None
 
 
@@ -235,12 +236,14 @@ def make_train_step(*, student: nnx.Module, teacher: nnx.Module | Sequence[nnx.M
     ensemble: how an ensemble's outputs combine (`combine_teachers`).
     population_size: if set, the state is a stacked population (`jaxkd.population`): the student
       update is vmapped over its leading axis; the teacher forward and the view are shared.
-    population_chunk: members updated together: ``None`` vmaps all of them at once;
-      ``k`` runs ``jax.lax.map(update, state, batch_size=k)``, a loop over chunks of ``k``
-      vmapped members inside the one compiled step. Vmapping a convolution over stacked kernels
-      makes it a grouped convolution, which XLA's CPU backend runs slowly; ``k=1`` keeps the
-      student convolutions as they are and still shares the teacher forward (see
-      BENCHMARKS.md). Same results either way.
+    population_chunk: members updated together: ``None`` vmaps all of them at once; ``k``
+      splits the population into groups of ``k`` vmapped members, the groups unrolled one after
+      the other in the one compiled step. Vmapping a convolution over stacked kernels makes it a
+      grouped convolution, which XLA's CPU backend runs slower than the separate convolutions
+      (and a `lax.map` loop slower still: loop bodies lose its multi-threaded kernels); ``k=1``
+      keeps every student convolution as it is and still shares the teacher forward and the
+      view (see BENCHMARKS.md). Compile time grows with the number of groups. Same results
+      either way.
     donate: donate the state buffers (off only for tests that reuse an input state).
 
   Returns:
@@ -306,7 +309,12 @@ def make_train_step(*, student: nnx.Module, teacher: nnx.Module | Sequence[nnx.M
       teacher_logits, teacher_features = _teacher_forward(
           teacher_graphdef, teacher_state, images, method.teacher_features, ensemble_rule)
     elif method.needs_teacher:
-      teacher_logits = _cached_teacher_logits(batch, method.info.num_classes)
+      def num_classes():  # the student's head size, by abstract evaluation (no FLOPs)
+        member_state = jax.tree.map(lambda x: x[0], state.student) if population_size else state.student
+        return jax.eval_shape(lambda s: nnx.merge(student_graphdef, s, copy=True)(
+            images, train=False)[0], member_state).shape[-1]
+
+      teacher_logits = _cached_teacher_logits(batch, num_classes)
       if teacher_logits is None or method.teacher_features:
         raise ValueError('the method needs a teacher: pass teacher= or a batch with cached teacher '
                          'logits (jaxkd.teacher_cache); a cache holds no features')
@@ -315,7 +323,10 @@ def make_train_step(*, student: nnx.Module, teacher: nnx.Module | Sequence[nnx.M
       return update(state)
     if population_chunk is None:
       return jax.vmap(update)(state)
-    return jax.lax.map(update, state, batch_size=population_chunk)
+    groups = [jax.vmap(update)(jax.tree.map(lambda leaf: leaf[start:start + population_chunk],
+                                            state))
+              for start in range(0, population_size, population_chunk)]
+    return jax.tree.map(lambda *parts: jnp.concatenate(parts), *groups)
 
   state_sharding, teacher_sharding, batch_sharding, metrics_sharding = _shardings(
       mesh, student, method, optimizer, teacher, population_size)

@@ -19,7 +19,8 @@ def _main(*args: str, cwd: str = testing_utils.REPO) -> subprocess.CompletedProc
 
 @pytest.mark.parametrize("name,arg", [("quickstart", None), ("quickstart", "smoke"),
                                       ("quickstart", "seeds=5"), ("cifar_kd", None),
-                                      ("cifar_kd", "teacher=wrn_40_2,student=wrn_16_2")])
+                                      ("cifar_kd", "teacher=wrn_40_2,student=wrn_16_2"),
+                                      ("cifar_kd", "method=ce,student=resnet32x4")])
 def test_configs_validate(name, arg):
   configlib.validate(testing_utils.load_config(name, arg))
 

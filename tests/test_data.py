@@ -149,3 +149,26 @@ def test_crop_flip_takes_a_window_of_the_padded_image():
     assert any(np.allclose(out, w, atol=1e-6) or np.allclose(out, w[:, ::-1], atol=1e-6)
                for w in windows)
   assert data.build_augment("none", spec) is None
+
+
+class _FakeTfdsSource:
+  """What `tfds.data_source` returns: `len` and batched `__getitems__` of record dicts."""
+
+  def __init__(self, num_records):
+    rng = np.random.default_rng(0)
+    self.records = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                     "label": np.int64(i % 100), "id": f"train_{i}"} for i in range(num_records)]
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitems__(self, keys):
+    return [self.records[key] for key in keys]
+
+
+def test_record_source_stacks_records():
+  fake = _FakeTfdsSource(10)
+  batch = data.RecordSource(fake).read(np.array([7, 2]))
+  assert batch["image"].shape == (2, 32, 32, 3) and batch["image"].dtype == np.uint8
+  np.testing.assert_array_equal(batch["image"][0], fake.records[7]["image"])
+  assert batch["label"].tolist() == [7, 2] and batch["label"].dtype == np.int32

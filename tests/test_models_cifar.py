@@ -88,7 +88,7 @@ def _abstract_forward(model, batch_shape=(2, 32, 32, 3), **call_kwargs):
 
 @functools.cache
 def _default_outputs(name):
-  """(logits, features) of `_shared_abstract(name)` on a (2, 32, 32, 3) batch, traced once per name."""
+  """(logits, features) of `_shared_abstract(name)` on a (2, 32, 32, 3) batch, traced once."""
   return _abstract_forward(_shared_abstract(name), return_features=True)
 
 

@@ -95,6 +95,30 @@ def test_sweep_errors(sweep, message):
 def test_member_helpers():
   config = {'size': 2, 'sweep': {'kd.temperature': [1, 4]}}
   assert population.member_names(config) == ['kd.temperature=1', 'kd.temperature=4']
+  import ml_collections
+  nested = ml_collections.ConfigDict({'size': 2, 'sweep': {'kd': {'temperature': [1, 4]},
+                                                           'seed': [0, 1]}})
+  assert population.member_overrides(nested) == [{'kd.temperature': 1, 'seed': 0},
+                                                 {'kd.temperature': 4, 'seed': 1}]
   stacked = {'loss': np.array([1.0, 2.0])}
   assert population.member_metrics(stacked) == [{'loss': 1.0}, {'loss': 2.0}]
   assert [m['loss'] for m in population.unstack(stacked)] == [1.0, 2.0]
+
+
+def test_chunked_population_matches_one_vmap():
+  """Groups of 2 (+ a group of 1) unrolled == all 3 members vmapped at once."""
+  mesh = parallel.make_mesh({'data': 8})
+  student, teacher = _models()
+  method = distill.build(CONFIG, student=student, teacher=teacher, input_shape=IMAGE_SHAPE)
+  config = {'size': 3, 'sweep': {'kd.temperature': [1.0, 2.0, 8.0], 'seed': [3, 4, 5]}}
+  results = []
+  for chunk in (None, 2):
+    state = population.init_population(student, method, _optimizer(), config, mesh=mesh)
+    train_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
+                                         optimizer=_optimizer(), mesh=mesh, population_size=3,
+                                         population_chunk=chunk)
+    for batch in _batches(mesh):
+      state, metrics = train_step(state, kd_step.teacher_state(teacher, mesh), batch)
+    results.append((jax.device_get(metrics), jax.device_get(state.student)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               results[0], results[1])

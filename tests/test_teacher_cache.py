@@ -134,3 +134,18 @@ def test_missing_cache_and_incomplete_batches(tmp_path):
     teacher_cache.write_cache(str(tmp_path), teacher=tiny_models.tiny_cnn(width=8, seed=2),
                               batches=list(_batches(data))[:1], dataset='tiny',
                               num_examples=NUM_EXAMPLES, data_fingerprint=data_fingerprint)
+
+
+def test_training_from_a_full_topk_cache_matches_the_dense_cache(tmp_path):
+  """k = C keeps the whole distribution: the sparse path gives the dense loss."""
+  student, teacher = tiny_models.tiny_cnn(width=4, seed=1), tiny_models.tiny_cnn(width=8, seed=2)
+  _write(tmp_path / 'dense', teacher)
+  _write(tmp_path / 'topk', teacher, kind='topk', k=10)
+  method = distill.build({'losses': {'ce': 0.1, 'kd': 0.9}}, student=student, teacher=teacher)
+  mesh = parallel.make_mesh({'data': 8})
+  data, _ = _dataset()
+  batches = list(_batches(data, size=8, seed=1))[:1]
+  losses = [_train_losses(mesh, student, teacher, method,
+                          [_open(tmp_path / kind).add_to_batch(b) for b in batches], cached=True)
+            for kind in ('dense', 'topk')]
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

@@ -69,7 +69,7 @@ class TorchResNet(nn.Module):
   """resnet.py ResNet (head 'fc', AvgPool2d(8)) and resnetv2.py ResNet (head 'linear')."""
 
   def __init__(self, stem, planes, blocks, *, bottleneck=False, head="fc",
-               shortcut_name="downsample", num_classes=10):
+               shortcut_name="downsample", num_classes=100):
     super().__init__()
     self.conv1 = nn.Conv2d(3, stem, 3, padding=1, bias=False)
     self.bn1 = nn.BatchNorm2d(stem)
@@ -135,7 +135,7 @@ class TorchNetworkBlock(nn.Module):
 
 class TorchWRN(nn.Module):
 
-  def __init__(self, depth, widen, num_classes=10):
+  def __init__(self, depth, widen, num_classes=100):
     super().__init__()
     n = (depth - 4) // 6
     widths = [16, 16 * widen, 32 * widen, 64 * widen]
@@ -159,7 +159,7 @@ class TorchWRN(nn.Module):
 class TorchVGG(nn.Module):
   """vgg.py VGG with batch_norm=True."""
 
-  def __init__(self, cfg, num_classes=10):
+  def __init__(self, cfg, num_classes=100):
     super().__init__()
     in_channels = 3
     for index, widths in enumerate(cfg):
@@ -205,7 +205,7 @@ class TorchInvertedResidual(nn.Module):
 class TorchMobileNetV2(nn.Module):
   """mobilenetv2.py mobile_half: T = 6, width 0.5."""
 
-  def __init__(self, num_classes=10, T=6, width=0.5):
+  def __init__(self, num_classes=100, T=6, width=0.5):
     super().__init__()
     setting = [[1, 16, 1, 1], [T, 24, 2, 1], [T, 32, 3, 2], [T, 64, 4, 2], [T, 96, 3, 1],
                [T, 160, 3, 2], [T, 320, 1, 1]]
@@ -267,7 +267,7 @@ class TorchShuffleV1Block(nn.Module):
 
 class TorchShuffleV1(nn.Module):
 
-  def __init__(self, num_classes=10, out_planes=(240, 480, 960), blocks=(4, 8, 4), groups=3):
+  def __init__(self, num_classes=100, out_planes=(240, 480, 960), blocks=(4, 8, 4), groups=3):
     super().__init__()
     self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(24)
@@ -339,7 +339,7 @@ class TorchShuffleV2Down(nn.Module):
 
 class TorchShuffleV2(nn.Module):
 
-  def __init__(self, num_classes=10, channels=(116, 232, 464, 1024), blocks=(3, 7, 3)):
+  def __init__(self, num_classes=100, channels=(116, 232, 464, 1024), blocks=(3, 7, 3)):
     super().__init__()
     self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(24)
@@ -406,13 +406,6 @@ def _torch_outputs(torch_model, images_nhwc):
   return logits.numpy(), [nhwc(f) for f in feats], [nhwc(f) for f in preacts], pooled.numpy()
 
 
-def _jax_model(name, state, num_classes):
-  """The converted model, without the (slow, discarded) random initialisation."""
-  model = nnx.eval_shape(lambda: models.create(name, num_classes=num_classes))
-  nnx.update(model, state)
-  return model
-
-
 @nnx.jit
 def _forward(model, images):
   return model(images, train=False, return_features=True)
@@ -425,8 +418,8 @@ def test_converted_model_matches_torch(name):
   images = _images()
   logits, feats, preacts, pooled = _torch_outputs(torch_model, images)
 
-  state = models.load_torch_state_dict(name, torch_model.state_dict())  # num_classes inferred: 10
-  model = _jax_model(name, state, num_classes=10)
+  # num_classes is read off the checkpoint: 100, the default head, whose abstract build is reused.
+  model = torch_import.load_torch_model(name, torch_model.state_dict())
   jax_logits, features = _forward(model, jnp.asarray(images))
 
   np.testing.assert_allclose(jax_logits, logits, rtol=1e-4, atol=1e-4)
@@ -447,7 +440,7 @@ def test_bottleneck_resnetv2_layout_matches_torch():
   logits, feats, preacts, _ = _torch_outputs(torch_model, images)
   model = nnx.eval_shape(lambda: cifar_resnet.CifarResNet(
       layers.Bottleneck, 8, (4, 8, 8, 8), (2, 1, 1, 1), classifier_name="linear",
-      shortcut_name="shortcut", num_classes=10, dtype=jnp.float32, param_dtype=jnp.float32,
+      shortcut_name="shortcut", num_classes=100, dtype=jnp.float32, param_dtype=jnp.float32,
       rngs=nnx.Rngs(0)))
   nnx.update(model, torch_import.convert_state_dict(model, torch_model.state_dict()))
   jax_logits, features = _forward(model, jnp.asarray(images))
@@ -464,10 +457,20 @@ def test_resnet50_keys_and_shapes_match_reference():
   assert state["layer4"][0]["shortcut"][0]["kernel"].shape == (1, 1, 1024, 2048)
 
 
+def test_torch_key_maps_layer_leaves_and_keeps_bare_parameter_names():
+  assert torch_import.torch_key(("layer1", 0, "bn1", "mean")) == "layer1.0.bn1.running_mean"
+  assert torch_import.torch_key(("blocks", 3, "norm1", "scale")) == "blocks.3.norm1.weight"
+  assert torch_import.torch_key(("embed_tokens", "embedding")) == "embed_tokens.weight"
+  # timm ViT's nn.Parameters sit on the model itself: same name, same layout.
+  assert torch_import.torch_key(("pos_embed",)) == "pos_embed"
+  assert torch_import.torch_key(("cls_token",)) == "cls_token"
+
+
 def test_checkpoint_wrappers_are_accepted():
   """RepDistiller saves {'model': state_dict, 'epoch': …}; nn.DataParallel prefixes 'module.'."""
-  state_dict = TORCH_MODELS["resnet8"]().state_dict()
+  state_dict = TorchResNet(16, (16, 32, 64), (1, 1, 1), num_classes=10).state_dict()
   reference = models.load_torch_state_dict("resnet8", state_dict)
+  assert reference["fc"]["kernel"].shape == (64, 10)  # a head other than the default's 100
   wrapped = {"model": {f"module.{key}": value for key, value in state_dict.items()}, "epoch": 240}
   converted = models.load_torch_state_dict("resnet8", wrapped)
   np.testing.assert_array_equal(converted["fc"]["kernel"][...], reference["fc"]["kernel"][...])
@@ -502,7 +505,7 @@ def test_mismatch_error_lists_every_offending_key():
 
 
 def test_wrong_architecture_is_reported():
-  with pytest.raises(ValueError, match=r"model 'resnet8x4' \(num_classes=10\)") as error:
+  with pytest.raises(ValueError, match=r"model 'resnet8x4' \(num_classes=100\)") as error:
     models.load_torch_state_dict("resnet8x4", TORCH_MODELS["resnet8"]().state_dict())
   assert "conv1.weight: checkpoint (16, 3, 3, 3), model expects (32, 3, 3, 3)" in str(error.value)
   assert "missing keys: layer1.0.downsample.0.weight" in str(error.value)
@@ -524,9 +527,9 @@ def test_cli_end_to_end(tmp_path):
   model = io.load(str(out_dir))
   images = _images()
   logits, *_ = _torch_outputs(torch_model, images)
-  jax_logits, _ = model(jnp.asarray(images))
+  jax_logits, _ = _forward(model, jnp.asarray(images))  # compiled by the resnet8 parity test
   np.testing.assert_allclose(jax_logits, logits, rtol=1e-4, atol=1e-4)
-  assert io.read_metadata(str(out_dir)) == {"name": "resnet8", "create_kwargs": {"num_classes": 10}}
+  assert io.read_metadata(str(out_dir)) == {"name": "resnet8", "create_kwargs": {"num_classes": 100}}
 
 
 @pytest.mark.parametrize("model_name, checkpoint_name, expected", [

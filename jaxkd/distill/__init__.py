@@ -79,11 +79,12 @@ class LossInputs:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureInfo:
-  """Shapes of the features both models return (per example batch of 2), given to a `LossDef`'s
-  feature selectors and adapter factory at build time."""
+  """Shapes of the features both models return (for a batch of `input_shape`), given to a
+  `LossDef`'s feature selectors and adapter factory at build time. Empty (and `num_classes`
+  None) for methods whose terms read no features."""
   student: FeatureShapes
   teacher: FeatureShapes
-  num_classes: int
+  num_classes: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +293,8 @@ def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module
     num_train_examples: dataset size, needed by memory-bank methods (CRD).
     rngs: initialises adapters and method state.
     steps_per_epoch: needed by epoch-based schedules (``warmup_epochs``).
-    input_shape: the shape of an input batch, for probing feature shapes (NHWC).
+    input_shape: the shape of an input batch (NHWC), for probing feature shapes; only used
+      by terms that read features (default: CIFAR, 32×32×3).
   """
   config = dict(config)
   weights = dict(config.pop('losses', None) or {})
@@ -305,9 +307,19 @@ def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module
                      f'{sorted(weights)}')
   rngs = rngs if rngs is not None else nnx.Rngs(0)
 
-  student_shapes, num_classes = feature_shapes(student, input_shape)
-  teacher_shapes = feature_shapes(teacher, input_shape)[0] if teacher is not None else {}
-  info = FeatureInfo(student=student_shapes, teacher=teacher_shapes, num_classes=num_classes)
+  # Feature shapes are probed (abstractly) only for terms that read features or build
+  # adapters, so logit-only methods need no input shape.
+  if any(d.student_features or d.teacher_features or d.adapter for d in loss_defs):
+    try:
+      student_shapes, num_classes = feature_shapes(student, input_shape)
+      teacher_shapes = feature_shapes(teacher, input_shape)[0] if teacher is not None else {}
+    except Exception as error:
+      raise ValueError(f'probing the models\' features with input_shape={tuple(input_shape)} '
+                       'failed; pass distill.build(..., input_shape=) matching the data '
+                       f'(NHWC): {error}') from error
+    info = FeatureInfo(student=student_shapes, teacher=teacher_shapes, num_classes=num_classes)
+  else:
+    info = FeatureInfo(student={}, teacher={}, num_classes=None)
 
   terms, hparams, adapters = [], {'losses': {}}, {}
   student_features, teacher_features = [], []

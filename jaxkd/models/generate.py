@@ -2,7 +2,8 @@
 
 The whole generation is one compiled program per (model structure, batch, prompt length,
 `max_new_tokens`, `top_k`, `greedy`, `return_logits`, whether `top_p` is None); the values of
-`temperature` and `top_p` are traced, so sweeping them does not recompile. On-policy distillation (GKD, MiniLLM, SKD) calls this for student samples.
+`temperature` and `top_p` are traced, so sweeping them does not recompile. On-policy distillation
+(GKD, MiniLLM, SKD) calls this for student samples.
 
 Prompts are a [B, P] block. Equal-length prompts need no mask; ragged prompts are LEFT-padded
 with `prompt_mask` False on the padding, so that every sequence's last prompt token sits in

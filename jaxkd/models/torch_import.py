@@ -13,10 +13,11 @@ so each variable's nnx path is its torch key up to the leaf name and the layout:
   (…, 'cls_token'), any other leaf       '….cls_token'                    as is
 
 A variable that sits directly on a module rather than in a layer (timm ViT's `nn.Parameter`s
-`cls_token` and `pos_embed`) keeps its own name and layout. torch's `num_batches_tracked` counters have no counterpart and are dropped. A model whose
-checkpoints do not follow its own module names (fused projections, renamed heads) defines a
-static method `adapt_torch_state_dict(state_dict) -> state_dict` on its class: it receives the
-checkpoint as {key: numpy array} and returns it in the mechanical convention above.
+`cls_token` and `pos_embed`) keeps its own name and layout. torch's `num_batches_tracked` counters
+have no counterpart and are dropped. A model whose checkpoints do not follow its own module names
+(fused projections, renamed heads) defines a static method
+`adapt_torch_state_dict(state_dict) -> state_dict` on its class: it receives the checkpoint as
+{key: numpy array} and returns it in the mechanical convention above.
 
 torch itself is not imported here: tensors are converted with `.numpy()` (or `np.asarray`).
 """
@@ -109,17 +110,24 @@ def infer_num_classes(name: str, state_dict: Mapping[str, Any], **create_kwargs)
   The variables whose shape changes with `num_classes` are the head (found by building the model
   abstractly twice); the checkpoint's size along the axis that changes is the answer.
   """
-  create_kwargs.pop("num_classes", None)
+  return _infer_num_classes(name, unwrap_state_dict(state_dict), create_kwargs)[0]
+
+
+def _infer_num_classes(name: str, arrays: dict[str, np.ndarray],
+                       create_kwargs: dict[str, Any]) -> tuple[int, nnx.Module | None]:
+  """(`infer_num_classes`, the abstract default model when its head has that size, else None)."""
+  create_kwargs = {key: value for key, value in create_kwargs.items() if key != "num_classes"}
   default_model = nnx.eval_shape(lambda: create(name, **create_kwargs))
   probe_model = nnx.eval_shape(lambda: create(name, num_classes=_PROBE_CLASSES, **create_kwargs))
-  arrays = _adapt(default_model, unwrap_state_dict(state_dict))
+  arrays = _adapt(default_model, arrays)
   probe = _flat_variables(probe_model)
   for path, variable in _flat_variables(default_model).items():
     if probe[path].shape == variable.shape or torch_key(path) not in arrays:
       continue
     axis = next(axis for axis, (size, probe_size)
                 in enumerate(zip(variable.shape, probe[path].shape)) if size != probe_size)
-    return int(_to_jax_layout(path, arrays[torch_key(path)]).shape[axis])
+    num_classes = int(_to_jax_layout(path, arrays[torch_key(path)]).shape[axis])
+    return num_classes, (default_model if variable.shape[axis] == num_classes else None)
   raise ValueError(f"cannot infer num_classes of {name!r} from the checkpoint: no classifier "
                    "weight found; pass num_classes")
 
@@ -169,8 +177,11 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
   return nnx.from_flat_state(converted)
 
 
-def load_torch_state_dict(name: str, state_dict: Mapping[str, Any], **create_kwargs) -> nnx.State:
-  """Converts a PyTorch state dict into the params and BatchNorm statistics of `create(name, …)`.
+def load_torch_model(name: str, state_dict: Mapping[str, Any], **create_kwargs) -> nnx.Module:
+  """`create(name, **create_kwargs)` holding the weights of a PyTorch state dict.
+
+  The model is built abstractly (`nnx.eval_shape`), so no random initialisation is computed only
+  to be overwritten; every `nnx.Param` and `nnx.BatchStat` then comes from the checkpoint.
 
   Args:
     name: a registered model name (`jaxkd.models.names()`).
@@ -179,19 +190,31 @@ def load_torch_state_dict(name: str, state_dict: Mapping[str, Any], **create_kwa
     **create_kwargs: passed to `create`; `num_classes` is read off the classifier weight when
       absent.
 
-  Returns:
-    The `nnx.State` of the model's `nnx.Param` and `nnx.BatchStat` variables, in the model's
-    param dtype (BatchNorm statistics in float32): `nnx.update(create(name, ...), state)`.
-
   Raises:
     ValueError: unknown model, or one error listing every missing key, unexpected key and shape
       mismatch.
   """
   arrays = unwrap_state_dict(state_dict)
+  model = None
   if create_kwargs.get("num_classes") is None:
-    num_classes = infer_num_classes(name, arrays, **create_kwargs)
+    # A checkpoint with the default head (CIFAR-100, ImageNet-1k) reuses the default build.
+    num_classes, model = _infer_num_classes(name, arrays, create_kwargs)
     create_kwargs = dict(create_kwargs, num_classes=num_classes)
-  abstract_model = nnx.eval_shape(lambda: create(name, **create_kwargs))
-  return convert_state_dict(
-      abstract_model, arrays,
-      model_description=f"model {name!r} (num_classes={create_kwargs['num_classes']})")
+  if model is None:
+    model = nnx.eval_shape(lambda: create(name, **create_kwargs))
+  nnx.update(model, convert_state_dict(
+      model, arrays,
+      model_description=f"model {name!r} (num_classes={create_kwargs['num_classes']})"))
+  return model
+
+
+def load_torch_state_dict(name: str, state_dict: Mapping[str, Any], **create_kwargs) -> nnx.State:
+  """The params and BatchNorm statistics of `load_torch_model(name, state_dict, **create_kwargs)`.
+
+  Returns:
+    The `nnx.State` of the model's `nnx.Param` and `nnx.BatchStat` variables, in the model's
+    param dtype (BatchNorm statistics in float32), for `nnx.update` of a model of the same
+    structure.
+  """
+  model = load_torch_model(name, state_dict, **create_kwargs)
+  return nnx.state(model, (nnx.Param, nnx.BatchStat))
