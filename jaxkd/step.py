@@ -209,7 +209,9 @@ def _shardings(mesh, student, method, optimizer, teacher, population_size):
     leading_axes = 1
   state_sharding = parallel.state_shardings(mesh, abstract_state, leading_axes)
   if teacher is None:
-    teacher_sharding = parallel.replicated(mesh)
+    # The step ignores this argument (a trainer may still pass the teacher it evaluates with):
+    # accept whatever sharding it has.
+    teacher_sharding = None
   else:
     teacher_sharding = parallel.state_shardings(
         mesh, jax.eval_shape(lambda: teacher_state(teacher)), int(_is_ensemble(teacher)))
@@ -310,7 +312,8 @@ def make_train_step(*, student: nnx.Module, teacher: nnx.Module | Sequence[nnx.M
           teacher_graphdef, teacher_state, images, method.teacher_features, ensemble_rule)
     elif method.needs_teacher:
       def num_classes():  # the student's head size, by abstract evaluation (no FLOPs)
-        member_state = jax.tree.map(lambda x: x[0], state.student) if population_size else state.student
+        member_state = (jax.tree.map(lambda x: x[0], state.student) if population_size
+                        else state.student)
         return jax.eval_shape(lambda s: nnx.merge(student_graphdef, s, copy=True)(
             images, train=False)[0], member_state).shape[-1]
 

@@ -230,6 +230,22 @@ def test_batchnorm_matches_torch_formulas():
   np.testing.assert_allclose(y_eval, expected * scale + bias, rtol=1e-5, atol=1e-5)
 
 
+def test_sequential_applies_nested_sequentials_and_passes_train_to_batchnorm():
+  """torchvision nests Sequentials (Conv2dNormActivation blocks inside InvertedResidual.conv)."""
+  inner_bn, outer_bn = layers.BatchNorm2d(3), layers.BatchNorm2d(3)
+  x = np.random.default_rng(3).normal(1.0, 2.0, size=(2, 4, 4, 3)).astype(np.float32)
+  y = layers.sequential([nnx.List([inner_bn, nnx.relu]), lambda h: 2.0 * h, outer_bn],
+                        jnp.asarray(x), train=True)
+
+  def normalize(h):
+    return (h - h.mean((0, 1, 2))) / np.sqrt(h.var((0, 1, 2)) + 1e-5)
+
+  hidden = 2.0 * np.maximum(normalize(x), 0.0)
+  np.testing.assert_allclose(y, normalize(hidden), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(inner_bn.mean[...], 0.1 * x.mean((0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(outer_bn.mean[...], 0.1 * hidden.mean((0, 1, 2)), rtol=1e-5)
+
+
 def test_conv2d_padding_is_symmetric_like_torch():
   """A 3×3, stride-2, padding-1 conv on 4 px samples pixels 0 and 2 centred (torch); flax 'SAME'
   would centre pixels 1 and 3."""

@@ -32,23 +32,24 @@ PARAM_COUNTS = {
 
 
 def _cnn_features(stem, stages, pooled):
-  """{name: (spatial size, channels)} at a 64x64 input."""
+  """{name: (spatial size, channels)} at a 224x224 input, as listed in docs/models.md."""
   features = {"stem": stem, "pooled": (None, pooled)}
   for index, stage in enumerate(stages, start=1):
     features[f"stage{index}"] = features[f"preact_stage{index}"] = stage
   return features
 
 
-_RESNET_BASIC = _cnn_features((32, 64), [(16, 64), (8, 128), (4, 256), (2, 512)], 512)
-_RESNET_BOTTLENECK = _cnn_features((32, 64), [(16, 256), (8, 512), (4, 1024), (2, 2048)], 2048)
+_RESNET_BASIC = _cnn_features((112, 64), [(56, 64), (28, 128), (14, 256), (7, 512)], 512)
+_RESNET_BOTTLENECK = _cnn_features((112, 64), [(56, 256), (28, 512), (14, 1024), (7, 2048)],
+                                   2048)
 CNN_FEATURES = {
     "resnet18": _RESNET_BASIC,
     "resnet34": _RESNET_BASIC,
     "resnet50": _RESNET_BOTTLENECK,
     "resnet101": _RESNET_BOTTLENECK,
     "resnet152": _RESNET_BOTTLENECK,
-    "mobilenet_v1": _cnn_features((32, 32), [(16, 128), (8, 256), (4, 512), (2, 1024)], 1024),
-    "mobilenet_v2": _cnn_features((32, 32), [(16, 24), (8, 32), (4, 96), (2, 320)], 1280),
+    "mobilenet_v1": _cnn_features((112, 32), [(56, 128), (28, 256), (14, 512), (7, 1024)], 1024),
+    "mobilenet_v2": _cnn_features((112, 32), [(56, 24), (28, 32), (14, 96), (7, 320)], 1280),
 }
 
 
@@ -95,7 +96,7 @@ def test_param_count_matches_reference(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2"])
 def test_cnn_shapes_and_feature_names(name):
-  logits, features = _abstract_outputs(_shared_abstract(name), (2, 64, 64, 3),
+  logits, features = _abstract_outputs(_shared_abstract(name), (2, 224, 224, 3),
                                        return_features=True)
   assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
   expected = CNN_FEATURES[name]

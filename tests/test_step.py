@@ -107,13 +107,15 @@ def test_loss_uses_eval_mode_teacher_and_one_augmented_view():
 
 def test_supervised_training_without_teacher():
   student, _, method, mesh, optimizer, state, _ = _setup(
-      {'data': 8}, config={'losses': {'ce': 1.0}}, teacher=False)
+      {'data': 4, 'fsdp': 2}, config={'losses': {'ce': 1.0}}, teacher=False)
   train_step = kd_step.make_train_step(student=student, teacher=None, method=method,
                                        optimizer=optimizer, mesh=mesh)
   batch = parallel.host_to_global(mesh, tiny_models.batch(16))
+  # A trainer may pass the (FSDP-sharded) state of the teacher it evaluates with: ignored.
+  unused_teacher_state = kd_step.teacher_state(tiny_models.tiny_cnn(width=8, seed=2), mesh)
   losses = []
   for _ in range(5):
-    state, metrics = train_step(state, None, batch)
+    state, metrics = train_step(state, unused_teacher_state, batch)
     losses.append(float(metrics['loss']))
     assert set(metrics) == {'loss', 'ce', 'accuracy'}
   assert losses[-1] < losses[0]

@@ -529,7 +529,8 @@ def test_cli_end_to_end(tmp_path):
   logits, *_ = _torch_outputs(torch_model, images)
   jax_logits, _ = _forward(model, jnp.asarray(images))  # compiled by the resnet8 parity test
   np.testing.assert_allclose(jax_logits, logits, rtol=1e-4, atol=1e-4)
-  assert io.read_metadata(str(out_dir)) == {"name": "resnet8", "create_kwargs": {"num_classes": 100}}
+  assert io.read_metadata(str(out_dir)) == {"name": "resnet8",
+                                            "create_kwargs": {"num_classes": 100}}
 
 
 @pytest.mark.parametrize("model_name, checkpoint_name, expected", [

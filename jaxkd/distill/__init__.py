@@ -219,7 +219,8 @@ class Method:
       ``(loss, metrics, new_method_state)``; metrics hold each term's unweighted value.
     """
     labels = batch['label']
-    mask = batch['mask'].astype(jnp.float32) if 'mask' in batch else jnp.ones(labels.shape, jnp.float32)
+    mask = (batch['mask'].astype(jnp.float32) if 'mask' in batch
+            else jnp.ones(labels.shape, jnp.float32))
     total = jnp.float32(0.0)
     metrics = {}
     new_state = dict(method_state)
@@ -333,8 +334,8 @@ def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module
     hparams['losses'][loss_def.name] = float(weights[loss_def.name])
     if term_hparams:
       hparams[loss_def.name] = term_hparams
-    for selector, chosen, available in ((loss_def.student_features, student_features, student_shapes),
-                                        (loss_def.teacher_features, teacher_features, teacher_shapes)):
+    for selector, chosen, available in ((loss_def.student_features, student_features, info.student),
+                                        (loss_def.teacher_features, teacher_features, info.teacher)):
       for name in (selector(options, info) if selector else ()):
         if name not in available:
           raise ValueError(f'{loss_def.name} needs feature {name!r}; the model returns '
