@@ -6,6 +6,10 @@ time within a round. FLOPs are XLA's `cost_analysis()` of the compiled step.
 
   python benchmarks/kd_step.py                          # both CIFAR pairs + populations + torch
   python benchmarks/kd_step.py --pairs resnet56:resnet20 --rounds 3 --no-torch
+  python benchmarks/kd_step.py --pairs quickstart --population-pairs "" --steps 5
+
+Setups: 'teacher:student' CIFAR pairs, or 'quickstart' (configs/quickstart.py's small CNNs,
+28×28×1, batch 128, 10 classes; no PyTorch variant).
 
 Variants per teacher → student pair (batch 64, 32×32×3, 100 classes, SGD momentum):
   student_only  CE step of the student alone (no teacher)
@@ -25,7 +29,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -230,17 +233,26 @@ def _create(name, num_classes=NUM_CLASSES, **kwargs):
   return models.create(name, num_classes=num_classes, seed=0, **kwargs)
 
 
-def benchmark_pair(teacher_name, student_name, args, mesh):
-  image_shape = (32, 32, 3)
-  host_batch = _host_batch(args.batch, image_shape)
-  student, teacher = _create(student_name), _create(teacher_name)
+def _setup(spec: str, batch_size: int):
+  """(teacher, student, host batch) of 'quickstart' or a 'teacher:student' CIFAR pair."""
+  if spec == 'quickstart':  # configs/quickstart.py: 28×28×1, batch 128, 10 classes
+    return (_create('small_cnn', 10, widths=(32, 64, 128), depth=1, flatten=True),
+            _create('small_cnn', 10, widths=(8, 16, 32), depth=1, flatten=True),
+            _host_batch(128, (28, 28, 1), num_classes=10))
+  teacher_name, student_name = spec.split(':')
+  return _create(teacher_name), _create(student_name), _host_batch(batch_size, (32, 32, 3))
+
+
+def benchmark_pair(spec, args, mesh):
+  teacher, student, host_batch = _setup(spec, args.batch)
   variants = _jax_variants(student, teacher, mesh, host_batch)
-  if args.torch:
+  if args.torch and spec != 'quickstart':
+    teacher_name, student_name = spec.split(':')
     variants += [TorchTimed('torch_student_only', student_name, None, host_batch, args.threads),
                  TorchTimed('torch_kd', student_name, teacher_name, host_batch, args.threads)]
   times = _interleave(variants, args.rounds, args.steps)
   by_name = {v.name: v for v in variants}
-  row = {'pair': f'{teacher_name}→{student_name}', 'times_s': times,
+  row = {'pair': spec, 'times_s': times,
          'compile_s': {v.name: v.compile_s for v in variants},
          'flops': {v.name: v.flops for v in variants}}
   student_flops, teacher_flops = by_name['student_only'].flops, by_name['teacher_fwd'].flops
@@ -248,8 +260,8 @@ def benchmark_pair(teacher_name, student_name, args, mesh):
   row['flop_bound'] = (student_flops + teacher_flops) / student_flops
   row['kd_over_student_plus_teacher'] = times['kd'] / (times['student_only'] + times['teacher_fwd'])
   row['cached_over_student'] = times['cached'] / times['student_only']
-  row['examples_per_s_kd'] = args.batch / times['kd']
-  if args.torch:
+  row['examples_per_s_kd'] = len(host_batch['label']) / times['kd']
+  if 'torch_kd' in times:
     row['jax_over_torch_kd'] = times['kd'] / times['torch_kd']
     row['jax_over_torch_student'] = times['student_only'] / times['torch_student_only']
   return row
@@ -267,7 +279,8 @@ def benchmark_population(name, teacher, student, host_batch, args, mesh):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--pairs', default='resnet56:resnet20,resnet32x4:resnet8x4')
+  parser.add_argument('--pairs', default='resnet56:resnet20,resnet32x4:resnet8x4',
+                      help="comma-separated 'teacher:student' pairs or 'quickstart'")
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--steps', type=int, default=3)
@@ -284,19 +297,11 @@ def main():
   results = {'jax': jax.__version__, 'backend': jax.default_backend(),
              'xla_flags': os.environ.get('XLA_FLAGS', ''), 'threads': args.threads,
              'load_before': os.getloadavg(), 'pairs': [], 'populations': []}
-  for pair in filter(None, args.pairs.split(',')):
-    teacher_name, student_name = pair.split(':')
-    results['pairs'].append(benchmark_pair(teacher_name, student_name, args, mesh))
+  for spec in filter(None, args.pairs.split(',')):
+    results['pairs'].append(benchmark_pair(spec, args, mesh))
     print(json.dumps(results['pairs'][-1], indent=1, ensure_ascii=False), flush=True)
   for setup in filter(None, args.population_pairs.split(',')):
-    if setup == 'quickstart':  # configs/quickstart.py: 28×28×1, batch 128, 10 classes
-      student = _create('small_cnn', 10, widths=(8, 16, 32), depth=1, flatten=True)
-      teacher = _create('small_cnn', 10, widths=(32, 64, 128), depth=1, flatten=True)
-      host_batch = _host_batch(128, (28, 28, 1), num_classes=10)
-    else:
-      teacher_name, student_name = setup.split(':')
-      student, teacher = _create(student_name), _create(teacher_name)
-      host_batch = _host_batch(args.batch, (32, 32, 3))
+    teacher, student, host_batch = _setup(setup, args.batch)
     results['populations'].append(
         benchmark_population(setup, teacher, student, host_batch, args, mesh))
     print(json.dumps(results['populations'][-1], indent=1), flush=True)

@@ -45,7 +45,8 @@ LEARNING_RATE_KEY = 'learning_rate'
 LEARNING_RATE_SCALE_KEY = 'learning_rate_scale'
 
 
-def with_learning_rate_scale(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+def with_learning_rate_scale(
+    optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
   """`optimizer` followed by an injected ``step_size`` multiplier (1 by default), sweepable as
   ``'learning_rate_scale'``."""
   return optax.chain(optimizer, optax.inject_hyperparams(optax.scale)(step_size=1.0))

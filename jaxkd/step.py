@@ -195,7 +195,8 @@ def _batch_mask(batch) -> jax.Array:
 
 def _check_teacher(teacher, ensemble):
   if _is_ensemble(teacher) and ensemble not in ENSEMBLE_RULES:
-    raise ValueError(f'unknown ensemble rule {ensemble!r}; known rules: {", ".join(ENSEMBLE_RULES)}')
+    raise ValueError(f'unknown ensemble rule {ensemble!r}; '
+                     f'known rules: {", ".join(ENSEMBLE_RULES)}')
 
 
 def _shardings(mesh, student, method, optimizer, teacher, population_size):

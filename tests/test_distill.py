@@ -37,7 +37,7 @@ def _outputs():
 
 
 def _evaluate(method, *, jit, step=0):
-  """Method.loss on fixed model outputs, with gradients w.r.t. student logits, features, adapters."""
+  """Method.loss on fixed model outputs; gradients w.r.t. student logits, features, adapters."""
   student_logits, student_features, teacher_logits, teacher_features, host_batch = _outputs()
   batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
   graphdef, adapter_state = nnx.split(method.adapters)
@@ -140,7 +140,8 @@ def test_dkd_warmup_follows_mdistiller(step, factor):
   np.testing.assert_allclose(value, metrics['ce'] + factor * metrics['dkd'], rtol=1e-5)
   student_logits, _, teacher_logits, _, batch = _outputs()
   np.testing.assert_allclose(
-      metrics['dkd'], logit.dkd(student_logits, teacher_logits, batch['label'], beta=2.0), rtol=1e-5)
+      metrics['dkd'], logit.dkd(student_logits, teacher_logits, batch['label'], beta=2.0),
+      rtol=1e-5)
 
 
 def test_crd_updates_memory_and_fixes_the_normaliser():
@@ -171,7 +172,8 @@ def test_feature_choices_follow_repdistiller():
 
 
 @pytest.mark.parametrize('config, message', [
-    ({'losses': {'kd': 1.0, 'kdd': 1.0}}, "unknown loss 'kdd'; known losses: akl, attention_transfer"),
+    ({'losses': {'kd': 1.0, 'kdd': 1.0}},
+     "unknown loss 'kdd'; known losses: akl, attention_transfer"),
     ({'losses': {}}, 'losses is empty'),
     ({'losses': {'kd': 1.0}, 'kd': {'temprature': 2.0}}, 'unknown setting kd.temprature'),
     ({'losses': {'kd': 1.0}, 'dkd': {'beta': 2.0}}, "settings for \\['dkd'\\]"),

@@ -83,7 +83,7 @@ def _synthetic_model(name, seed=0, **kwargs):
     return 0.05 * rng.normal(size=variable.shape)
 
   return nnx.merge(graphdef, nnx.from_flat_state([
-      (path, variable.replace(jnp.asarray(value(path, variable), variable.dtype)))
+      (path, variable.replace(jnp.asarray(np.asarray(value(path, variable), variable.dtype))))
       for path, variable in nnx.to_flat_state(state)]))
 
 

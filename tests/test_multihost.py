@@ -46,8 +46,8 @@ def _train():
                    for key, value in full_batch.items()}
     global_batch = parallel.host_to_global(mesh, local_batch)
     # The processes' slices assemble into the global batch in order.
-    np.testing.assert_array_equal(multihost_utils.process_allgather(global_batch['index'], tiled=True),
-                                  full_batch['index'])
+    gathered_index = multihost_utils.process_allgather(global_batch['index'], tiled=True)
+    np.testing.assert_array_equal(gathered_index, full_batch['index'])
     state, metrics = train_step(state, teacher_state, global_batch)
     losses.append(float(metrics['loss']))
   student_state = multihost_utils.process_allgather(state.student, tiled=True)

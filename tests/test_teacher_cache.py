@@ -1,7 +1,6 @@
 """Cached teacher: write once keyed by example index, read by memory map, train without running
 the teacher (same loss as the live teacher), refuse mismatched data or teacher."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -38,7 +37,8 @@ def _write(tmp_path, teacher, **kwargs):
 def _open(tmp_path, teacher=None, **overrides):
   _, data_fingerprint = _dataset()
   kwargs = dict(dataset='tiny', num_examples=NUM_EXAMPLES, data_fingerprint=data_fingerprint,
-                teacher_fingerprint=teacher_cache.fingerprint(nnx.state(teacher)) if teacher else None)
+                teacher_fingerprint=(teacher_cache.fingerprint(nnx.state(teacher)) if teacher
+                                     else None))
   kwargs.update(overrides)
   return teacher_cache.open_cache(str(tmp_path), **kwargs)
 
@@ -66,7 +66,8 @@ def test_topk_cache_keeps_the_largest_log_probabilities(tmp_path):
   np.testing.assert_array_equal(entries['teacher_topk_ids'], expected_ids)
   np.testing.assert_allclose(entries['teacher_topk_logprobs'],
                              np.take_along_axis(np.asarray(log_probs), expected_ids, -1), atol=2e-3)
-  dense = teacher_cache.dense_logits(entries['teacher_topk_ids'], entries['teacher_topk_logprobs'], 10)
+  dense = teacher_cache.dense_logits(entries['teacher_topk_ids'],
+                                     entries['teacher_topk_logprobs'], 10)
   assert np.sum(np.isfinite(dense)) == 12
   # KD against the top-k teacher is finite and equals KD against the renormalised top-k.
   student_logits = jax.random.normal(jax.random.key(0), (4, 10))

@@ -334,8 +334,9 @@ def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module
     hparams['losses'][loss_def.name] = float(weights[loss_def.name])
     if term_hparams:
       hparams[loss_def.name] = term_hparams
-    for selector, chosen, available in ((loss_def.student_features, student_features, info.student),
-                                        (loss_def.teacher_features, teacher_features, info.teacher)):
+    sides = ((loss_def.student_features, student_features, info.student),
+             (loss_def.teacher_features, teacher_features, info.teacher))
+    for selector, chosen, available in sides:
       for name in (selector(options, info) if selector else ()):
         if name not in available:
           raise ValueError(f'{loss_def.name} needs feature {name!r}; the model returns '

@@ -204,7 +204,8 @@ def _vid(inputs: LossInputs):
 def _vid_adapter(options, info, rngs):
   student_shapes, teacher_shapes = _shapes(info, options, _all_stages)
   # RepDistiller: VIDLoss(s_channels, t_channels, t_channels) per stage.
-  return nnx.List([adapters.VIDRegressor(s[-1], t[-1], t[-1], init_pred_var=options['init_pred_var'],
+  return nnx.List([adapters.VIDRegressor(s[-1], t[-1], t[-1],
+                                         init_pred_var=options['init_pred_var'],
                                          eps=options['eps'], rngs=rngs)
                    for s, t in zip(student_shapes, teacher_shapes)])
 
@@ -218,7 +219,8 @@ _register_feature_term('vid', _vid, _all_stages, options={'init_pred_var': 5.0, 
 
 def _review_levels(info):
   """Student ``stage1..N, pooled``; teacher ``preact_stage1..N, pooled`` (mdistiller)."""
-  return stage_names(info.student) + ['pooled'], stage_names(info.teacher, 'preact_stage') + ['pooled']
+  return (stage_names(info.student) + ['pooled'],
+          stage_names(info.teacher, 'preact_stage') + ['pooled'])
 
 
 def _as_map(x):

@@ -84,7 +84,8 @@ _register_divergence('correlation_kd', logit.correlation_kd,
                      {'pearson_weight': 1.0, 'spearman_weight': 1.0, 'temperature': 1.0,
                       'regularization_strength': 1.0})
 # nn.MSELoss over batch and classes: the per-example class sums divided by C.
-_register_divergence('mse_logits', logit.mse_logits, {}, scale=lambda num_classes: 1.0 / num_classes)
+_register_divergence('mse_logits', logit.mse_logits, {},
+                     scale=lambda num_classes: 1.0 / num_classes)
 # DIST correlates each class over the batch: one scalar for the whole batch.
 _register_divergence('dist', logit.dist, {'beta': 1.0, 'gamma': 1.0, 'temperature': 1.0},
                      per_example=False)

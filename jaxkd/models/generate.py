@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxkd.models.transformer import TransformerLM
@@ -70,9 +71,9 @@ def generate(model: TransformerLM, prompt_tokens: jax.Array, max_new_tokens: int
   """
   graphdef, state = nnx.split(model)
   if prompt_mask is None:
-    prompt_mask = jnp.ones(prompt_tokens.shape, bool)
-  return _generate(graphdef, state, prompt_tokens, prompt_mask.astype(bool), rng, temperature,
-                   top_p, max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy,
+    prompt_mask = np.ones(prompt_tokens.shape, bool)  # numpy: no eager device op to compile
+  return _generate(graphdef, state, prompt_tokens, prompt_mask, rng, temperature, top_p,
+                   max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy,
                    return_logits=return_logits)
 
 
@@ -83,6 +84,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, rng, temperature, top
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   model = nnx.merge(graphdef, state)
+  prompt_mask = prompt_mask.astype(bool)
   batch, prompt_length = prompt_tokens.shape
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
                              greedy=greedy)

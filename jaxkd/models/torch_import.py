@@ -163,7 +163,8 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
       mismatched.append(f"{key}: checkpoint {tuple(arrays[key].shape)}, model expects "
                         f"{_to_torch_shape(path, variable.shape)}")
       continue
-    converted.append((path, variable.replace(jnp.asarray(value, dtype=variable.dtype))))
+    # Cast in numpy (ml_dtypes has bfloat16): an on-device cast compiles once per shape.
+    converted.append((path, variable.replace(jnp.asarray(value.astype(variable.dtype)))))
   if missing or unexpected or mismatched:
     problems = []
     if missing:
