@@ -1,7 +1,8 @@
 """CIFAR-100 distillation with the recipes of the KD benchmark, one `method=` per published method.
 
-    python -m jaxkd.main --config=configs/cifar_kd.py:method=dkd,teacher=resnet32x4,student=resnet8x4 \
-        --workdir=/tmp/dkd_r32x4_r8x4 --config.teacher.checkpoint=DIR --config.data.dir=TFDS_DATA_DIR
+    python -m jaxkd.main \
+        --config=configs/cifar_kd.py:method=dkd,teacher=resnet32x4,student=resnet8x4 \
+        --workdir=/tmp/dkd_r32x4_r8x4 --config.teacher.checkpoint=DIR --config.data.dir=DATA_DIR
 
 Config argument `method=M,teacher=T,student=S` (defaults kd, resnet32x4, resnet8x4). `M` is a key
 of `METHODS`: kd, fitnet, at, sp, cc, vid, rkd, pkt, nst, crd (RepDistiller), dkd, reviewkd
@@ -9,12 +10,12 @@ of `METHODS`: kd, fitnet, at, sp, cc, vid, rkd, pkt, nst, crd (RepDistiller), dk
 with cross-entropy alone and no teacher, which is how the teachers are trained; its
 `<workdir>/model` then serves as `--config.teacher.checkpoint`.
 
-Shared recipe (/work/shared/reference/cifar100_benchmark.md; RepDistiller train_student.py, mdistiller
-configs/cifar100/*.yaml): 240 epochs, SGD momentum 0.9, batch 64, lr 0.05 (0.01 for MobileNetV2 /
-ShuffleNet students), ×0.1 at epochs 150, 180, 210, weight decay 5e-4, RandomCrop(32, padding 4) +
-horizontal flip, teacher in eval mode. What differs between methods (loss weights and settings) is
-one entry of `METHODS`; what differs between teacher/student pairs (DKD β, ReviewKD weight, KD+LS
-temperature) is looked up in `PAIR_VALUES`.
+Shared recipe (RepDistiller train_student.py, mdistiller configs/cifar100/*.yaml): 240 epochs,
+SGD momentum 0.9, batch 64, lr 0.05 (0.01 for MobileNetV2 / ShuffleNet students), ×0.1 at epochs
+150, 180, 210, weight decay 5e-4, RandomCrop(32, padding 4) + horizontal flip, teacher in eval mode.
+What differs between methods (loss weights and settings) is one entry of `METHODS`; what differs
+between teacher/student pairs (DKD β, ReviewKD weight, KD+LS temperature) is looked up in
+`PAIR_VALUES`.
 
 The teacher is a jaxkd.models.io directory: a finished jaxkd run's `<workdir>/model`, or a converted
 RepDistiller / mdistiller checkpoint (`python -m jaxkd.tools.import_torch`). The data is TFDS
@@ -86,12 +87,13 @@ METHODS = {
                        "warmup_epochs": 20}},
 }
 
-# method → (settings section, key) → {(teacher, student): value}; other pairs keep METHODS' value.
-_DKD_BETA = {  # mdistiller configs/cifar100/dkd/<pair>.yaml DKD.BETA (the others keep 8).
+# mdistiller configs/cifar100/dkd/<pair>.yaml DKD.BETA (the other pairs keep CFG.DKD.BETA 8).
+_DKD_BETA = {
     ("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0,
     ("vgg13", "vgg8"): 6.0, ("vgg13", "MobileNetV2"): 6.0,
     ("wrn_40_2", "wrn_16_2"): 6.0, ("wrn_40_2", "wrn_40_1"): 6.0,
 }
+# method → (section, key) → {(teacher, student): value}; other pairs keep METHODS' value.
 PAIR_VALUES = {
     "dkd": {("dkd", "beta"): _DKD_BETA},
     "dkd_ls": {("dkd", "beta"): _DKD_BETA},
@@ -120,10 +122,12 @@ _DEFAULT_LR = 0.05
 
 
 def canonical(model: str) -> str:
+  """The name the pair tables use for `model` (the zoo registers some models twice)."""
   return _CANONICAL_NAMES.get(model, model)
 
 
 def learning_rate(student: str) -> float:
+  """Peak lr of the model being trained (the student, or the teacher under method=ce)."""
   return _MODEL_LR.get(canonical(student), _DEFAULT_LR)
 
 
