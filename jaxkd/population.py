@@ -53,7 +53,10 @@ def with_learning_rate_scale(
 
 
 def _flatten_sweep(sweep: Mapping[str, Any], prefix: str = '') -> dict[str, Sequence[Any]]:
-  """Dotted keys from nested mappings: ``{'kd': {'temperature': [...]}}`` → ``'kd.temperature'``."""
+  """Dotted keys from nested mappings.
+
+  ``{'kd': {'temperature': [...]}}`` becomes ``{'kd.temperature': [...]}``.
+  """
   flat = {}
   for key, value in sweep.items():
     if hasattr(value, 'items'):

@@ -113,7 +113,7 @@ def _with_weights(model, seed=0):
       value = rng.uniform(0.5, 1.5, size=shape)
     else:
       value = 0.1 * rng.normal(size=shape)
-    filled.append((path, variable.replace(jnp.asarray(np.asarray(value, variable.dtype)))))
+    filled.append((path, variable.replace(jax.device_put(np.asarray(value, variable.dtype)))))
   nnx.update(model, nnx.from_flat_state(filled))
   return model
 

@@ -30,10 +30,13 @@ def model():
   rng = np.random.default_rng(3)
 
   def value(path, variable):
-    return np.ones(variable.shape) if path[-1] == "scale" else 0.02 * rng.normal(size=variable.shape)
+    if path[-1] == "scale":
+      return np.ones(variable.shape, variable.dtype)
+    return (0.02 * rng.normal(size=variable.shape)).astype(variable.dtype)
 
+  # device_put, not jnp.asarray: the latter compiles a staging op per shape for numpy input.
   nnx.update(model, nnx.from_flat_state([
-      (path, variable.replace(jnp.asarray(np.asarray(value(path, variable), variable.dtype))))
+      (path, variable.replace(jax.device_put(value(path, variable))))
       for path, variable in nnx.to_flat_state(nnx.state(model))]))
   return model
 
@@ -110,7 +113,8 @@ def test_cached_generation_logits_equal_full_forward(model):
   full_logits, _ = _forward(model, np.concatenate([prompt, result.tokens], axis=1))
   # Token i is sampled from the logits at position PROMPT-1+i of prompt + generated tokens.
   expected = np.asarray(full_logits)[:, PROMPT - 1:-1]
-  print(f"cached vs full forward: max |Δlogits| {np.abs(result.logits - expected).max():.1e} "
+  print(f"cached vs full forward: max |Δlogits| "
+        f"{np.abs(np.asarray(result.logits) - expected).max():.1e} "
         f"(logit scale {np.abs(expected).max():.2f})")
   np.testing.assert_allclose(result.logits, expected, atol=1e-5)
 
@@ -300,7 +304,7 @@ def test_torch_parity_with_hugging_face_llama_layout():
     expected = reference(torch.from_numpy(tokens)).numpy()
   model = torch_import.load_torch_model("lm_tiny", reference.state_dict(),
                                         num_kv_heads=num_kv_heads)  # num_classes read: VOCAB
-  logits, _ = _forward(model, tokens)
+  logits = np.asarray(_forward(model, tokens)[0])
   scale = np.abs(expected).max()
   print(f"LLaMA parity: max |Δlogits| {np.abs(logits - expected).max():.1e} "
         f"(logit scale {scale:.2f})")

@@ -420,7 +420,7 @@ def test_converted_model_matches_torch(name):
 
   # num_classes is read off the checkpoint: 100, the default head, whose abstract build is reused.
   model = torch_import.load_torch_model(name, torch_model.state_dict())
-  jax_logits, features = _forward(model, jnp.asarray(images))
+  jax_logits, features = _forward(model, images)
 
   np.testing.assert_allclose(jax_logits, logits, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(features["pooled"], pooled, rtol=1e-4, atol=1e-4)
@@ -443,7 +443,7 @@ def test_bottleneck_resnetv2_layout_matches_torch():
       shortcut_name="shortcut", num_classes=100, dtype=jnp.float32, param_dtype=jnp.float32,
       rngs=nnx.Rngs(0)))
   nnx.update(model, torch_import.convert_state_dict(model, torch_model.state_dict()))
-  jax_logits, features = _forward(model, jnp.asarray(images))
+  jax_logits, features = _forward(model, images)
   np.testing.assert_allclose(jax_logits, logits, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(features["preact_stage4"], preacts[4], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(features["stage2"], feats[2], rtol=1e-4, atol=1e-4)
@@ -527,7 +527,9 @@ def test_cli_end_to_end(tmp_path):
   model = io.load(str(out_dir))
   images = _images()
   logits, *_ = _torch_outputs(torch_model, images)
-  jax_logits, _ = _forward(model, jnp.asarray(images))  # compiled by the resnet8 parity test
+  # Jitted: eagerly, each op compiles on its own. (orbax restores committed arrays, so this is a
+  # compilation of its own too.)
+  jax_logits, _ = _forward(model, images)
   np.testing.assert_allclose(jax_logits, logits, rtol=1e-4, atol=1e-4)
   assert io.read_metadata(str(out_dir)) == {"name": "resnet8",
                                             "create_kwargs": {"num_classes": 100}}

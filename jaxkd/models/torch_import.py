@@ -24,7 +24,7 @@ torch itself is not imported here: tensors are converted with `.numpy()` (or `np
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
@@ -163,8 +163,9 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
       mismatched.append(f"{key}: checkpoint {tuple(arrays[key].shape)}, model expects "
                         f"{_to_torch_shape(path, variable.shape)}")
       continue
-    # Cast in numpy (ml_dtypes has bfloat16): an on-device cast compiles once per shape.
-    converted.append((path, variable.replace(jnp.asarray(value.astype(variable.dtype)))))
+    # Cast in numpy (ml_dtypes has bfloat16) and device_put: an on-device cast, or jnp.asarray
+    # of a numpy array, compiles a small program per shape.
+    converted.append((path, variable.replace(jax.device_put(value.astype(variable.dtype)))))
   if missing or unexpected or mismatched:
     problems = []
     if missing:
