@@ -49,7 +49,9 @@ class Checkpointer:
     saved = self.run_info()
     if saved is None:
       return
-    for key, value in run_info.items():
+    # Both ways: a key only one side has (a population's size) differs too.
+    for key in {**saved, **run_info}:
+      value = run_info.get(key)
       if saved.get(key) != value:
         raise IncompatibleCheckpointError(
             f"the workdir's checkpoint at step {self.latest_step()} was written for {key} = "

@@ -41,6 +41,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.teacher.model = ""  # Expected architecture name (checked against the directory).
   config.teacher.checkpoint = ""  # '' = no teacher.
   config.teacher.kwargs = ml_collections.ConfigDict()  # create() arguments when a run trains it.
+  # Cached teacher (jaxkd.teacher_cache): with a dir, the teacher's outputs on every training
+  # example are computed once into it (if absent; reused and verified against the data and the
+  # teacher weights otherwise) and training reads them instead of running the teacher. Only for
+  # fixed views (data.augment='none'); evaluation still runs the teacher.
+  config.teacher.cache = ml_collections.ConfigDict()
+  config.teacher.cache.dir = ""  # '' = run the teacher inside every step.
+  config.teacher.cache.topk = 0  # 0 = dense logits; k = the k largest log-probabilities.
 
   # The distillation method (jaxkd.distill): loss name → weight, and one settings dict per loss.
   config.distill = ml_collections.ConfigDict()
@@ -58,6 +65,15 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.decay_epochs = ()  # 'step': epochs after which lr is multiplied by…
   config.optimizer.decay_factor = 0.1  # … this factor.
   config.optimizer.warmup_epochs = 0.0  # Linear warm-up from 0, in (fractional) epochs.
+
+  # Student population (jaxkd.population): `size` students trained in one compiled step, sharing
+  # the data order, the views and the teacher forward; member i takes the i-th value of every
+  # sweep key. Keys nest (a ConfigDict refuses dots): {'kd': {'temperature': [1., 2., 4., 8.]}},
+  # {'losses': {'kd': [...]}}, 'seed' (RNG stream and initial weights), 'learning_rate_scale'.
+  # Each member gets <workdir>/members/<name>/ (metrics, TensorBoard, model, results).
+  config.population = ml_collections.ConfigDict()
+  config.population.size = 1  # 1 = one student, the plain run.
+  config.population.sweep = ml_collections.ConfigDict()  # Key → list of `size` values.
 
   config.num_epochs = 10  # Length of the run; steps = num_epochs · (train examples // batch).
   config.stop_at_step = 0  # 0 = run to the end; N = checkpoint and exit after step N (job limits).
@@ -85,6 +101,7 @@ def _check_choice(field: str, value, choices) -> None:
 def validate(config) -> None:
   """Static checks of `config` (no data read, no model built); ConfigError on the first failure."""
   from jaxkd import distill, models  # Importing the zoo and the methods registers their names.
+  from jaxkd import population
 
   _check_choice("data.name", config.data.name, tuple(data.DATASETS))
   _check_choice("data.source", config.data.source, data.SOURCES)
@@ -117,6 +134,25 @@ def validate(config) -> None:
   _check(config.optimizer.warmup_epochs < config.num_epochs, "optimizer.warmup_epochs",
          config.optimizer.warmup_epochs, f"must be shorter than num_epochs={config.num_epochs}")
   _check(config.stop_at_step >= 0, "stop_at_step", config.stop_at_step, "must be 0 or positive")
+
+  _check(config.population.size >= 1, "population.size", config.population.size,
+         "must be 1 (one student) or more")
+  try:
+    population.member_overrides(population_config(config))
+  except ValueError as error:
+    raise ConfigError(f"config.population.sweep: {error}") from None
+  _check(config.teacher.cache.topk >= 0, "teacher.cache.topk", config.teacher.cache.topk,
+         "must be 0 (dense logits) or positive")
+  if config.teacher.cache.dir:
+    _check(config.data.augment == "none", "data.augment", config.data.augment,
+           "a cached teacher (teacher.cache.dir) holds the outputs of fixed views: use 'none'")
+    _check(bool(config.teacher.checkpoint), "teacher.checkpoint", config.teacher.checkpoint,
+           "teacher.cache.dir needs the teacher the cache is computed from (and evaluated with)")
+
+
+def population_config(config) -> dict:
+  """`config.population` as the plain dict `jaxkd.population` reads."""
+  return config.population.to_dict()
 
 
 def check_teacher_given(config) -> None:

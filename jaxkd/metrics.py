@@ -7,6 +7,7 @@ written with tensorboardX (`clu.metric_writers` would import TensorFlow). Only p
 import json
 import os
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -72,12 +73,17 @@ class Progress:
   """Running means of the train metrics and the console line printed every `every` steps:
 
       step 400/2340 (17%) | loss 0.8123 ce 0.5210 kd 0.3100 | lr 0.0500 | 3,012 ex/s | ETA 0m41s
+
+  For a population (`members` = the member names), each metric carries a leading ``[P]`` axis
+  and every member gets its own line, prefixed with its name.
   """
 
-  def __init__(self, *, total_steps: int, start_step: int, batch_size: int, every: int):
+  def __init__(self, *, total_steps: int, start_step: int, batch_size: int, every: int,
+               members: Sequence[str] = ()):
     self.total_steps = total_steps
     self.batch_size = batch_size
     self.every = every
+    self.members = list(members)
     self._pending: list[dict] = []
     self._last_step = start_step
     self._last_time = time.perf_counter()
@@ -89,22 +95,28 @@ class Progress:
   def due(self, step: int) -> bool:
     return step % self.every == 0 or step == self.total_steps
 
-  def summary(self, step: int, **extra: float) -> dict[str, float]:
-    """Means since the last summary plus `extra` and `examples_per_second`; prints the line."""
+  def summary(self, step: int, **extra: float) -> list[dict[str, float]]:
+    """Means since the last summary plus `extra` and `examples_per_second`, one dict per member
+    (a single one without `members`); prints the line(s)."""
     history = jax.device_get(self._pending)
-    means = {name: float(np.mean([metrics[name] for metrics in history]))
+    # Mean over the logged steps: a scalar per name, or [P] for a population.
+    means = {name: np.mean([metrics[name] for metrics in history], axis=0)
              for name in (history[0] if history else {})}
     now = time.perf_counter()  # after the fetch, which waits for the steps to finish
     examples_per_second = ((step - self._last_step) * self.batch_size
                            / max(now - self._last_time, 1e-9))
-    scalars = {**means, **extra, "examples_per_second": examples_per_second}
     eta = (self.total_steps - step) * self.batch_size / max(examples_per_second, 1e-9)
-    terms = " ".join(f"{name} {value:.4f}" for name, value in means.items())
     rates = " | ".join(f"{name} {value:.4g}" for name, value in extra.items())
-    line = (f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) | {terms}"
-            + (f" | {rates}" if rates else "")
-            + f" | {examples_per_second:,.0f} ex/s | ETA {_format_duration(eta)}")
-    logging.info(line)
+    summaries = []
+    for index, prefix in enumerate([f"[{name}] " for name in self.members] or [""]):
+      member_means = {name: float(value[index] if self.members else value)
+                      for name, value in means.items()}
+      terms = " ".join(f"{name} {value:.4f}" for name, value in member_means.items())
+      logging.info(f"{prefix}step {step}/{self.total_steps} "
+                   f"({100 * step / self.total_steps:.0f}%) | {terms}"
+                   + (f" | {rates}" if rates else "")
+                   + f" | {examples_per_second:,.0f} ex/s | ETA {_format_duration(eta)}")
+      summaries.append({**member_means, **extra, "examples_per_second": examples_per_second})
     self._pending = []
     self._last_step, self._last_time = step, now
-    return scalars
+    return summaries

@@ -1,8 +1,9 @@
 """`train_and_evaluate(config, workdir)`: one training run, distillation or plain supervised.
 
-Reads top to bottom: checks → mesh → data → models → method, optimiser, state (restored from the
-workdir's latest checkpoint if any) → compiled steps → loop (log, evaluate, checkpoint) →
-export. Running it again on a workdir resumes; on a finished workdir it only evaluates.
+Reads top to bottom: checks → mesh → data → models → teacher cache → method, optimiser, state
+(restored from the workdir's latest checkpoint if any) → compiled steps → loop (log, evaluate,
+checkpoint) → export. Running it again on a workdir resumes; on a finished workdir it only
+evaluates.
 
 Workdir layout:
   checkpoints/<step>/    TrainState + run record (jaxkd.checkpoint)
@@ -10,42 +11,62 @@ Workdir layout:
   tensorboard/           the same as TensorBoard event files
   model/                 the final student in jaxkd.models.io format, usable as a teacher
   results.json           the final evaluation
+
+A population (`config.population.size` = P > 1, `jaxkd.population`) trains P students in one
+compiled step; the checkpoint holds their stacked TrainState, and each member gets the
+per-student files above in `members/<name>/` (name from the sweep, e.g. `kd.temperature=4.0`),
+with `results.json` in the workdir collecting every member's evaluation.
+
+A cached teacher (`config.teacher.cache.dir`, `jaxkd.teacher_cache`) replaces the teacher
+forward of every step by a look-up of its outputs, computed once over the training examples.
 """
+import contextlib
 import json
 import os
 
 import jax
+import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxkd import checkpoint, configlib, data, distill, metrics, models, optim, parallel
+from jaxkd import (checkpoint, configlib, data, distill, metrics, models, optim, parallel,
+                   population, teacher_cache)
 from jaxkd import step as kd_step
 from jaxkd.models import io as model_io
 
 
-def evaluate(eval_step, state, teacher_state, mesh, batches) -> dict[str, float]:
-  """Test-split means: top-1 `accuracy`; with a teacher also `agreement` (same argmax) and
-  `kl` = KL(teacher ‖ student) at T = 1, in nats per example."""
+def evaluate(eval_step, state, teacher_state, mesh, batches) -> list[dict[str, float]]:
+  """Test-split means, one dict per member (one for a single state): top-1 `accuracy`; with a
+  teacher also `agreement` (same argmax) and `kl` = KL(teacher ‖ student) at T = 1, in nats per
+  example."""
   totals = None
   for host_batch in batches:
     sums = eval_step(state, teacher_state, parallel.host_to_global(mesh, host_batch))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = {name: float(value) for name, value in jax.device_get(totals).items()}
-  results = {"accuracy": totals["correct"] / totals["count"]}
-  if "agree" in totals:
-    results["agreement"] = totals["agree"] / totals["count"]
-    results["kl"] = totals["kl"] / totals["count"]
+  totals = jax.device_get(totals)
+  # A single state's sums are scalars; a population's are [P].
+  members = population.unstack(totals) if np.ndim(totals["count"]) else [totals]
+  results = []
+  for sums in members:
+    member_results = {"accuracy": float(sums["correct"] / sums["count"])}
+    if "agree" in sums:
+      member_results["agreement"] = float(sums["agree"] / sums["count"])
+      member_results["kl"] = float(sums["kl"] / sums["count"])
+    results.append(member_results)
   return results
 
 
-def _run_info(config, spec: data.DatasetSpec) -> dict:
+def _run_info(config, spec: data.DatasetSpec, population_size: int | None) -> dict:
   """What a checkpoint's state is; a resumed run must match it (jaxkd.checkpoint).
 
   Passed through JSON, as it is stored, so that tuples compare equal to the lists read back.
+  A population's size is recorded (its state is stacked); a single run's record is unchanged.
   """
-  return json.loads(json.dumps({
-      "student.model": config.student.model, "student.kwargs": config.student.kwargs.to_dict(),
-      "num_classes": spec.num_classes, "data.name": config.data.name}))
+  info = {"student.model": config.student.model, "student.kwargs": config.student.kwargs.to_dict(),
+          "num_classes": spec.num_classes, "data.name": config.data.name}
+  if population_size:
+    info["population.size"] = population_size
+  return json.loads(json.dumps(info))
 
 
 def _load_teacher(config, spec: data.DatasetSpec) -> nnx.Module | None:
@@ -64,8 +85,62 @@ def _load_teacher(config, spec: data.DatasetSpec) -> nnx.Module | None:
   return teacher
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config.student` as `config.distill` says; returns the final test evaluation."""
+def _open_teacher_cache(config, spec: data.DatasetSpec, teacher: nnx.Module, train_source,
+                        num_train: int) -> teacher_cache.TeacherCache:
+  """The cache of `teacher`'s outputs on the first `num_train` training examples, written first
+  if `config.teacher.cache.dir` holds none; a cache of other data or another teacher is an error.
+
+  The cached view is the normalised image, which is what the step sees with augment 'none'.
+  """
+  directory = config.teacher.cache.dir
+  kind, k = ("topk", config.teacher.cache.topk) if config.teacher.cache.topk else ("dense", None)
+  examples = data.ArraySource(train_source.read(np.arange(num_train)))
+  identity = dict(dataset=config.data.name, num_examples=num_train,
+                  data_fingerprint=teacher_cache.fingerprint(examples.arrays))
+  if not os.path.exists(os.path.join(directory, teacher_cache.MANIFEST)):
+    if jax.process_count() > 1:
+      raise configlib.ConfigError(
+          f"config.teacher.cache.dir={directory!r}: no cache there; write it with a "
+          "single-process run first (every process would see only its slice of the data)")
+    logging.info("Writing the teacher cache %s (%d examples, %s)", directory, num_train, kind)
+    teacher_cache.write_cache(
+        directory, teacher=teacher, kind=kind, k=k, **identity,
+        batches=data.eval_batches(examples, spec, global_batch_size=config.data.eval_batch_size,
+                                  num_threads=config.data.num_threads))
+  try:
+    cache = teacher_cache.open_cache(
+        directory, teacher_fingerprint=teacher_cache.fingerprint(nnx.state(teacher)), **identity)
+  except (FileNotFoundError, ValueError) as error:
+    raise configlib.ConfigError(f"config.teacher.cache.dir: {error}") from None
+  if cache.manifest.k != k:
+    raise configlib.ConfigError(
+        f"config.teacher.cache.topk={config.teacher.cache.topk}: the cache at {directory} holds "
+        f"{cache.manifest.kind} outputs (k={cache.manifest.k}); use another directory")
+  return cache
+
+
+def _init_population(config, spec, student, method, optimizer, mesh, population_config):
+  """The stacked initial state of `config.population` (see jaxkd.population)."""
+  swept = population.member_overrides(population_config)[0]
+  if population.LEARNING_RATE_SCALE_KEY in swept:
+    optimizer = population.with_learning_rate_scale(optimizer)
+  make_student = None
+  if population.SEED_KEY in swept:  # Swept seeds also draw the members' initial weights.
+    make_student = lambda seed: models.create(
+        config.student.model, num_classes=spec.num_classes, seed=seed, **config.student.kwargs)
+  try:
+    state = population.init_population(student, method, optimizer, population_config,
+                                       seed=config.seed, mesh=mesh, make_student=make_student)
+  except ValueError as error:
+    raise configlib.ConfigError(f"config.population.sweep: {error}") from None
+  return state, optimizer
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config.student` as `config.distill` says; returns the final test evaluation.
+
+  For a population: ``{'members': {name: evaluation}}``.
+  """
   configlib.validate(config)
   parallel.maybe_initialize_distributed(config)
   mesh = parallel.make_mesh(config.mesh)
@@ -82,8 +157,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   total_steps = config.num_epochs * steps_per_epoch
   stop_step = min(config.stop_at_step or total_steps, total_steps)
 
+  population_config = configlib.population_config(config)
+  population_size = population_config["size"] if population_config["size"] > 1 else None
+  member_names = population.member_names(population_config) if population_size else []
+  # Where each student's metrics, model and results go.
+  run_dirs = [os.path.join(workdir, "members", name) for name in member_names] or [workdir]
+
   checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-  run_info = _run_info(config, spec)
+  run_info = _run_info(config, spec, population_size)
   checkpointer.check_compatible(run_info)
 
   # Models. The teacher is frozen: it only ever runs in eval mode.
@@ -101,23 +182,33 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     raise configlib.ConfigError(f"config.distill: {error}") from None
   schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps)
   optimizer = optim.build(config.optimizer, schedule)
-  initial_state = kd_step.init_state(student, method, optimizer, seed=config.seed, mesh=mesh)
+  if population_size:
+    initial_state, optimizer = _init_population(config, spec, student, method, optimizer, mesh,
+                                                population_config)
+  else:
+    initial_state = kd_step.init_state(student, method, optimizer, seed=config.seed, mesh=mesh)
   # Loss weights and temperatures come from the config on resume too, like the lr schedule.
   state = checkpointer.restore(initial_state).replace(hparams=initial_state.hparams)
-  start_step = int(state.step)
+  start_step = int(np.max(state.step))  # Members step together: their counts are equal.
   if start_step:
     logging.info("Resuming %s from step %d/%d", workdir, start_step, total_steps)
 
-  # Compiled steps. A method without teacher terms trains without running the teacher; the
-  # evaluation still compares with it.
+  # Compiled steps. A method without teacher terms trains without running the teacher, and so
+  # does one reading a cached teacher from the batch; the evaluation still compares with it.
+  cache = None
+  if config.teacher.cache.dir and method.needs_teacher:
+    cache = _open_teacher_cache(config, spec, teacher, train_source, num_train)
   teacher_state = kd_step.teacher_state(teacher, mesh)
-  train_teacher = teacher if method.needs_teacher else None
+  train_teacher = teacher if method.needs_teacher and cache is None else None
   train_step = kd_step.make_train_step(
       student=student, teacher=train_teacher, method=method, optimizer=optimizer, mesh=mesh,
-      augment=data.build_augment(config.data.augment, spec))
-  eval_step = kd_step.make_eval_step(student=student, teacher=teacher, mesh=mesh)
+      augment=data.build_augment(config.data.augment, spec), population_size=population_size,
+      # XLA:CPU runs vmapped convolutions as slower grouped ones (docs/engine.md).
+      population_chunk=1 if population_size and jax.default_backend() == "cpu" else None)
+  eval_step = kd_step.make_eval_step(student=student, teacher=teacher, mesh=mesh,
+                                     population_size=population_size)
 
-  def eval_now():
+  def eval_now() -> list[dict[str, float]]:
     return evaluate(eval_step, state, teacher_state, mesh, data.eval_batches(
         test_source, spec, global_batch_size=config.data.eval_batch_size,
         num_threads=config.data.num_threads))
@@ -125,21 +216,30 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   # Loop. `step` counts the updates applied so far, as `state.step` does.
   eval_every_steps = config.eval_every_epochs * steps_per_epoch
   progress = metrics.Progress(total_steps=total_steps, start_step=start_step,
-                              batch_size=config.data.batch_size, every=config.log_every_steps)
+                              batch_size=config.data.batch_size, every=config.log_every_steps,
+                              members=member_names)
   batches = data.train_batches(
       train_source, spec, seed=config.seed, start_step=start_step, num_steps=stop_step,
       global_batch_size=config.data.batch_size, num_examples=num_train,
       num_threads=config.data.num_threads)
-  with metrics.Writer(workdir) as writer:
+  if cache is not None:
+    batches = map(cache.add_to_batch, batches)
+  with contextlib.ExitStack() as stack:
+    writers = [stack.enter_context(metrics.Writer(run_dir)) for run_dir in run_dirs]
+
+    def write(step, split, scalars_per_run):
+      for writer, scalars in zip(writers, scalars_per_run):
+        writer.write(step, split, scalars)
+
     for step in range(start_step + 1, stop_step + 1):
       state, step_metrics = train_step(
           state, teacher_state if train_teacher else None,
           parallel.host_to_global(mesh, next(batches)))
       progress.add(step_metrics)
       if progress.due(step):
-        writer.write(step, "train", progress.summary(step, lr=schedule(step - 1)))
+        write(step, "train", progress.summary(step, lr=schedule(step - 1)))
       if eval_every_steps and step % eval_every_steps == 0 and step != total_steps:
-        writer.write(step, "eval", eval_now())
+        write(step, "eval", eval_now())
       if step % config.checkpoint_every_steps == 0 or step == stop_step:
         checkpointer.save(step, state, run_info)
     checkpointer.wait()
@@ -150,14 +250,25 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       return {}
     results = eval_now()
     if start_step < total_steps:
-      writer.write(total_steps, "eval", results)
-  # RepDistiller reports the last epoch, mdistiller the best: keep both.
-  results["best_accuracy"] = metrics.best(workdir, "eval", "accuracy") or results["accuracy"]
+      write(total_steps, "eval", results)
 
-  logging.info("Final evaluation of %s: %s", workdir, json.dumps(results))
-  model_io.save(os.path.join(workdir, "model"), kd_step.student_model(student, state),
-                config.student.model, num_classes=spec.num_classes, **config.student.kwargs)
+  member_states = population.unstack(state) if population_size else [state]
+  for run_dir, run_results, run_state in zip(run_dirs, results, member_states):
+    # RepDistiller reports the last epoch, mdistiller the best: keep both.
+    run_results["best_accuracy"] = (metrics.best(run_dir, "eval", "accuracy")
+                                    or run_results["accuracy"])
+    logging.info("Final evaluation of %s: %s", run_dir, json.dumps(run_results))
+    model_io.save(os.path.join(run_dir, "model"), kd_step.student_model(student, run_state),
+                  config.student.model, num_classes=spec.num_classes, **config.student.kwargs)
+    _write_json(os.path.join(run_dir, "results.json"), {"step": total_steps, **run_results})
+  if not population_size:
+    return results[0]
+  members = dict(zip(member_names, results))
+  _write_json(os.path.join(workdir, "results.json"), {"step": total_steps, "members": members})
+  return {"members": members}
+
+
+def _write_json(path: str, record: dict) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump({"step": total_steps, **results}, f, indent=2)
-  return results
+    with open(path, "w") as f:
+      json.dump(record, f, indent=2)

@@ -1,0 +1,154 @@
+"""The trainer with a student population and with a cached teacher, on a tiny IDX dataset."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxkd import configlib, models, train
+from jaxkd.models import io as model_io
+
+import testing_utils
+
+TEMPERATURES = (2.0, 8.0)
+MEMBER_NAMES = [f"kd.temperature={t}" for t in TEMPERATURES]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """The runs below compile the same few programs again and again, as `jaxkd.main` would."""
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  yield
+  jax.config.update("jax_compilation_cache_dir", previous)
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  return testing_utils.write_dataset(tmp_path_factory.mktemp("fashion_mnist"), 128, 96)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """An untrained teacher: KD only needs fixed, non-uniform targets here."""
+  directory = str(tmp_path_factory.mktemp("teacher") / "model")
+  kwargs = {"widths": (8, 16, 16), "depth": 1, "flatten": True}
+  model_io.save(directory, models.create("small_cnn", num_classes=10, seed=7, **kwargs),
+                "small_cnn", num_classes=10, **kwargs)
+  return directory
+
+
+def _kd_config(idx_dir: str, teacher_dir: str):
+  """configs/quickstart.py:smoke on the fake dataset, tiny student, KD from `teacher_dir`:
+  64 examples / batch 16 × 1 epoch = 4 steps."""
+  config = testing_utils.load_config("quickstart", "smoke,seeds=1")
+  config.data.dir = idx_dir
+  config.data.train_examples = 64
+  config.data.batch_size = 16
+  config.data.eval_batch_size = 48  # 96 test examples: two batches, padding-free.
+  config.student.kwargs.widths = (4, 8, 8)
+  config.teacher.checkpoint = teacher_dir
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 100
+  return config
+
+
+def _params(model_dir: str):
+  return nnx.state(model_io.load(model_dir), nnx.Param)
+
+
+def _assert_close(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def _records(workdir: str, split: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [record for record in map(json.loads, f) if record["split"] == split]
+
+
+def test_population_members_match_single_runs(idx_dir, teacher_dir, tmp_path):
+  """A 2-member temperature sweep, stopped after step 2 and resumed: each member's metrics,
+  evaluation and weights equal those of the single uninterrupted run with its temperature."""
+  config = _kd_config(idx_dir, teacher_dir)
+  config.population.size = 2
+  config.population.sweep = {"kd": {"temperature": list(TEMPERATURES)}}
+  workdir = str(tmp_path / "population")
+  config.stop_at_step = 2
+  assert train.train_and_evaluate(config, workdir) == {}
+  config.stop_at_step = 0
+  results = train.train_and_evaluate(config, workdir)
+  assert list(results["members"]) == MEMBER_NAMES
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["members"] == results["members"]
+
+  for name, temperature in zip(MEMBER_NAMES, TEMPERATURES):
+    member_dir = os.path.join(workdir, "members", name)
+    single_config = _kd_config(idx_dir, teacher_dir)
+    single_config.distill.kd.temperature = temperature
+    single_dir = str(tmp_path / f"single_{temperature}")
+    single = train.train_and_evaluate(single_config, single_dir)
+
+    assert results["members"][name] == pytest.approx(single, rel=1e-5)
+    _assert_close(_params(os.path.join(member_dir, "model")),
+                  _params(os.path.join(single_dir, "model")))
+    member_train, single_train = _records(member_dir, "train"), _records(single_dir, "train")
+    assert [r["step"] for r in member_train] == [r["step"] for r in single_train] == [2, 4]
+    for member_record, single_record in zip(member_train, single_train):
+      for key in ("loss", "ce", "kd", "accuracy", "lr"):
+        assert member_record[key] == pytest.approx(single_record[key], rel=1e-5, abs=1e-6)
+    assert os.listdir(os.path.join(member_dir, "tensorboard"))
+    with open(os.path.join(member_dir, "results.json")) as f:
+      assert json.load(f)["accuracy"] == results["members"][name]["accuracy"]
+
+  # The checkpoint holds the stacked population: a single run cannot resume it.
+  config.population.size = 1
+  config.population.sweep = {}
+  with pytest.raises(ValueError, match="population.size"):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_bad_sweep_is_a_config_error(idx_dir, teacher_dir, tmp_path):
+  config = _kd_config(idx_dir, teacher_dir)
+  config.population.size = 2
+  config.population.sweep = {"kd": {"temperature": [1.0, 2.0, 4.0]}}
+  with pytest.raises(configlib.ConfigError, match="has 3 values for 2 members"):
+    train.train_and_evaluate(config, str(tmp_path))
+  config.population.sweep = {"kd": {"temprature": [1.0, 2.0]}}
+  with pytest.raises(configlib.ConfigError, match="cannot sweep 'kd.temprature'"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_cached_teacher_matches_online_teacher(idx_dir, teacher_dir, tmp_path):
+  online_dir = str(tmp_path / "online")
+  online = train.train_and_evaluate(_kd_config(idx_dir, teacher_dir), online_dir)
+
+  config = _kd_config(idx_dir, teacher_dir)
+  cache_dir = str(tmp_path / "cache")
+  config.teacher.cache.dir = cache_dir
+  cached = train.train_and_evaluate(config, str(tmp_path / "cached"))
+  # Evaluation still runs the real teacher: agreement and KL are comparable.
+  assert cached == pytest.approx(online, rel=1e-5)
+  _assert_close(_params(str(tmp_path / "cached" / "model")), _params(os.path.join(online_dir,
+                                                                                  "model")))
+
+  # A second run reuses the cache instead of writing it again.
+  manifest = os.path.join(cache_dir, "manifest.json")
+  written = os.stat(manifest).st_mtime_ns
+  assert train.train_and_evaluate(config, str(tmp_path / "cached_again")) == pytest.approx(cached)
+  assert os.stat(manifest).st_mtime_ns == written
+
+  # Other data than the cache was computed on: one line naming the field.
+  config.data.train_examples = 48
+  with pytest.raises(configlib.ConfigError, match="num_examples is 64 in the cache, 48 here"):
+    train.train_and_evaluate(config, str(tmp_path / "other_data"))
+
+
+def test_cached_teacher_needs_fixed_views(idx_dir, teacher_dir, tmp_path):
+  config = _kd_config(idx_dir, teacher_dir)
+  config.teacher.cache.dir = str(tmp_path / "cache")
+  config.data.augment = "crop_flip"
+  with pytest.raises(configlib.ConfigError, match=r"config.data.augment='crop_flip': a cached"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "cache")
