@@ -135,15 +135,17 @@ def validate(config) -> None:
          config.optimizer.warmup_epochs, f"must be shorter than num_epochs={config.num_epochs}")
   _check(config.stop_at_step >= 0, "stop_at_step", config.stop_at_step, "must be 0 or positive")
 
-  _check(config.population.size >= 1, "population.size", config.population.size,
+  population_size = population_config(config)["size"]
+  _check(population_size >= 1, "population.size", population_size,
          "must be 1 (one student) or more")
   try:
     population.member_overrides(population_config(config))
   except ValueError as error:
     raise ConfigError(f"config.population.sweep: {error}") from None
-  _check(config.teacher.cache.topk >= 0, "teacher.cache.topk", config.teacher.cache.topk,
+  cache = teacher_cache_config(config)
+  _check(cache["topk"] >= 0, "teacher.cache.topk", cache["topk"],
          "must be 0 (dense logits) or positive")
-  if config.teacher.cache.dir:
+  if cache["dir"]:
     _check(config.data.augment == "none", "data.augment", config.data.augment,
            "a cached teacher (teacher.cache.dir) holds the outputs of fixed views: use 'none'")
     _check(bool(config.teacher.checkpoint), "teacher.checkpoint", config.teacher.checkpoint,
@@ -151,8 +153,14 @@ def validate(config) -> None:
 
 
 def population_config(config) -> dict:
-  """`config.population` as the plain dict `jaxkd.population` reads."""
-  return config.population.to_dict()
+  """`config.population` as the plain dict `jaxkd.population` reads; a config built without
+  the field (not from `base_config`) is a population of one."""
+  return config.population.to_dict() if "population" in config else {"size": 1, "sweep": {}}
+
+
+def teacher_cache_config(config) -> dict:
+  """`config.teacher.cache` as a plain dict; without the field, no cache."""
+  return config.teacher.cache.to_dict() if "cache" in config.teacher else {"dir": "", "topk": 0}
 
 
 def check_teacher_given(config) -> None:

@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: one training run, distillation or plain supervised.
 
-Reads top to bottom: checks → mesh → data → models → teacher cache → method, optimiser, state
-(restored from the workdir's latest checkpoint if any) → compiled steps → loop (log, evaluate,
+Reads top to bottom: checks → mesh → data → models → method, optimiser, state (restored from
+the workdir's latest checkpoint if any) → teacher cache → compiled steps → loop (log, evaluate,
 checkpoint) → export. Running it again on a workdir resumes; on a finished workdir it only
 evaluates.
 
@@ -92,8 +92,9 @@ def _open_teacher_cache(config, spec: data.DatasetSpec, teacher: nnx.Module, tra
 
   The cached view is the normalised image, which is what the step sees with augment 'none'.
   """
-  directory = config.teacher.cache.dir
-  kind, k = ("topk", config.teacher.cache.topk) if config.teacher.cache.topk else ("dense", None)
+  cache_config = configlib.teacher_cache_config(config)
+  directory, topk = cache_config["dir"], cache_config["topk"]
+  kind, k = ("topk", topk) if topk else ("dense", None)
   examples = data.ArraySource(train_source.read(np.arange(num_train)))
   identity = dict(dataset=config.data.name, num_examples=num_train,
                   data_fingerprint=teacher_cache.fingerprint(examples.arrays))
@@ -114,7 +115,7 @@ def _open_teacher_cache(config, spec: data.DatasetSpec, teacher: nnx.Module, tra
     raise configlib.ConfigError(f"config.teacher.cache.dir: {error}") from None
   if cache.manifest.k != k:
     raise configlib.ConfigError(
-        f"config.teacher.cache.topk={config.teacher.cache.topk}: the cache at {directory} holds "
+        f"config.teacher.cache.topk={topk}: the cache at {directory} holds "
         f"{cache.manifest.kind} outputs (k={cache.manifest.k}); use another directory")
   return cache
 
@@ -196,7 +197,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Compiled steps. A method without teacher terms trains without running the teacher, and so
   # does one reading a cached teacher from the batch; the evaluation still compares with it.
   cache = None
-  if config.teacher.cache.dir and method.needs_teacher:
+  if configlib.teacher_cache_config(config)["dir"] and method.needs_teacher:
     cache = _open_teacher_cache(config, spec, teacher, train_source, num_train)
   teacher_state = kd_step.teacher_state(teacher, mesh)
   train_teacher = teacher if method.needs_teacher and cache is None else None

@@ -18,7 +18,10 @@ _STATE = "state"
 
 
 def save(directory: str, model: nnx.Module, name: str, **create_kwargs) -> None:
-  """Writes `model` under `directory`; `create(name, **create_kwargs)` must rebuild its structure."""
+  """Writes `model` under `directory`.
+
+  `create(name, **create_kwargs)` must rebuild the model's structure.
+  """
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, _METADATA), "w") as f:

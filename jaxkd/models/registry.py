@@ -24,6 +24,16 @@ def names() -> list[str]:
   return sorted(_CONSTRUCTORS)
 
 
+def check_name(name: str) -> None:
+  """Raises a ValueError listing the known models (and a near miss) if `name` is not one."""
+  if name not in _CONSTRUCTORS:
+    # Reference names differ only in case across families: CIFAR `ResNet18` (mdistiller) vs
+    # ImageNet `resnet18` (torchvision).
+    same_but_case = [known for known in names() if known.lower() == name.lower()]
+    hint = f" (did you mean {' or '.join(map(repr, same_but_case))}?)" if same_but_case else ""
+    raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(names())}")
+
+
 def create(name: str, *, num_classes: int | None = None, dtype=jnp.float32,
            param_dtype=jnp.float32, seed: int = 0, rngs: nnx.Rngs | None = None,
            **kwargs) -> nnx.Module:
@@ -31,12 +41,7 @@ def create(name: str, *, num_classes: int | None = None, dtype=jnp.float32,
 
   `num_classes=None` keeps the architecture's default head size (vocab size for LMs).
   """
-  if name not in _CONSTRUCTORS:
-    # Reference names differ only in case across families: CIFAR `ResNet18` (mdistiller) vs
-    # ImageNet `resnet18` (torchvision).
-    same_but_case = [known for known in names() if known.lower() == name.lower()]
-    hint = f" (did you mean {' or '.join(map(repr, same_but_case))}?)" if same_but_case else ""
-    raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(names())}")
+  check_name(name)
   if rngs is None:
     rngs = nnx.Rngs(seed)
   if num_classes is not None:

@@ -41,17 +41,13 @@ def _read_torch_checkpoint(path: str):
 def import_checkpoint(name: str, checkpoint_path: str, out_dir: str,
                       num_classes: int | None = None) -> nnx.Module:
   """Reads, converts and saves; returns the converted model."""
-  if name not in registry.names():
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(registry.names())}")
+  registry.check_name(name)
   if not os.path.isfile(checkpoint_path):
     raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
   state_dict = torch_import.unwrap_state_dict(_read_torch_checkpoint(checkpoint_path))
   if num_classes is None:
     num_classes = torch_import.infer_num_classes(name, state_dict)
-  state = torch_import.load_torch_state_dict(name, state_dict, num_classes=num_classes)
-  # The structure alone: every variable is then overwritten, so skip the random initialisation.
-  model = nnx.eval_shape(lambda: registry.create(name, num_classes=num_classes))
-  nnx.update(model, state)
+  model = torch_import.load_torch_model(name, state_dict, num_classes=num_classes)
   io.save(out_dir, model, name, num_classes=num_classes)
   return model
 
