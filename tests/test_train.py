@@ -12,20 +12,8 @@ from jaxkd import checkpoint, compare, train
 from jaxkd.models import io as model_io
 
 import testing_utils
+from testing_utils import compilation_cache, idx_dir  # noqa: F401  (fixtures)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs below compile the same few programs again and again, as `jaxkd.main` would."""
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  yield
-  jax.config.update("jax_compilation_cache_dir", previous)
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-  return testing_utils.write_dataset(tmp_path_factory.mktemp("fashion_mnist"), 128, 96)
 
 
 @pytest.fixture(scope="module")

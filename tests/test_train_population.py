@@ -11,23 +11,11 @@ from jaxkd import configlib, models, train
 from jaxkd.models import io as model_io
 
 import testing_utils
+from testing_utils import compilation_cache, idx_dir  # noqa: F401  (fixtures)
 
 TEMPERATURES = (2.0, 8.0)
 MEMBER_NAMES = [f"kd.temperature={t}" for t in TEMPERATURES]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs below compile the same few programs again and again, as `jaxkd.main` would."""
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  yield
-  jax.config.update("jax_compilation_cache_dir", previous)
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-  return testing_utils.write_dataset(tmp_path_factory.mktemp("fashion_mnist"), 128, 96)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@ import gzip
 import importlib.util
 import os
 
+import jax
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,3 +48,21 @@ def write_dataset(directory, num_train: int, num_test: int) -> str:
   write_split(directory, "train", num_train, compress=False, seed=0)
   write_split(directory, "t10k", num_test, compress=True, seed=1)
   return str(directory)
+
+
+# Fixtures shared by the trainer tests (imported by name into each test module).
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """The trainer runs compile the same few programs again and again, as `jaxkd.main` would."""
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+  yield
+  jax.config.update("jax_compilation_cache_dir", previous)
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+  """A fake Fashion-MNIST IDX directory: 128 training and 96 test images."""
+  return write_dataset(tmp_path_factory.mktemp("fashion_mnist"), 128, 96)
