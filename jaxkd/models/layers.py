@@ -161,6 +161,13 @@ class FeatureCollector:
       self.features[name] = value
 
 
+def _block_layer_args(dtype, param_dtype, rngs) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(conv, BatchNorm) keyword arguments of the ResNet blocks: bias-free convs, kaiming fan-out."""
+  conv_args = dict(bias=False, kernel_init=kaiming_normal_fan_out, dtype=dtype,
+                   param_dtype=param_dtype, rngs=rngs)
+  return conv_args, dict(dtype=dtype, param_dtype=param_dtype)
+
+
 class BasicBlock(nnx.Module):
   """ResNet basic block (He et al. 2016), torchvision / RepDistiller layout.
 
@@ -176,9 +183,7 @@ class BasicBlock(nnx.Module):
   def __init__(self, in_planes: int, planes: int, stride: int = 1, *,
                shortcut_name: str = "downsample", dtype: Any = None,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    conv_args = dict(bias=False, kernel_init=kaiming_normal_fan_out, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
-    bn_args = dict(dtype=dtype, param_dtype=param_dtype)
+    conv_args, bn_args = _block_layer_args(dtype, param_dtype, rngs)
     self.conv1 = conv2d(in_planes, planes, 3, stride=stride, padding=1, **conv_args)
     self.bn1 = BatchNorm2d(planes, **bn_args)
     self.conv2 = conv2d(planes, planes, 3, padding=1, **conv_args)
@@ -205,9 +210,7 @@ class Bottleneck(nnx.Module):
   def __init__(self, in_planes: int, planes: int, stride: int = 1, *,
                shortcut_name: str = "downsample", dtype: Any = None,
                param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    conv_args = dict(bias=False, kernel_init=kaiming_normal_fan_out, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
-    bn_args = dict(dtype=dtype, param_dtype=param_dtype)
+    conv_args, bn_args = _block_layer_args(dtype, param_dtype, rngs)
     self.conv1 = conv2d(in_planes, planes, 1, **conv_args)
     self.bn1 = BatchNorm2d(planes, **bn_args)
     self.conv2 = conv2d(planes, planes, 3, stride=stride, padding=1, **conv_args)
