@@ -52,10 +52,7 @@ class CifarResNet(nnx.Module):
     collect = layers.FeatureCollector(return_features)
     x = nnx.relu(self.bn1(self.conv1(x), train))
     collect("stem", x)
-    for index in range(1, self.num_stages + 1):
-      x, preact = layers.apply_stage(getattr(self, f"layer{index}"), x, train=train)
-      collect(f"stage{index}", x)
-      collect(f"preact_stage{index}", preact)
+    x = layers.apply_stages(self, x, num_stages=self.num_stages, train=train, collect=collect)
     pooled = layers.global_avg_pool(x)
     collect("pooled", pooled)
     logits = getattr(self, self.classifier_name)(pooled)

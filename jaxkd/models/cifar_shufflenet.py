@@ -93,10 +93,7 @@ class ShuffleNetV1(nnx.Module):
     collect = layers.FeatureCollector(return_features)
     x = nnx.relu(self.bn1(self.conv1(x), train))
     collect("stem", x)
-    for stage in range(1, self.num_stages + 1):
-      x, preact = layers.apply_stage(getattr(self, f"layer{stage}"), x, train=train)
-      collect(f"stage{stage}", x)
-      collect(f"preact_stage{stage}", preact)
+    x = layers.apply_stages(self, x, num_stages=self.num_stages, train=train, collect=collect)
     pooled = layers.global_avg_pool(x)
     collect("pooled", pooled)
     return self.linear(pooled).astype(jnp.float32), collect.features

@@ -53,10 +53,7 @@ class ResNet(nnx.Module):
     collect("stem", x)
     # torch MaxPool2d(3, 2, padding=1) pads with -inf, as flax's max_pool does.
     x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    for index in range(1, self.num_stages + 1):
-      x, preact = layers.apply_stage(getattr(self, f"layer{index}"), x, train=train)
-      collect(f"stage{index}", x)
-      collect(f"preact_stage{index}", preact)
+    x = layers.apply_stages(self, x, num_stages=self.num_stages, train=train, collect=collect)
     pooled = layers.global_avg_pool(x)
     collect("pooled", pooled)
     return self.fc(pooled).astype(jnp.float32), collect.features

@@ -257,3 +257,14 @@ def apply_stage(stage: Sequence[nnx.Module], x: Array, *, train: bool) -> tuple[
   for block in stage:
     x, preact = block(x, train)
   return x, preact
+
+
+def apply_stages(module: nnx.Module, x: Array, *, num_stages: int, train: bool,
+                 collect: "FeatureCollector") -> Array:
+  """Runs `module.layer1 .. layer{num_stages}` (torch naming), collecting each stage's output as
+  `stage{i}` and its pre-ReLU sum as `preact_stage{i}`; returns the last stage's output."""
+  for index in range(1, num_stages + 1):
+    x, preact = apply_stage(getattr(module, f"layer{index}"), x, train=train)
+    collect(f"stage{index}", x)
+    collect(f"preact_stage{index}", preact)
+  return x
