@@ -119,6 +119,19 @@ def _is_concrete_scalar(value) -> bool:
 # ----------------------------------------------------------------------------------------
 
 
+def _tempered_divergence(divergence, student_logits, teacher_logits, temperature,
+                         scale_by_temperature_squared, axis, where, reduction):
+  """`divergence(log_q, log_p)` of the tempered distributions, × T² if asked, reduced.
+
+  The shared body of kd, reverse_kl and soft_cross_entropy, which differ only in the divergence.
+  """
+  log_q = _log_softmax(student_logits, temperature, axis, where)
+  log_p = _log_softmax(teacher_logits, temperature, axis, where)
+  per_example = divergence(log_q, log_p) * _temperature_factor(
+      temperature, scale_by_temperature_squared)
+  return _reduce(per_example, reduction, where, log_q.shape, axis)
+
+
 def kd(
     student_logits: ArrayLike,
     teacher_logits: ArrayLike,
@@ -153,11 +166,9 @@ def kd(
   Returns:
     float32 scalar, or ``[...]`` per-position values for ``reduction='none'``.
   """
-  log_q = _log_softmax(student_logits, temperature, axis, where)
-  log_p = _log_softmax(teacher_logits, temperature, axis, where)
-  per_example = _kl(log_p, log_q, axis) * _temperature_factor(
-      temperature, scale_by_temperature_squared)
-  return _reduce(per_example, reduction, where, log_q.shape, axis)
+  return _tempered_divergence(lambda log_q, log_p: _kl(log_p, log_q, axis), student_logits,
+                              teacher_logits, temperature, scale_by_temperature_squared, axis,
+                              where, reduction)
 
 
 def reverse_kl(
@@ -190,11 +201,9 @@ def reverse_kl(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
-  log_q = _log_softmax(student_logits, temperature, axis, where)
-  log_p = _log_softmax(teacher_logits, temperature, axis, where)
-  per_example = _kl(log_q, log_p, axis) * _temperature_factor(
-      temperature, scale_by_temperature_squared)
-  return _reduce(per_example, reduction, where, log_q.shape, axis)
+  return _tempered_divergence(lambda log_q, log_p: _kl(log_q, log_p, axis), student_logits,
+                              teacher_logits, temperature, scale_by_temperature_squared, axis,
+                              where, reduction)
 
 
 def jsd(
@@ -414,11 +423,9 @@ def soft_cross_entropy(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
-  log_q = _log_softmax(student_logits, temperature, axis, where)
-  log_p = _log_softmax(teacher_logits, temperature, axis, where)
-  per_example = _cross_entropy(log_p, log_q, axis) * _temperature_factor(
-      temperature, scale_by_temperature_squared)
-  return _reduce(per_example, reduction, where, log_q.shape, axis)
+  return _tempered_divergence(lambda log_q, log_p: _cross_entropy(log_p, log_q, axis),
+                              student_logits, teacher_logits, temperature,
+                              scale_by_temperature_squared, axis, where, reduction)
 
 
 def akl(
