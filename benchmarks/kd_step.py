@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxkd import distill, models, parallel, population, step as kd_step  # noqa: E402
+from jaxkd import distill, models, parallel, population, step as kd_step, xla_flags  # noqa: E402
 
 NUM_CLASSES = 100
 KD_CONFIG = {'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 4.0}}
@@ -293,6 +293,7 @@ def main():
   parser.add_argument('--json', default=None, help='also write the results here')
   args = parser.parse_args()
 
+  xla_flags.configure_cpu()  # as python -m jaxkd.main does; JAXKD_XLA_DEFAULTS=1 to leave out
   mesh = parallel.make_mesh({'data': 1}, devices=jax.devices()[:1])
   results = {'jax': jax.__version__, 'backend': jax.default_backend(),
              'xla_flags': os.environ.get('XLA_FLAGS', ''), 'threads': args.threads,

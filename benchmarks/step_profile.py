@@ -1,6 +1,6 @@
 """Where a CIFAR ResNet step spends its time, JAX vs PyTorch on CPU: forward, forward + backward
-(with batch or running BatchNorm statistics), and single 3×3 convolutions split into forward,
-input gradient and kernel gradient.
+(with batch or running BatchNorm statistics, and without `jaxkd.models.layers.fusion_barrier`),
+and single 3×3 convolutions split into forward, input gradient and kernel gradient.
 
   python benchmarks/step_profile.py --model resnet20 --torch-threads 2
   python benchmarks/step_profile.py --convs-only
@@ -8,6 +8,7 @@ input gradient and kernel gradient.
 Each figure: median over 3 rounds of the mean of 3 calls, after a warm-up; variants interleaved.
 """
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -21,6 +22,8 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kd_step  # noqa: E402  (the benchmark's model code: zoo models and the torch ResNet)
+from jaxkd import xla_flags  # noqa: E402
+from jaxkd.models import layers  # noqa: E402
 
 
 def _median_times(fns, rounds=3, calls=3):
@@ -36,6 +39,17 @@ def _median_times(fns, rounds=3, calls=3):
   return {name: round(statistics.median(values), 4) for name, values in times.items()}
 
 
+@contextlib.contextmanager
+def _without_fusion_barrier():
+  """Functions traced inside see `layers.fusion_barrier` as the identity (XLA fuses freely)."""
+  barrier = layers.fusion_barrier
+  layers.fusion_barrier = lambda x, anchor: x
+  try:
+    yield
+  finally:
+    layers.fusion_barrier = barrier
+
+
 def network(model_name: str, batch: int):
   model = kd_step._create(model_name)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -46,15 +60,16 @@ def network(model_name: str, batch: int):
     return nnx.merge(graphdef, params, rest, copy=True)(images, train=False)[0]
 
   def make_grad(train):
-    @jax.jit
     def grad(params, rest, images):
       def loss(p):
         logits = nnx.merge(graphdef, p, rest, copy=True)(images, train=train)[0]
         return jnp.mean(jax.nn.logsumexp(logits, -1))
       return jax.grad(loss)(params)
-    return grad
+    return jax.jit(grad).lower(params, rest, images).compile()
 
   grad_batch_stats, grad_running_stats = make_grad(True), make_grad(False)
+  with _without_fusion_barrier():
+    grad_no_barrier = make_grad(True)
   torch_model = kd_step._torch_resnet(model_name)
   torch_images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
@@ -73,6 +88,8 @@ def network(model_name: str, batch: int):
       'jax_fwd_bwd': lambda: jax.block_until_ready(grad_batch_stats(params, rest, images)),
       'jax_fwd_bwd_running_bn': lambda: jax.block_until_ready(
           grad_running_stats(params, rest, images)),
+      'jax_fwd_bwd_no_barrier': lambda: jax.block_until_ready(
+          grad_no_barrier(params, rest, images)),
       'torch_fwd': torch_forward, 'torch_fwd_bwd': torch_forward_backward})
 
 
@@ -113,6 +130,7 @@ def main():
   parser.add_argument('--torch-threads', type=int, default=os.cpu_count())
   parser.add_argument('--convs-only', action='store_true')
   args = parser.parse_args()
+  xla_flags.configure_cpu()  # as python -m jaxkd.main does; JAXKD_XLA_DEFAULTS=1 to leave out
   torch.set_num_threads(args.torch_threads)
   print('load', os.getloadavg(), 'XLA_FLAGS', os.environ.get('XLA_FLAGS', ''))
   if not args.convs_only:

@@ -4,6 +4,7 @@ The config is locked: `--config.data.batch_size=256` overrides a field, a misspe
 error. A config with a `compare` section (configs/quickstart.py) runs the teacher → scratch / KD
 students comparison of jaxkd.compare; any other config one `train.train_and_evaluate` run.
 Configuration and data problems end the program with one line on stderr and exit status 1.
+On XLA:CPU the measured-faster options of `jaxkd.xla_flags` are set before JAX starts.
 """
 import logging as python_logging
 import os
@@ -13,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxkd import checkpoint, compare, configlib, data, train
+from jaxkd import checkpoint, compare, configlib, data, train, xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file (get_config(arg); ':arg' picks a variant).",
@@ -90,4 +91,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  xla_flags.configure_cpu()  # XLA reads XLA_FLAGS when the first backend starts: before that.
   app.run(main, flags_parser=_parse_flags)

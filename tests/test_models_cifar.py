@@ -258,6 +258,45 @@ def test_conv2d_padding_is_symmetric_like_torch():
   np.testing.assert_array_equal(conv(x)[0, :, :, 0], [[0.0, 2.0], [8.0, 10.0]])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fusion_barrier_is_the_identity_bit_for_bit(dtype):
+  # No subnormals: XLA:CPU flushes them to zero in every arithmetic op, this one included.
+  x = jnp.asarray([0.0, -0.0, 1.5, -3e38, 1e-37, np.inf, -np.inf, np.nan], dtype)
+  anchor = jnp.full((3, 3, 2, 2), 7.0)
+  out = jax.jit(layers.fusion_barrier)(x, anchor)
+  assert out.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(out).view(np.uint8), np.asarray(x).view(np.uint8))
+  grad = jax.grad(lambda v: jnp.sum(layers.fusion_barrier(v, anchor) * 3.0))(x[:5])
+  np.testing.assert_array_equal(grad, np.full(5, 3.0, dtype))
+
+
+def test_fusion_barrier_keeps_conv_inputs_materialised_and_changes_no_value(monkeypatch):
+  """On XLA:CPU every conv input passes through one division (see `layers.fusion_barrier`);
+  without the barrier the compiled step computes the same loss and gradients."""
+  model = _with_weights(_abstract("resnet8"))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  num_convs = sum(isinstance(m, layers.Conv2d) for _, m in nnx.iter_graph(model))
+
+  def lower_loss_and_grads(params, rest, images):
+    def loss(p):  # A new function per call: jit would reuse the first trace of a shared one.
+      logits = nnx.merge(graphdef, p, rest, copy=True)(images, train=True)[0]
+      return jnp.mean(jax.nn.logsumexp(logits, -1))
+    return jax.jit(jax.value_and_grad(loss)).lower(params)
+
+  images = _images()
+  with_barrier = lower_loss_and_grads(params, rest, images)
+  monkeypatch.setattr(layers, "fusion_barrier", lambda x, anchor: x)
+  without_barrier = lower_loss_and_grads(params, rest, images)
+  divisions = [lowered.as_text().count("stablehlo.divide")
+               for lowered in (with_barrier, without_barrier)]
+  assert divisions[0] - divisions[1] >= num_convs  # forward; the backward divides by 1 too
+  (loss, grads), (loss_ref, grads_ref) = (
+      lowered.compile()(params) for lowered in (with_barrier, without_barrier))
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads,
+               grads_ref)
+
+
 def test_initialisers_follow_torch_conventions():
   # RngBitGenerator keys: the distributions do not depend on the PRNG, and an eager draw compiles
   # faster than with threefry.

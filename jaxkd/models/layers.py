@@ -14,6 +14,9 @@ reference computes, and each parameter's nnx path is the torch state-dict key
 - The initialisers are named after the torch conventions they reproduce.
 
 Layouts: activations NHWC, conv kernels HWIO, linear kernels (in, out).
+
+On XLA:CPU every convolution's input goes through `fusion_barrier` (see there): without it the
+backward pass of a CIFAR ResNet spends a third of its time recomputing activations.
 """
 from collections.abc import Callable, Sequence
 import math
@@ -45,12 +48,45 @@ def torch_default_bias_init(fan_in: int) -> Callable[..., Array]:
   return init
 
 
+def fusion_barrier(x: Array, anchor: Array) -> Array:
+  """Returns `x` unchanged (bit for bit), computed once and stored, on XLA:CPU.
+
+  Why: the kernel gradient of a convolution reads its input in a transposed layout (the batch
+  becomes the contracted feature axis). XLA:CPU's fusion pass duplicates cheap elementwise
+  producers into every consumer, so the layout-changing copy recomputes the input from the
+  operands of its whole elementwise chain: in a ResNet that chain runs back through the residual
+  stream (BN, add, ReLU of several blocks), read in strided order. Measured on resnet20,
+  batch 64 (`benchmarks/step_profile.py`): those copies took a third of forward + backward.
+
+  How: `jax.lax.optimization_barrier` is expanded away before fusion on XLA:CPU, so the barrier
+  is a division by a runtime 1.0. XLA counts a floating-point division as expensive and does
+  not duplicate it, so `x / 1` is materialised once and the copies read it. `x / 1.0 == x`
+  exactly in IEEE arithmetic, including ±0, ±inf and NaN (XLA:CPU flushes subnormals to zero,
+  here as in every other arithmetic op). The 1.0 is
+  `1 + 0 · stop_gradient(anchor[0, ..., 0])`, which XLA cannot constant-fold; `anchor` is a
+  small local array (the layer's own kernel), so sharded parameters cost at most one scalar.
+
+  Other backends fuse without this pathology; there `x` is returned as it is.
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  one = 1 + 0 * jax.lax.stop_gradient(anchor[(0,) * anchor.ndim]).astype(x.dtype)
+  return x / one
+
+
+class Conv2d(nnx.Conv):
+  """`nnx.Conv` whose input passes through `fusion_barrier`; same parameters and state."""
+
+  def __call__(self, inputs: Array, **kwargs) -> Array:
+    return super().__call__(fusion_barrier(inputs, self.kernel[...]), **kwargs)
+
+
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
            padding: int = 0, groups: int = 1, bias: bool = True,
            kernel_init: Callable[..., Array] = torch_default_kernel_init,
            bias_init: Callable[..., Array] | None = None, dtype: Any = None,
-           param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
-  """`torch.nn.Conv2d` as an `nnx.Conv`: same arguments, same defaults, same output grid.
+           param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> Conv2d:
+  """`torch.nn.Conv2d` as a `Conv2d` (an `nnx.Conv`): same arguments, same defaults, same output grid.
 
   `padding` pads `padding` pixels on each side of H and W (explicit, never 'SAME'); `groups` is
   flax's `feature_group_count` (depthwise conv: groups = in_channels). The kernel is HWIO,
@@ -58,7 +94,7 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, stride: int
   """
   if bias_init is None:
     bias_init = torch_default_bias_init(in_channels // groups * kernel_size * kernel_size)
-  return nnx.Conv(
+  return Conv2d(
       in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
       padding=((padding, padding), (padding, padding)), feature_group_count=groups,
       use_bias=bias, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,

@@ -20,6 +20,7 @@ Features (names shared with the CIFAR zoo): `stem`, `stage1..N` (post-ReLU), `pr
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxkd.models.layers import Conv2d
 from jaxkd.models.registry import register
 
 
@@ -28,9 +29,9 @@ class ConvBN(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, strides: int, dtype, param_dtype,
                rngs: nnx.Rngs):
-    self.conv = nnx.Conv(in_features, out_features, kernel_size=(3, 3), strides=strides,
-                         padding="SAME", use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+    self.conv = Conv2d(in_features, out_features, kernel_size=(3, 3), strides=strides,
+                       padding="SAME", use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
     # PyTorch BatchNorm2d defaults (momentum 0.1 ↔ flax 0.9, eps 1e-5), as in the CIFAR zoo.
     self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, dtype=dtype,
                             param_dtype=param_dtype, rngs=rngs)
