@@ -8,6 +8,10 @@ time within a round. FLOPs are XLA's `cost_analysis()` of the compiled step.
   python benchmarks/kd_step.py --pairs resnet56:resnet20 --rounds 3 --no-torch
   python benchmarks/kd_step.py --pairs quickstart --population-pairs "" --steps 5
 
+XLA:CPU options: those `python -m jaxkd.main` would use (`jaxkd.xla_flags`), for single
+students when `--pairs` is given, for populations when only `--population-pairs` is: measure the
+two kinds in separate runs (`--population-pairs ""`, then `--pairs ""`).
+
 Setups: 'teacher:student' CIFAR pairs, or 'quickstart' (configs/quickstart.py's small CNNs,
 28×28×1, batch 128, 10 classes; no PyTorch variant).
 
@@ -293,7 +297,8 @@ def main():
   parser.add_argument('--json', default=None, help='also write the results here')
   args = parser.parse_args()
 
-  xla_flags.configure_cpu()  # as python -m jaxkd.main does; JAXKD_XLA_DEFAULTS=1 to leave out
+  # The XLA options python -m jaxkd.main picks: populations only (--pairs "") keep XLA's.
+  xla_flags.configure_cpu(population=not args.pairs)
   mesh = parallel.make_mesh({'data': 1}, devices=jax.devices()[:1])
   results = {'jax': jax.__version__, 'backend': jax.default_backend(),
              'xla_flags': os.environ.get('XLA_FLAGS', ''), 'threads': args.threads,

@@ -76,6 +76,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   _keep_library_warnings_only()
   config = _CONFIG.value
+  # XLA reads XLA_FLAGS when the first backend starts: the config is read, nothing has run yet.
+  xla_flags.configure_cpu(population=configlib.population_config(config)["size"] > 1)
   logging.info("Config:\n%s", config)
   if not jax.config.jax_compilation_cache_dir:  # Unless JAX_COMPILATION_CACHE_DIR says where.
     # Reruns, and the runs of one comparison (its seeds), share their compiled programs.
@@ -91,5 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  xla_flags.configure_cpu()  # XLA reads XLA_FLAGS when the first backend starts: before that.
   app.run(main, flags_parser=_parse_flags)

@@ -4,8 +4,8 @@ For deterministic views (no random augmentation, or a fixed pre-augmented datase
 gives the same logits for an example every epoch, so the teacher forward can be paid once. The
 cache holds, per example index:
 
-* ``'dense'``: the logits, ``[N, C]`` (``logits.npy``);
-* ``'topk'``: the k largest log-probabilities and their class ids, ``[N, k]`` each
+* ``'dense'``: the logits, ``[N, C]`` (``[N, S, V]`` for a language model) (``logits.npy``);
+* ``'topk'``: the k largest log-probabilities and their class ids, ``[N, k]`` (``[N, S, k]``) each
   (``topk_logprobs.npy``, ``topk_ids.npy``), the sparse-teacher storage of LLM distillation
   (DistillKit; Peng et al. 2024 keep top-k).
 
@@ -85,7 +85,8 @@ def write_cache(directory: str, *, teacher: nnx.Module, batches: Iterable[Mappin
     teacher: the teacher model.
     batches: host batches with ``'image'`` (the deterministic view) and ``'index'``; an optional
       boolean ``'mask'`` marks padding rows, which are not written. Every index in
-      ``[0, num_examples)`` must appear.
+      ``[0, num_examples)`` must appear. A language model's ``[B, S]`` token mask keeps every
+      row with a real token.
     dataset, num_examples, data_fingerprint: identify the data (see `fingerprint`).
     kind: ``'dense'`` logits or ``'topk'`` log-probabilities.
     k: number of classes kept for ``'topk'``.
@@ -111,7 +112,9 @@ def write_cache(directory: str, *, teacher: nnx.Module, batches: Iterable[Mappin
   arrays, written, num_classes = None, np.zeros(num_examples, bool), None
   for batch in batches:
     results = [np.asarray(x) for x in outputs(state, jnp.asarray(batch['image']))]
-    keep = np.asarray(batch['mask'], bool) if 'mask' in batch else slice(None)
+    # A padding row has no real example (token): [B] or [B, S] masks alike.
+    keep = (np.asarray(batch['mask'], bool).reshape(len(batch['index']), -1).any(axis=1)
+            if 'mask' in batch else slice(None))
     index = np.asarray(batch['index'])[keep]
     if arrays is None:
       num_classes = int(jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x)[0], state,
@@ -119,7 +122,7 @@ def write_cache(directory: str, *, teacher: nnx.Module, batches: Iterable[Mappin
       arrays = [np.lib.format.open_memmap(
           os.path.join(directory, f'{name}.npy'), mode='w+',
           dtype=np.int32 if name == 'topk_ids' else np.dtype(dtype),
-          shape=(num_examples, result.shape[-1])) for name, result in zip(_files(kind), results)]
+          shape=(num_examples, *result.shape[1:])) for name, result in zip(_files(kind), results)]
     for array, result in zip(arrays, results):
       array[index] = result[keep]
     written[index] = True
@@ -190,8 +193,12 @@ def open_cache(directory: str, *, dataset: str, num_examples: int, data_fingerpr
 
 
 def dense_logits(topk_ids: jax.Array, topk_logprobs: jax.Array, num_classes: int) -> jax.Array:
-  """``[B, C]`` logits of a top-k teacher: its log-probabilities at the stored ids, ``-inf``
+  """``[..., C]`` logits of a top-k teacher (``[..., k]`` ids and log-probabilities: ``[B, k]``
+  per example, ``[B, S, k]`` per token): its log-probabilities at the stored ids, ``-inf``
   elsewhere, so a softmax renormalises the teacher over its k classes."""
-  rows = jnp.arange(topk_ids.shape[0])[:, None]
-  logits = jnp.full((topk_ids.shape[0], num_classes), -jnp.inf, jnp.float32)
-  return logits.at[rows, topk_ids].set(topk_logprobs.astype(jnp.float32))
+  positions = topk_ids.reshape(-1, topk_ids.shape[-1])
+  rows = jnp.arange(positions.shape[0])[:, None]
+  logits = jnp.full((positions.shape[0], num_classes), -jnp.inf, jnp.float32)
+  logits = logits.at[rows, positions].set(
+      topk_logprobs.reshape(positions.shape).astype(jnp.float32))
+  return logits.reshape(*topk_ids.shape[:-1], num_classes)

@@ -1,7 +1,8 @@
 """XLA:CPU options that jaxkd's entry points set before JAX starts its backend.
 
-XLA reads `XLA_FLAGS` once, when the first backend starts, so `jaxkd.main`, the benchmarks and
-the test suite call `configure_cpu()` before any JAX computation. Library users who import only
+XLA reads `XLA_FLAGS` once, when the first backend starts, so `jaxkd.main` (once it has read
+the config), the benchmarks and the test suite call `configure_cpu()` before any JAX
+computation. Library users who import only
 `jaxkd.losses` or build their own step are not affected.
 
 The option, and why (figures and commands in BENCHMARKS.md, "XLA:CPU"):
@@ -11,6 +12,11 @@ The option, and why (figures and commands in BENCHMARKS.md, "XLA:CPU"):
   own (Eigen) convolutions are faster: the KD step took 0.85× (resnet56 → resnet20) and 0.77×
   (resnet32x4 → resnet8x4) of its time with XLA's defaults, side by side
   (`python benchmarks/xla_cpu_flags.py --pairs resnet56:resnet20,resnet32x4:resnet8x4`).
+
+  Not for populations: a step that updates P students one after the other (the CPU setting of
+  `jaxkd.step`) ran faster with YNNPACK (8 quickstart students: 0.36–0.44 of 8 single steps
+  with it, 0.52–0.63 without, alternating runs of the same script), whose small
+  single-threaded kernels let the independent members run side by side on the cores.
 
 The flag is experimental, and XLA aborts at start-up on a flag it does not know, so it is set
 only for the jaxlib releases it was measured on (`_MEASURED_JAXLIB`); other releases run with
@@ -36,15 +42,18 @@ def _jaxlib_release() -> tuple[int, int] | None:
 
 
 def configure_cpu(environ: MutableMapping[str, str] = os.environ,
-                  jaxlib_release: tuple[int, int] | None = None) -> list[str]:
+                  jaxlib_release: tuple[int, int] | None = None, *,
+                  population: bool = False) -> list[str]:
   """Adds `CPU_FLAGS` to `environ['XLA_FLAGS']` where they apply; returns the flags added.
 
-  Nothing is added for a jaxlib release outside `_MEASURED_JAXLIB`, for a flag `XLA_FLAGS`
-  already names, or when `JAXKD_XLA_DEFAULTS=1` asks for XLA's own defaults. The flags only
-  concern XLA:CPU: GPU and TPU runs ignore them. Must run before JAX starts a backend.
+  Nothing is added for a student population (`population=True`), for a jaxlib release outside
+  `_MEASURED_JAXLIB`, for a flag `XLA_FLAGS` already names, or when `JAXKD_XLA_DEFAULTS=1` asks
+  for XLA's own defaults. The flags only concern XLA:CPU: GPU and TPU runs ignore them. Must
+  run before JAX starts a backend.
   """
   release = jaxlib_release or _jaxlib_release()
-  if release not in _MEASURED_JAXLIB or environ.get("JAXKD_XLA_DEFAULTS") == "1":
+  if (population or release not in _MEASURED_JAXLIB
+      or environ.get("JAXKD_XLA_DEFAULTS") == "1"):
     return []
   existing = environ.get("XLA_FLAGS", "")
   added = [f"{flag}={value}" for flag, value in CPU_FLAGS if f"{flag}=" not in existing]

@@ -35,6 +35,12 @@ def test_unmeasured_jaxlib_releases_keep_xla_defaults(release):
   assert environ == {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
+def test_populations_keep_xla_defaults():
+  environ = {}
+  assert xla_flags.configure_cpu(environ, MEASURED, population=True) == []
+  assert environ == {}
+
+
 def test_jaxkd_xla_defaults_opts_out():
   environ = {"JAXKD_XLA_DEFAULTS": "1"}
   assert xla_flags.configure_cpu(environ, MEASURED) == []

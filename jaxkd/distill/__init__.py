@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxkd.losses.sequence import SparseTeacher
+
 Features = Mapping[str, jax.Array]
 FeatureShapes = Mapping[str, jax.ShapeDtypeStruct]
 
@@ -45,13 +47,20 @@ FeatureShapes = Mapping[str, jax.ShapeDtypeStruct]
 class LossInputs:
   """Everything a term may read, assembled inside the step (trace-time container, not a pytree).
 
+  Token-level models (language models) have one more axis: logits ``[B, S, V]``, labels and
+  mask ``[B, S]``; per-example terms then average over the real tokens (`masked_mean`), which
+  is `jaxkd.losses.sequence`'s ``token_mean`` reduction.
+
   Attributes:
-    student_logits: ``[B, C]`` float32.
+    student_logits: ``[B, C]`` (or ``[B, S, V]``) float32.
     student_features: the features the term asked for, by name.
-    teacher_logits: ``[B, C]`` float32 (``None`` without teacher). Already under stop_gradient.
+    teacher_logits: ``[B, C]`` (or ``[B, S, V]``) float32 (``None`` without teacher). Already
+      under stop_gradient. From a top-k cache: log-probabilities at the k ids, ``-inf`` elsewhere.
+    teacher_topk: the cached top-k teacher itself (``SparseTeacher`` of ``[..., k]`` ids and
+      full-vocabulary log-probabilities) when the batch carries one, else ``None``.
     teacher_features: teacher features by name (``{}`` without teacher).
-    labels: ``[B]`` int32.
-    mask: ``[B]`` float32, 1 for real examples, 0 for padding.
+    labels: ``[B]`` (or ``[B, S]``) int32.
+    mask: ``[B]`` (or ``[B, S]``) float32, 1 for real examples (tokens), 0 for padding.
     index: ``[B]`` int32 dataset indices (CRD memory banks), or ``None`` if the batch has none.
     step: scalar int32, the optimiser step.
     rng: a PRNG key private to this term and step.
@@ -64,6 +73,7 @@ class LossInputs:
   student_logits: jax.Array
   student_features: Features
   teacher_logits: jax.Array | None
+  teacher_topk: SparseTeacher | None
   teacher_features: Features
   labels: jax.Array
   mask: jax.Array
@@ -221,6 +231,9 @@ class Method:
     labels = batch['label']
     mask = (batch['mask'].astype(jnp.float32) if 'mask' in batch
             else jnp.ones(labels.shape, jnp.float32))
+    teacher_topk = (SparseTeacher(ids=batch['teacher_topk_ids'],
+                                  logprobs=batch['teacher_topk_logprobs'])
+                    if 'teacher_topk_ids' in batch else None)
     total = jnp.float32(0.0)
     metrics = {}
     new_state = dict(method_state)
@@ -234,6 +247,7 @@ class Method:
             student_features=student_features,
             teacher_logits=(None if term_teacher_logits is None
                             else term_teacher_logits.astype(jnp.float32)),
+            teacher_topk=teacher_topk,
             teacher_features=term_teacher_features, labels=labels, mask=mask,
             index=batch.get('index'), step=step, rng=term_rng, hparams=hparams.get(term.name, {}),
             options=term.options, adapter=adapter, state=method_state.get(term.name), train=train)
@@ -357,3 +371,4 @@ def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module
 from jaxkd.distill import logit  # noqa: E402,F401
 from jaxkd.distill import feature  # noqa: E402,F401
 from jaxkd.distill import crd  # noqa: E402,F401
+from jaxkd.distill import sequence  # noqa: E402,F401

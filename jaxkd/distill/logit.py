@@ -73,6 +73,9 @@ def _register_divergence(name: str, loss_fn: Callable, hparams: Mapping[str, flo
 
 # Defaults are each loss function's own (its reference implementation's).
 _register_divergence('kd', logit.kd, {'temperature': 4.0})
+# −Σ p log q: KD without T² plus the teacher entropy (DistiLLM's `forward_kl` value).
+_register_divergence('soft_cross_entropy', logit.soft_cross_entropy, {'temperature': 1.0},
+                     fn_options={'scale_by_temperature_squared': False})
 _register_divergence('reverse_kl', logit.reverse_kl, {'temperature': 1.0})
 _register_divergence('jsd', logit.jsd, {'beta': 0.5, 'temperature': 1.0})
 _register_divergence('skew_kl', logit.skew_kl, {'alpha': 0.1, 'temperature': 1.0},
