@@ -14,9 +14,10 @@ The option, and why (figures and commands in BENCHMARKS.md, "XLA:CPU"):
   (`python benchmarks/xla_cpu_flags.py --pairs resnet56:resnet20,resnet32x4:resnet8x4`).
 
   Not for populations: a step that updates P students one after the other (the CPU setting of
-  `jaxkd.step`) ran faster with YNNPACK (8 quickstart students: 0.36–0.44 of 8 single steps
-  with it, 0.52–0.63 without, alternating runs of the same script), whose small
-  single-threaded kernels let the independent members run side by side on the cores.
+  `jaxkd.step`) ran faster with YNNPACK, whose small single-threaded kernels let the
+  independent members run side by side on the cores: 8 quickstart students took 0.45 and 0.39
+  of 8 single steps with it, 0.49 and 0.57 without
+  (`python benchmarks/xla_cpu_flags.py --pairs "" --population-pairs quickstart`).
 
 The flag is experimental, and XLA aborts at start-up on a flag it does not know, so it is set
 only for the jaxlib releases it was measured on (`_MEASURED_JAXLIB`); other releases run with
