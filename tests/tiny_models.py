@@ -1,22 +1,26 @@
 """Tiny NNX models with the zoo's calling convention, for the engine tests.
 
 ``logits, features = model(images, train=..., return_features=...)`` with features 'stem',
-'stage1', 'stage2', 'preact_stage1', 'preact_stage2' and 'pooled', like `jaxkd.models`.
+'stage1', 'stage2', 'preact_stage1', 'preact_stage2' and 'pooled', like `jaxkd.models`. The
+convolutions are the zoo's `layers.Conv2d`, so the sharding, population and multi-host tests
+run its fusion barrier too.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxkd.models.layers import Conv2d
 
 
 class TinyCNN(nnx.Module):
   """conv-BN-relu stem, two conv-BN stages (the second strided), mean pool, linear head."""
 
   def __init__(self, num_classes: int = 10, width: int = 4, *, rngs: nnx.Rngs):
-    self.stem = nnx.Conv(3, width, (3, 3), use_bias=False, rngs=rngs)
+    self.stem = Conv2d(3, width, (3, 3), use_bias=False, rngs=rngs)
     self.stem_bn = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
-    self.conv1 = nnx.Conv(width, width, (3, 3), use_bias=False, rngs=rngs)
+    self.conv1 = Conv2d(width, width, (3, 3), use_bias=False, rngs=rngs)
     self.bn1 = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
-    self.conv2 = nnx.Conv(width, 2 * width, (3, 3), strides=2, use_bias=False, rngs=rngs)
+    self.conv2 = Conv2d(width, 2 * width, (3, 3), strides=2, use_bias=False, rngs=rngs)
     self.bn2 = nnx.BatchNorm(2 * width, momentum=0.9, rngs=rngs)
     self.head = nnx.Linear(2 * width, num_classes, rngs=rngs)
 
