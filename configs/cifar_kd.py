@@ -61,9 +61,10 @@ METHODS = {
     "pkt": _repdistiller("pkt", 30000.0),
     # `--distill nst -a 0 -b 50`: NSTLoss (polynomial kernel, degree 2) over feat[1:-1].
     "nst": _repdistiller("nst", 50.0, degree=2),
-    # `--distill crd -a 0 -b 0.8`: --feat_dim 128, --nce_k 16384, --nce_t 0.07, --nce_m 0.5.
+    # `--distill crd -a 0 -b 0.8`: --feat_dim 128, --nce_k 16384, --nce_t 0.07, --nce_m 0.5;
+    # negatives among other classes (CIFAR100InstanceSample, --mode exact).
     "crd": _repdistiller("crd", 0.8, feat_dim=128, num_negatives=16384, temperature=0.07,
-                         momentum=0.5),
+                         momentum=0.5, negatives="other_class"),
     # mdistiller CFG.DKD: CE_WEIGHT 1, ALPHA 1, BETA 8 (per pair: PAIR_VALUES), T 4, WARMUP 20
     # (loss × min(epoch / 20, 1), 1-based epoch).
     "dkd": {"losses": {"ce": 1.0, "dkd": 1.0},

@@ -177,7 +177,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Method, optimiser and state.
   try:
     method = distill.build(config.distill, student=student, teacher=teacher,
-                           num_train_examples=num_train, rngs=nnx.Rngs(config.seed),
+                           num_train_examples=num_train,
+                           train_labels=lambda: train_source.labels(num_train),
+                           rngs=nnx.Rngs(config.seed),
                            steps_per_epoch=steps_per_epoch, input_shape=(2, *spec.image_shape))
   except ValueError as error:
     raise configlib.ConfigError(f"config.distill: {error}") from None

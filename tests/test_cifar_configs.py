@@ -7,6 +7,7 @@ so nothing is trained and no model parameter is materialised (adapters are, they
 import functools
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -57,7 +58,8 @@ def _built(method, teacher="resnet8", student="resnet8"):
   config = _config(method, teacher, student)
   return distill.build(config.distill, student=_abstract_model(config.student.model),
                        teacher=_abstract_model(config.teacher.model) if config.teacher.model
-                       else None, num_train_examples=50_000, steps_per_epoch=781,
+                       else None, num_train_examples=50_000,
+                       train_labels=lambda: np.arange(50_000) % 100, steps_per_epoch=781,
                        rngs=nnx.Rngs(0))
 
 
@@ -90,8 +92,9 @@ def test_feature_method_builds_on_a_cross_architecture_pair(method):
 def test_settings_reach_the_built_terms():
   crd = _built("crd")
   assert crd.hparams["crd"] == {"temperature": 0.07, "momentum": 0.5}
-  assert {k: _term(crd, "crd").options[k] for k in ("feat_dim", "num_negatives")} == {
-      "feat_dim": 128, "num_negatives": 16384}
+  assert {k: _term(crd, "crd").options[k] for k in ("feat_dim", "num_negatives", "negatives")} == {
+      "feat_dim": 128, "num_negatives": 16384, "negatives": "other_class"}
+  np.testing.assert_array_equal(crd.train_labels[:3], [0, 1, 2])  # RepDistiller's 'exact' mode
   assert crd.hparams["kd"] == {"temperature": 4.0}
   rkd = _built("rkd")
   assert rkd.hparams["rkd"] == {"distance_weight": 25.0, "angle_weight": 50.0}

@@ -172,3 +172,11 @@ def test_record_source_stacks_records():
   assert batch["image"].shape == (2, 32, 32, 3) and batch["image"].dtype == np.uint8
   np.testing.assert_array_equal(batch["image"][0], fake.records[7]["image"])
   assert batch["label"].tolist() == [7, 2] and batch["label"].dtype == np.int32
+
+
+def test_sources_read_the_labels_of_the_first_examples():
+  record_labels = data.RecordSource(_FakeTfdsSource(10)).labels(7, chunk=3)
+  assert record_labels.tolist() == list(range(7)) and record_labels.dtype == np.int32
+  arrays = data.ArraySource({"image": np.zeros((5, 2, 2, 1), np.uint8),
+                             "label": np.array([4, 3, 2, 1, 0])})
+  assert arrays.labels(3).tolist() == [4, 3, 2]

@@ -225,3 +225,33 @@ def test_hparams_are_traced_floats_options_are_static():
   assert method.hparams == {'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 2.0},
                             'ce': {'label_smoothing': 0.0}}
   assert method.terms[1].options == {'warmup_epochs': 0, 'standardize': True}
+
+
+def test_crd_other_class_negatives_read_the_training_labels(monkeypatch):
+  """negatives='other_class' hands every training label to the sampler (RepDistiller's 'exact'
+  mode, tested in test_losses_feature); 'uniform' does not, even when the labels are known."""
+  labels = np.arange(32) % 10
+  calls = []
+  sample = relation.crd_sample_contrast_index
+
+  def spy(*args, dataset_labels=None):
+    calls.append(dataset_labels)
+    return sample(*args, dataset_labels=dataset_labels)
+
+  monkeypatch.setattr(relation, 'crd_sample_contrast_index', spy)
+  for negatives in ('other_class', 'uniform'):
+    method = _build({'losses': {'crd': 0.8}, 'crd': {'num_negatives': 16, 'negatives': negatives}},
+                    train_labels=lambda: labels)
+    value, _, _, _ = _evaluate(method, jit=True)
+    assert np.isfinite(value)
+  assert calls[0] is not None and calls[0].shape == (32,) and calls[1] is None
+
+
+@pytest.mark.parametrize('settings, train_labels, message', [
+    ({'negatives': 'other_class'}, None, 'crd reads every training label'),
+    ({'negatives': 'other_class'}, np.zeros(5), r'train_labels has shape \(5,\), expected \(32,\)'),
+    ({'negatives': 'same_class'}, None, "crd.negatives must be 'uniform' or 'other_class'"),
+])
+def test_crd_negatives_errors(settings, train_labels, message):
+  with pytest.raises(ValueError, match=message):
+    _build({'losses': {'crd': 0.8}, 'crd': settings}, train_labels=train_labels)

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import ml_collections
 import pytest
 from flax import nnx
 
@@ -107,3 +108,16 @@ def test_resume_matches_an_uninterrupted_run(idx_dir, comparison, tmp_path):
   config.student.kwargs.widths = (4, 8, 16)
   with pytest.raises(checkpoint.IncompatibleCheckpointError, match="student.kwargs"):
     train.train_and_evaluate(config, workdir)
+
+
+def test_crd_with_other_class_negatives_reads_the_training_labels(idx_dir, comparison, tmp_path):
+  """RepDistiller's CRD recipe ('other_class' negatives) through the trainer: the labels come
+  from the training source, the memory banks cover the training examples."""
+  config = compare.student_config(_smoke_config(idx_dir), "kd", seed=0,
+                                  teacher_dir=str(comparison[0] / "teacher" / "model"))
+  config.num_epochs = 1
+  config.distill = ml_collections.ConfigDict({
+      "losses": {"ce": 1.0, "crd": 0.8},
+      "crd": {"num_negatives": 8, "feat_dim": 16, "negatives": "other_class"}})
+  evaluation = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= evaluation["accuracy"] <= 1.0

@@ -58,6 +58,10 @@ class ArraySource:
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     return {key: array[indices] for key, array in self.arrays.items()}
 
+  def labels(self, num_examples: int) -> np.ndarray:
+    """The labels of examples 0 .. num_examples - 1."""
+    return np.asarray(self.arrays["label"][:num_examples], np.int32)
+
 
 class RecordSource:
   """A TFDS random-access source; records are dicts with 'image' (uint8 HWC) and 'label'."""
@@ -72,6 +76,12 @@ class RecordSource:
     records = self.data_source.__getitems__([int(i) for i in indices])
     return {"image": np.stack([np.asarray(r["image"], np.uint8) for r in records]),
             "label": np.asarray([r["label"] for r in records], np.int32)}
+
+  def labels(self, num_examples: int, chunk: int = 4096) -> np.ndarray:
+    """The labels of examples 0 .. num_examples - 1: a pass over the records (each holds its
+    image too), in chunks to bound memory."""
+    return np.concatenate([self.read(np.arange(start, min(start + chunk, num_examples)))["label"]
+                           for start in range(0, num_examples, chunk)])
 
 
 def _how_to_get(name: str, problem: str) -> str:

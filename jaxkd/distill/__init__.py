@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxkd.losses.sequence import SparseTeacher
@@ -62,6 +63,8 @@ class LossInputs:
     labels: ``[B]`` (or ``[B, S]``) int32.
     mask: ``[B]`` (or ``[B, S]``) float32, 1 for real examples (tokens), 0 for padding.
     index: ``[B]`` int32 dataset indices (CRD memory banks), or ``None`` if the batch has none.
+    train_labels: ``[N]`` int32, the label of every training example by dataset index, for
+      terms that declare `LossDef.needs_train_labels` (``None`` otherwise).
     step: scalar int32, the optimiser step.
     rng: a PRNG key private to this term and step.
     hparams: this term's traced hyper-parameters (float32 scalars), by name.
@@ -78,6 +81,7 @@ class LossInputs:
   labels: jax.Array
   mask: jax.Array
   index: jax.Array | None
+  train_labels: jax.Array | None
   step: jax.Array
   rng: jax.Array
   hparams: Mapping[str, jax.Array]
@@ -113,6 +117,8 @@ class LossDef:
     adapter: ``fn(options, info, rngs) -> nnx.Module``, the trainable extra module, or ``None``.
     init_state: ``fn(options, info, num_train_examples, rng) -> pytree``, the non-trainable
       method state (CRD memory banks), or ``None``.
+    needs_train_labels: ``fn(options) -> bool``, whether the term reads every training label
+      (`LossInputs.train_labels`; CRD's other-class negatives), or ``None`` (never).
   """
   name: str
   compute: Callable[[LossInputs], Any]
@@ -123,6 +129,7 @@ class LossDef:
   teacher_features: Callable[[Mapping[str, Any], FeatureInfo], Sequence[str]] | None = None
   adapter: Callable[[Mapping[str, Any], FeatureInfo, nnx.Rngs], nnx.Module] | None = None
   init_state: Callable[[Mapping[str, Any], FeatureInfo, int, jax.Array], Any] | None = None
+  needs_train_labels: Callable[[Mapping[str, Any]], bool] | None = None
 
 
 _REGISTRY: dict[str, LossDef] = {}
@@ -179,6 +186,7 @@ class Method:
     needs_teacher: whether any term reads the teacher.
     info: feature shapes the method was built for.
     num_train_examples: dataset size (memory banks).
+    train_labels: ``[num_train_examples]`` labels by dataset index, when a term reads them.
     steps_per_epoch: for epoch-based schedules (``None`` if no term has one).
   """
   terms: tuple[Term, ...]
@@ -189,6 +197,7 @@ class Method:
   needs_teacher: bool
   info: FeatureInfo
   num_train_examples: int | None
+  train_labels: np.ndarray | None
   steps_per_epoch: int | None
   init_rng: jax.Array
 
@@ -231,6 +240,8 @@ class Method:
     labels = batch['label']
     mask = (batch['mask'].astype(jnp.float32) if 'mask' in batch
             else jnp.ones(labels.shape, jnp.float32))
+    train_labels = (None if self.train_labels is None
+                    else jnp.asarray(self.train_labels, jnp.int32))  # a constant of the step
     teacher_topk = (SparseTeacher(ids=batch['teacher_topk_ids'],
                                   logprobs=batch['teacher_topk_logprobs'])
                     if 'teacher_topk_ids' in batch else None)
@@ -249,7 +260,7 @@ class Method:
                             else term_teacher_logits.astype(jnp.float32)),
             teacher_topk=teacher_topk,
             teacher_features=term_teacher_features, labels=labels, mask=mask,
-            index=batch.get('index'), step=step, rng=term_rng, hparams=hparams.get(term.name, {}),
+            index=batch.get('index'), train_labels=train_labels, step=step, rng=term_rng, hparams=hparams.get(term.name, {}),
             options=term.options, adapter=adapter, state=method_state.get(term.name), train=train)
         result = term.loss.compute(inputs)
         return result if term.loss.init_state is not None else (result, None)
@@ -295,8 +306,9 @@ def feature_shapes(model: nnx.Module, input_shape: Sequence[int]) -> tuple[Featu
 
 
 def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module | None = None,
-          num_train_examples: int | None = None, rngs: nnx.Rngs | None = None,
-          steps_per_epoch: int | None = None,
+          num_train_examples: int | None = None,
+          train_labels: Callable[[], np.ndarray] | np.ndarray | None = None,
+          rngs: nnx.Rngs | None = None, steps_per_epoch: int | None = None,
           input_shape: Sequence[int] = (2, 32, 32, 3)) -> Method:
   """Builds the method a `config.distill` describes.
 
@@ -306,6 +318,9 @@ def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module
     teacher: the teacher model, or ``None`` for plain supervised training (then every term must
       be teacher-free, e.g. ``{'ce': 1.0}``). For an ensemble pass one of its members.
     num_train_examples: dataset size, needed by memory-bank methods (CRD).
+    train_labels: every training label by dataset index (``[num_train_examples]`` ints), or a
+      function returning them, called only if a term needs them (reading a dataset's labels
+      can take a pass over it); needed by CRD with ``negatives='other_class'``.
     rngs: initialises adapters and method state.
     steps_per_epoch: needed by epoch-based schedules (``warmup_epochs``).
     input_shape: the shape of an input batch (NHWC), for probing feature shapes; only used
@@ -359,12 +374,23 @@ def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module
           chosen.append(name)
     if loss_def.adapter is not None:
       adapters[loss_def.name] = loss_def.adapter(options, info, rngs)
+  readers = [term.name for term in terms
+             if term.loss.needs_train_labels and term.loss.needs_train_labels(term.options)]
+  labels = None
+  if readers:
+    if train_labels is None:
+      raise ValueError(f'{readers[0]} reads every training label: pass train_labels to '
+                       'distill.build')
+    labels = np.asarray(train_labels() if callable(train_labels) else train_labels)
+    if labels.shape != (num_train_examples,):
+      raise ValueError(f'{readers[0]}: train_labels has shape {labels.shape}, expected '
+                       f'({num_train_examples},), one label per training example')
   return Method(
       terms=tuple(terms), hparams=hparams, adapters=nnx.Dict(adapters),
       student_features=tuple(student_features), teacher_features=tuple(teacher_features),
       needs_teacher=any(term.loss.needs_teacher for term in terms), info=info,
-      num_train_examples=num_train_examples, steps_per_epoch=steps_per_epoch,
-      init_rng=rngs.params())
+      num_train_examples=num_train_examples, train_labels=labels,
+      steps_per_epoch=steps_per_epoch, init_rng=rngs.params())
 
 
 # One import per method module: importing registers its losses.
