@@ -260,7 +260,8 @@ class Method:
                             else term_teacher_logits.astype(jnp.float32)),
             teacher_topk=teacher_topk,
             teacher_features=term_teacher_features, labels=labels, mask=mask,
-            index=batch.get('index'), train_labels=train_labels, step=step, rng=term_rng, hparams=hparams.get(term.name, {}),
+            index=batch.get('index'), train_labels=train_labels, step=step, rng=term_rng,
+            hparams=hparams.get(term.name, {}),
             options=term.options, adapter=adapter, state=method_state.get(term.name), train=train)
         result = term.loss.compute(inputs)
         return result if term.loss.init_state is not None else (result, None)

@@ -2,15 +2,16 @@
 
 Every logit term of `jaxkd.distill.logit` already works per token: with logits ``[B, S, V]``
 and a ``[B, S]`` mask, ``kd`` is the masked per-token mean of `jaxkd.losses.sequence`
-(``sequence_loss(kd, ..., reduction='token_mean')``). This module adds the one term whose
-teacher is not a dense distribution: ``sparse_topk_kd``, forward KL from the teacher's top-k
-log-probabilities to the dense student (`jaxkd.losses.sequence.sparse_topk_kd`).
+(``sequence_loss(kd, student_logits, teacher_logits, mask)``). This module adds the one term
+whose teacher is not a dense distribution: ``sparse_topk_kd``, forward KL from the teacher's
+top-k log-probabilities to the dense student (`jaxkd.losses.sequence.sparse_topk_kd`).
 
 Its teacher is the batch's cached top-k pair (`jaxkd.teacher_cache`, kind ``'topk'``) when the
 batch carries one: the stored log-probabilities are of the full vocabulary, so the
 ``'residual'`` mode knows the missing mass. With a live teacher, its top-``k`` (option) is taken
-inside the step (all of them when ``k`` exceeds the vocabulary). ``teacher_temperature`` is the temperature the log-probabilities were taken at
-(1 for a live teacher, whose logits the term reads untempered).
+inside the step (all classes when ``k`` exceeds the vocabulary). ``teacher_temperature`` is the
+temperature the log-probabilities were taken at (1 for a live teacher, whose logits the term
+reads untempered).
 """
 from jaxkd.distill import LossDef, LossInputs, masked_mean, register
 from jaxkd.losses import sequence

@@ -49,7 +49,7 @@ def torch_default_bias_init(fan_in: int) -> Callable[..., Array]:
 
 
 def fusion_barrier(x: Array, anchor: Array) -> Array:
-  """Returns `x` unchanged (bit for bit), computed once and stored, on XLA:CPU.
+  """Returns `x` unchanged, computed once and stored, on XLA:CPU.
 
   Why: the kernel gradient of a convolution reads its input in a transposed layout (the batch
   becomes the contracted feature axis). XLA:CPU's fusion pass duplicates cheap elementwise
