@@ -25,11 +25,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from jaxkd import xla_flags  # noqa: E402
 
+
+def _single_student_flags() -> dict[str, str]:
+  """The XLA_FLAGS configure_cpu() sets for one student, even when kd_step.py measures
+  populations (for which it would set none)."""
+  environ = {}
+  xla_flags.configure_cpu(environ)
+  return environ
+
+
 # Both settings name their flags explicitly, so kd_step.py's own configure_cpu() adds nothing.
-SETTINGS = {
-    'xla_defaults': {'JAXKD_XLA_DEFAULTS': '1'},
-    'jaxkd_flags': {'XLA_FLAGS': ' '.join(f'{flag}={value}' for flag, value in xla_flags.CPU_FLAGS)},
-}
+SETTINGS = {'xla_defaults': {'JAXKD_XLA_DEFAULTS': '1'}, 'jaxkd_flags': _single_student_flags()}
 PAIR_VARIANTS = ('student_only', 'kd', 'teacher_fwd', 'cached', 'torch_kd')
 
 
