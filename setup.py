@@ -1,30 +1,31 @@
 """jaxkd: knowledge distillation in JAX/Flax."""
+
 import setuptools
 
 setuptools.setup(
-    name="jaxkd",
-    version="0.1.0",
-    description="Knowledge distillation in JAX/Flax: losses, models, sharded engine.",
-    packages=setuptools.find_packages(include=["jaxkd", "jaxkd.*"]),
-    python_requires=">=3.11",
-    # Lower bounds only: upper pins would block newer jax/flax on Python 3.12 TPU VMs.
-    install_requires=[
-        "jax>=0.7",
-        "flax>=0.11",
-        "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
-        "tensorflow-datasets>=4.9.7",
-        "grain>=0.2.10",
-        "ml-collections>=1.0",
-        "chex>=0.1.89",
-        "absl-py>=2.1",
-        "tensorboardX>=2.6",
-        "numpy>=1.26",
-    ],
-    extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5"],
-        # torch 2.13.0 is the CPU build cached on the dev/CI image; a bare `torch` would pull a CUDA build.
-        "torch": ["torch>=2.4"],
-        "tpu": ["jax[tpu]"],
-    },
+  name="jaxkd",
+  version="0.1.0",
+  description="Knowledge distillation in JAX/Flax: losses, models, sharded engine.",
+  packages=setuptools.find_packages(include=["jaxkd", "jaxkd.*"]),
+  python_requires=">=3.11",
+  # Lower bounds only: upper pins would block newer jax/flax on Python 3.12 TPU VMs.
+  install_requires=[
+    "jax>=0.7",
+    "flax>=0.11",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "tensorflow-datasets>=4.9.7",
+    "grain>=0.2.10",
+    "ml-collections>=1.0",
+    "chex>=0.1.89",
+    "absl-py>=2.1",
+    "tensorboardX>=2.6",
+    "numpy>=1.26",
+  ],
+  extras_require={
+    "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5", "ruff>=0.8"],
+    # torch 2.13.0 is the CPU build cached on the dev/CI image; a bare `torch` would pull a CUDA build.
+    "torch": ["torch>=2.4"],
+    "tpu": ["jax[tpu]"],
+  },
 )

@@ -23,6 +23,7 @@ Variants per teacher → student pair (batch 64, 32×32×3, 100 classes, SGD mom
   torch_kd      the same KD step in PyTorch (eval-mode teacher under no_grad)
 Populations: one vmapped step of P students vs P single-student steps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,14 +42,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxkd import distill, models, parallel, population, step as kd_step, xla_flags  # noqa: E402
 
 NUM_CLASSES = 100
-KD_CONFIG = {'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 4.0}}
+KD_CONFIG = {"losses": {"ce": 0.1, "kd": 0.9}, "kd": {"temperature": 4.0}}
 
 
 def _flops(compiled) -> float:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
-  return float(analysis.get('flops', float('nan')))
+  return float(analysis.get("flops", float("nan")))
 
 
 class Timed:
@@ -93,23 +94,27 @@ def _interleave(variants, rounds: int, steps: int):
 
 def _host_batch(batch_size, image_shape, num_classes=NUM_CLASSES, seed=0):
   rng = np.random.default_rng(seed)
-  return {'image': rng.standard_normal((batch_size, *image_shape), np.float32),
-          'label': rng.integers(0, num_classes, batch_size).astype(np.int32),
-          'index': np.arange(batch_size, dtype=np.int32)}
+  return {
+    "image": rng.standard_normal((batch_size, *image_shape), np.float32),
+    "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+    "index": np.arange(batch_size, dtype=np.int32),
+  }
 
 
 def _jax_variants(student, teacher, mesh, host_batch):
   """The four jaxkd variants of one pair, compiled."""
   optimizer = optax.sgd(0.05, momentum=0.9)
   batch = parallel.host_to_global(mesh, host_batch)
-  kd_method = distill.build(KD_CONFIG, student=student, teacher=teacher,
-                            input_shape=(2, *host_batch['image'].shape[1:]))
-  ce_method = distill.build({'losses': {'ce': 1.0}}, student=student)
+  kd_method = distill.build(
+    KD_CONFIG, student=student, teacher=teacher, input_shape=(2, *host_batch["image"].shape[1:])
+  )
+  ce_method = distill.build({"losses": {"ce": 1.0}}, student=student)
   teacher_state = kd_step.teacher_state(teacher, mesh)
 
   def step_variant(name, method, teacher_model, teacher_arg, step_batch):
-    train_step = kd_step.make_train_step(student=student, teacher=teacher_model, method=method,
-                                         optimizer=optimizer, mesh=mesh)
+    train_step = kd_step.make_train_step(
+      student=student, teacher=teacher_model, method=method, optimizer=optimizer, mesh=mesh
+    )
     state = kd_step.init_state(student, method, optimizer, mesh=mesh)
     return Timed(name, train_step, state, teacher_arg, step_batch)
 
@@ -119,13 +124,13 @@ def _jax_variants(student, teacher, mesh, host_batch):
   def teacher_forward(state, images):
     return nnx.merge(teacher_graphdef, state)(images, train=False)[0]
 
-  teacher_logits = teacher_forward(teacher_state, batch['image'])
-  cached_batch = {**batch, 'teacher_logits': teacher_logits}
+  teacher_logits = teacher_forward(teacher_state, batch["image"])
+  cached_batch = {**batch, "teacher_logits": teacher_logits}
   return [
-      step_variant('student_only', ce_method, None, None, batch),
-      step_variant('kd', kd_method, teacher, teacher_state, batch),
-      ForwardTimed('teacher_fwd', teacher_forward, teacher_state, batch['image']),
-      step_variant('cached', kd_method, None, None, cached_batch),
+    step_variant("student_only", ce_method, None, None, batch),
+    step_variant("kd", kd_method, teacher, teacher_state, batch),
+    ForwardTimed("teacher_fwd", teacher_forward, teacher_state, batch["image"]),
+    step_variant("cached", kd_method, None, None, cached_batch),
   ]
 
 
@@ -133,22 +138,33 @@ def _population_variants(student, teacher, mesh, host_batch, size, chunks):
   """Population steps of `size` students (vmapped in chunks) vs one single student step."""
   optimizer = optax.sgd(0.05, momentum=0.9)
   batch = parallel.host_to_global(mesh, host_batch)
-  method = distill.build(KD_CONFIG, student=student, teacher=teacher,
-                         input_shape=(2, *host_batch['image'].shape[1:]))
+  method = distill.build(
+    KD_CONFIG, student=student, teacher=teacher, input_shape=(2, *host_batch["image"].shape[1:])
+  )
   teacher_state = kd_step.teacher_state(teacher, mesh)
-  config = {'size': size, 'sweep': {'kd.temperature': list(np.linspace(1.0, 8.0, size))}}
-  def population_variant(chunk):
-    train_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
-                                         optimizer=optimizer, mesh=mesh, population_size=size,
-                                         population_chunk=chunk)
-    state = population.init_population(student, method, optimizer, config, mesh=mesh)
-    return Timed(f'population{size}_chunk{chunk or size}', train_step, state, teacher_state, batch)
+  config = {"size": size, "sweep": {"kd.temperature": list(np.linspace(1.0, 8.0, size))}}
 
-  single_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
-                                        optimizer=optimizer, mesh=mesh)
+  def population_variant(chunk):
+    train_step = kd_step.make_train_step(
+      student=student,
+      teacher=teacher,
+      method=method,
+      optimizer=optimizer,
+      mesh=mesh,
+      population_size=size,
+      population_chunk=chunk,
+    )
+    state = population.init_population(student, method, optimizer, config, mesh=mesh)
+    return Timed(f"population{size}_chunk{chunk or size}", train_step, state, teacher_state, batch)
+
+  single_step = kd_step.make_train_step(
+    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh
+  )
   single_state = kd_step.init_state(student, method, optimizer, mesh=mesh)
-  return [Timed('single', single_step, single_state, teacher_state, batch),
-          *[population_variant(chunk) for chunk in chunks]]
+  return [
+    Timed("single", single_step, single_state, teacher_state, batch),
+    *[population_variant(chunk) for chunk in chunks],
+  ]
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,8 +176,8 @@ def _torch_resnet(name: str):
   import torch
   from torch import nn
 
-  depth = int(name.removeprefix('resnet').removesuffix('x4'))
-  widths = [32, 64, 128, 256] if name.endswith('x4') else [16, 16, 32, 64]
+  depth = int(name.removeprefix("resnet").removesuffix("x4"))
+  widths = [32, 64, 128, 256] if name.endswith("x4") else [16, 16, 32, 64]
   blocks = (depth - 2) // 6
 
   class BasicBlock(nn.Module):
@@ -173,16 +189,16 @@ def _torch_resnet(name: str):
       self.bn2 = nn.BatchNorm2d(planes)
       self.downsample = None
       if stride != 1 or inplanes != planes:
-        self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                        nn.BatchNorm2d(planes))
+        self.downsample = nn.Sequential(
+          nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+        )
 
     def forward(self, x):
       residual = x if self.downsample is None else self.downsample(x)
       out = torch.relu(self.bn1(self.conv1(x)))
       return torch.relu(self.bn2(self.conv2(out)) + residual)
 
-  layers = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
-            nn.ReLU()]
+  layers = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
   inplanes = widths[0]
   for stage, planes in enumerate(widths[1:]):
     for block in range(blocks):
@@ -198,14 +214,15 @@ class TorchTimed:
   def __init__(self, name, student_name, teacher_name, host_batch, threads):
     import torch
     import torch.nn.functional as F
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    self.name, self.times, self.compile_s, self.flops = name, [], 0.0, float('nan')
+    self.name, self.times, self.compile_s, self.flops = name, [], 0.0, float("nan")
     student = _torch_resnet(student_name).train()
     teacher = _torch_resnet(teacher_name).eval() if teacher_name else None
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
-    images = torch.from_numpy(host_batch['image']).permute(0, 3, 1, 2).contiguous()
-    labels = torch.from_numpy(host_batch['label']).long()
+    images = torch.from_numpy(host_batch["image"]).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(host_batch["label"]).long()
     temperature = 4.0
 
     def step():
@@ -214,9 +231,14 @@ class TorchTimed:
       if teacher is not None:
         with torch.no_grad():
           teacher_logits = teacher(images)
-        kd = F.kl_div(F.log_softmax(logits / temperature, 1),
-                      F.softmax(teacher_logits / temperature, 1),
-                      reduction='batchmean') * temperature**2
+        kd = (
+          F.kl_div(
+            F.log_softmax(logits / temperature, 1),
+            F.softmax(teacher_logits / temperature, 1),
+            reduction="batchmean",
+          )
+          * temperature**2
+        )
         loss = 0.1 * loss + 0.9 * kd
       optimizer.zero_grad(set_to_none=True)
       loss.backward()
@@ -239,83 +261,107 @@ def _create(name, num_classes=NUM_CLASSES, **kwargs):
 
 def _setup(spec: str, batch_size: int):
   """(teacher, student, host batch) of 'quickstart' or a 'teacher:student' CIFAR pair."""
-  if spec == 'quickstart':  # configs/quickstart.py: 28×28×1, batch 128, 10 classes
-    return (_create('small_cnn', 10, widths=(32, 64, 128), depth=1, flatten=True),
-            _create('small_cnn', 10, widths=(8, 16, 32), depth=1, flatten=True),
-            _host_batch(128, (28, 28, 1), num_classes=10))
-  teacher_name, student_name = spec.split(':')
+  if spec == "quickstart":  # configs/quickstart.py: 28×28×1, batch 128, 10 classes
+    return (
+      _create("small_cnn", 10, widths=(32, 64, 128), depth=1, flatten=True),
+      _create("small_cnn", 10, widths=(8, 16, 32), depth=1, flatten=True),
+      _host_batch(128, (28, 28, 1), num_classes=10),
+    )
+  teacher_name, student_name = spec.split(":")
   return _create(teacher_name), _create(student_name), _host_batch(batch_size, (32, 32, 3))
 
 
 def benchmark_pair(spec, args, mesh):
   teacher, student, host_batch = _setup(spec, args.batch)
   variants = _jax_variants(student, teacher, mesh, host_batch)
-  if args.torch and spec != 'quickstart':
-    teacher_name, student_name = spec.split(':')
-    variants += [TorchTimed('torch_student_only', student_name, None, host_batch, args.threads),
-                 TorchTimed('torch_kd', student_name, teacher_name, host_batch, args.threads)]
+  if args.torch and spec != "quickstart":
+    teacher_name, student_name = spec.split(":")
+    variants += [
+      TorchTimed("torch_student_only", student_name, None, host_batch, args.threads),
+      TorchTimed("torch_kd", student_name, teacher_name, host_batch, args.threads),
+    ]
   times = _interleave(variants, args.rounds, args.steps)
   by_name = {v.name: v for v in variants}
-  row = {'pair': spec, 'times_s': times,
-         'compile_s': {v.name: v.compile_s for v in variants},
-         'flops': {v.name: v.flops for v in variants}}
-  student_flops, teacher_flops = by_name['student_only'].flops, by_name['teacher_fwd'].flops
-  row['kd_over_student'] = times['kd'] / times['student_only']
-  row['flop_bound'] = (student_flops + teacher_flops) / student_flops
-  row['kd_over_student_plus_teacher'] = times['kd'] / (times['student_only'] + times['teacher_fwd'])
-  row['cached_over_student'] = times['cached'] / times['student_only']
-  row['examples_per_s_kd'] = len(host_batch['label']) / times['kd']
-  if 'torch_kd' in times:
-    row['jax_over_torch_kd'] = times['kd'] / times['torch_kd']
-    row['jax_over_torch_student'] = times['student_only'] / times['torch_student_only']
+  row = {
+    "pair": spec,
+    "times_s": times,
+    "compile_s": {v.name: v.compile_s for v in variants},
+    "flops": {v.name: v.flops for v in variants},
+  }
+  student_flops, teacher_flops = by_name["student_only"].flops, by_name["teacher_fwd"].flops
+  row["kd_over_student"] = times["kd"] / times["student_only"]
+  row["flop_bound"] = (student_flops + teacher_flops) / student_flops
+  row["kd_over_student_plus_teacher"] = times["kd"] / (times["student_only"] + times["teacher_fwd"])
+  row["cached_over_student"] = times["cached"] / times["student_only"]
+  row["examples_per_s_kd"] = len(host_batch["label"]) / times["kd"]
+  if "torch_kd" in times:
+    row["jax_over_torch_kd"] = times["kd"] / times["torch_kd"]
+    row["jax_over_torch_student"] = times["student_only"] / times["torch_student_only"]
   return row
 
 
 def benchmark_population(name, teacher, student, host_batch, args, mesh):
-  chunks = [int(c) if c != 'all' else None for c in args.population_chunks.split(',')]
+  chunks = [int(c) if c != "all" else None for c in args.population_chunks.split(",")]
   variants = _population_variants(student, teacher, mesh, host_batch, args.population, chunks)
   times = _interleave(variants, args.rounds, args.steps)
-  return {'setup': name, 'times_s': times,
-          'compile_s': {v.name: v.compile_s for v in variants},
-          'population_over_sequential': {
-              v.name: times[v.name] / (args.population * times['single']) for v in variants[1:]}}
+  return {
+    "setup": name,
+    "times_s": times,
+    "compile_s": {v.name: v.compile_s for v in variants},
+    "population_over_sequential": {
+      v.name: times[v.name] / (args.population * times["single"]) for v in variants[1:]
+    },
+  }
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--pairs', default='resnet56:resnet20,resnet32x4:resnet8x4',
-                      help="comma-separated 'teacher:student' pairs or 'quickstart'")
-  parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--steps', type=int, default=3)
-  parser.add_argument('--threads', type=int, default=os.cpu_count())
-  parser.add_argument('--population', type=int, default=8)
-  parser.add_argument('--population-pairs', default='quickstart,resnet56:resnet20')
-  parser.add_argument('--population-chunks', default='all,1',
-                      help="members vmapped together: 'all' (one vmap) or a chunk size")
-  parser.add_argument('--no-torch', dest='torch', action='store_false')
-  parser.add_argument('--json', default=None, help='also write the results here')
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument(
+    "--pairs",
+    default="resnet56:resnet20,resnet32x4:resnet8x4",
+    help="comma-separated 'teacher:student' pairs or 'quickstart'",
+  )
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--population", type=int, default=8)
+  parser.add_argument("--population-pairs", default="quickstart,resnet56:resnet20")
+  parser.add_argument(
+    "--population-chunks",
+    default="all,1",
+    help="members vmapped together: 'all' (one vmap) or a chunk size",
+  )
+  parser.add_argument("--no-torch", dest="torch", action="store_false")
+  parser.add_argument("--json", default=None, help="also write the results here")
   args = parser.parse_args()
 
   # The XLA options python -m jaxkd.main picks: populations only (--pairs "") keep XLA's.
   xla_flags.configure_cpu(population=not args.pairs)
-  mesh = parallel.make_mesh({'data': 1}, devices=jax.devices()[:1])
-  results = {'jax': jax.__version__, 'backend': jax.default_backend(),
-             'xla_flags': os.environ.get('XLA_FLAGS', ''), 'threads': args.threads,
-             'load_before': os.getloadavg(), 'pairs': [], 'populations': []}
-  for spec in filter(None, args.pairs.split(',')):
-    results['pairs'].append(benchmark_pair(spec, args, mesh))
-    print(json.dumps(results['pairs'][-1], indent=1, ensure_ascii=False), flush=True)
-  for setup in filter(None, args.population_pairs.split(',')):
+  mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  results = {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "threads": args.threads,
+    "load_before": os.getloadavg(),
+    "pairs": [],
+    "populations": [],
+  }
+  for spec in filter(None, args.pairs.split(",")):
+    results["pairs"].append(benchmark_pair(spec, args, mesh))
+    print(json.dumps(results["pairs"][-1], indent=1, ensure_ascii=False), flush=True)
+  for setup in filter(None, args.population_pairs.split(",")):
     teacher, student, host_batch = _setup(setup, args.batch)
-    results['populations'].append(
-        benchmark_population(setup, teacher, student, host_batch, args, mesh))
-    print(json.dumps(results['populations'][-1], indent=1), flush=True)
-  results['load_after'] = os.getloadavg()
+    results["populations"].append(
+      benchmark_population(setup, teacher, student, host_batch, args, mesh)
+    )
+    print(json.dumps(results["populations"][-1], indent=1), flush=True)
+  results["load_after"] = os.getloadavg()
   if args.json:
-    with open(args.json, 'w') as f:
+    with open(args.json, "w") as f:
       json.dump(results, f, indent=1, ensure_ascii=False)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

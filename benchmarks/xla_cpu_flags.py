@@ -13,6 +13,7 @@ on a shared machine hit both alike. Figures: median over repeats.
   python benchmarks/xla_cpu_flags.py --pairs resnet56:resnet20,resnet32x4:resnet8x4
   python benchmarks/xla_cpu_flags.py --pairs "" --population-pairs quickstart
 """
+
 import argparse
 import json
 import os
@@ -35,17 +36,24 @@ def _single_student_flags() -> dict[str, str]:
 
 
 # Both settings name their flags explicitly, so kd_step.py's own configure_cpu() adds nothing.
-SETTINGS = {'xla_defaults': {'JAXKD_XLA_DEFAULTS': '1'}, 'jaxkd_flags': _single_student_flags()}
-PAIR_VARIANTS = ('student_only', 'kd', 'teacher_fwd', 'cached', 'torch_kd')
+SETTINGS = {"xla_defaults": {"JAXKD_XLA_DEFAULTS": "1"}, "jaxkd_flags": _single_student_flags()}
+PAIR_VARIANTS = ("student_only", "kd", "teacher_fwd", "cached", "torch_kd")
 
 
 def _kd_step_run(kd_step_args: list[str], setting: str) -> dict:
-  environ = {key: value for key, value in os.environ.items()
-             if key not in ('XLA_FLAGS', 'JAXKD_XLA_DEFAULTS')}
+  environ = {
+    key: value
+    for key, value in os.environ.items()
+    if key not in ("XLA_FLAGS", "JAXKD_XLA_DEFAULTS")
+  }
   environ.update(SETTINGS[setting])
-  with tempfile.NamedTemporaryFile(suffix='.json') as output:
-    subprocess.run([sys.executable, os.path.join(HERE, 'kd_step.py'), *kd_step_args,
-                    '--json', output.name], env=environ, check=True, stdout=subprocess.DEVNULL)
+  with tempfile.NamedTemporaryFile(suffix=".json") as output:
+    subprocess.run(
+      [sys.executable, os.path.join(HERE, "kd_step.py"), *kd_step_args, "--json", output.name],
+      env=environ,
+      check=True,
+      stdout=subprocess.DEVNULL,
+    )
     with open(output.name) as f:
       return json.load(f)
 
@@ -60,36 +68,57 @@ def _alternate(kd_step_args, repeats, extract):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--pairs', default='resnet56:resnet20')
-  parser.add_argument('--population-pairs', default='')
-  parser.add_argument('--repeats', type=int, default=2)
-  parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--steps', type=int, default=2)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--pairs", default="resnet56:resnet20")
+  parser.add_argument("--population-pairs", default="")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=2)
   args = parser.parse_args()
-  timing = ['--rounds', str(args.rounds), '--steps', str(args.steps)]
-  print('load', os.getloadavg(), {name: setting for name, setting in SETTINGS.items()})
-  for pair in filter(None, args.pairs.split(',')):
-    runs = _alternate(['--pairs', pair, '--population-pairs', '', *timing], args.repeats,
-                      lambda results: results['pairs'][0]['times_s'])
-    medians = {setting: {v: statistics.median(run[v] for run in runs[setting])
-                         for v in PAIR_VARIANTS} for setting in SETTINGS}
+  timing = ["--rounds", str(args.rounds), "--steps", str(args.steps)]
+  print("load", os.getloadavg(), {name: setting for name, setting in SETTINGS.items()})
+  for pair in filter(None, args.pairs.split(",")):
+    runs = _alternate(
+      ["--pairs", pair, "--population-pairs", "", *timing],
+      args.repeats,
+      lambda results: results["pairs"][0]["times_s"],
+    )
+    medians = {
+      setting: {v: statistics.median(run[v] for run in runs[setting]) for v in PAIR_VARIANTS}
+      for setting in SETTINGS
+    }
     print(pair)
     for setting, times in medians.items():
-      print(f'  {setting:13s}', {v: round(t, 4) for v, t in times.items()},
-            'jax/torch KD', round(times['kd'] / times['torch_kd'], 2))
-    print('  jaxkd_flags / xla_defaults',
-          {v: round(medians['jaxkd_flags'][v] / medians['xla_defaults'][v], 2)
-           for v in PAIR_VARIANTS if not v.startswith('torch')})
-  for setup in filter(None, args.population_pairs.split(',')):
-    runs = _alternate(['--pairs', '', '--population-pairs', setup, '--population-chunks', '1',
-                       *timing], args.repeats,
-                      lambda results: results['populations'][0]['population_over_sequential'])
-    print(setup, 'population step / 8 single steps:',
-          {setting: [round(run['population8_chunk1'], 3) for run in runs[setting]]
-           for setting in SETTINGS})
-  print('load', os.getloadavg())
+      print(
+        f"  {setting:13s}",
+        {v: round(t, 4) for v, t in times.items()},
+        "jax/torch KD",
+        round(times["kd"] / times["torch_kd"], 2),
+      )
+    print(
+      "  jaxkd_flags / xla_defaults",
+      {
+        v: round(medians["jaxkd_flags"][v] / medians["xla_defaults"][v], 2)
+        for v in PAIR_VARIANTS
+        if not v.startswith("torch")
+      },
+    )
+  for setup in filter(None, args.population_pairs.split(",")):
+    runs = _alternate(
+      ["--pairs", "", "--population-pairs", setup, "--population-chunks", "1", *timing],
+      args.repeats,
+      lambda results: results["populations"][0]["population_over_sequential"],
+    )
+    print(
+      setup,
+      "population step / 8 single steps:",
+      {
+        setting: [round(run["population8_chunk1"], 3) for run in runs[setting]]
+        for setting in SETTINGS
+      },
+    )
+  print("load", os.getloadavg())
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -14,6 +14,7 @@ fashion-mnist/); `--config.data.dir=DIR` reads them from any directory, and
 Config argument: `configs/quickstart.py:smoke` is a few steps on a tiny slice (tests);
 `:seeds=5` runs more student seeds.
 """
+
 from jaxkd import configlib
 
 
@@ -50,9 +51,9 @@ def get_config(arg=None):
   config.num_epochs = 10  # Student epochs (over data.train_examples).
 
   config.compare = {
-      "seeds": arg.seeds,  # Student seeds: config.seed, config.seed + 1, ...
-      "teacher_epochs": 2,  # Over teacher_train_examples.
-      "teacher_train_examples": 0,  # 0 = all 60,000 training images.
+    "seeds": arg.seeds,  # Student seeds: config.seed, config.seed + 1, ...
+    "teacher_epochs": 2,  # Over teacher_train_examples.
+    "teacher_train_examples": 0,  # 0 = all 60,000 training images.
   }
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500

@@ -11,21 +11,21 @@ The data position is the step itself: the pipeline makes batch k a pure function
 (seed, k) (jaxkd/data/pipeline.py), so restoring step k and rebuilding the stream from k
 continues exactly where the interrupted run stopped.
 """
+
 import os
 
 import jax
 import orbax.checkpoint as ocp
 
-
-class IncompatibleCheckpointError(ValueError):
-  """The workdir holds checkpoints of a different model or dataset than the config."""
+from jaxkd.errors import IncompatibleCheckpointError
 
 
 def _manager(workdir: str, *, keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-      item_names=("state", "run"))
+    os.path.join(os.path.abspath(workdir), "checkpoints"),
+    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+    item_names=("state", "run"),
+  )
 
 
 class Checkpointer:
@@ -54,9 +54,10 @@ class Checkpointer:
       value = run_info.get(key)
       if saved.get(key) != value:
         raise IncompatibleCheckpointError(
-            f"the workdir's checkpoint at step {self.latest_step()} was written for {key} = "
-            f"{saved.get(key)!r}, the config asks for {value!r}; use a fresh --workdir (or "
-            "delete its checkpoints/) to start a new run")
+          f"the workdir's checkpoint at step {self.latest_step()} was written for {key} = "
+          f"{saved.get(key)!r}, the config asks for {value!r}; use a fresh --workdir (or "
+          "delete its checkpoints/) to start a new run"
+        )
 
   def restore(self, state):
     """The latest checkpoint restored onto the structure and shardings of `state`.
@@ -68,13 +69,16 @@ class Checkpointer:
       return state
     abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
     return restored["state"]
 
   def save(self, step: int, state, run_info: dict) -> None:
     """Starts an asynchronous save; `wait()` before reading it back or exiting."""
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     run=ocp.args.JsonSave(run_info)))
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run_info)),
+    )
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -13,6 +13,7 @@ For a config with a `compare` section (configs/quickstart.py):
 Every run is an ordinary `train.train_and_evaluate` workdir, so an interrupted comparison
 resumes where it stopped and a finished one only re-evaluates.
 """
+
 import json
 import os
 import time
@@ -56,7 +57,8 @@ def student_config(config, role: str, seed: int, teacher_dir: str) -> ml_collect
 
 def _num_params(model_name: str, kwargs, num_classes: int) -> int:
   abstract_model = nnx.eval_shape(
-      lambda: models.create(model_name, num_classes=num_classes, **kwargs))
+    lambda: models.create(model_name, num_classes=num_classes, **kwargs)
+  )
   return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract_model, nnx.Param)))
 
 
@@ -75,22 +77,25 @@ def results_table(summary: dict) -> str:
   num_seeds = len(summary["runs"]["scratch"])
   seeds = f"{num_seeds} seed{'s' if num_seeds > 1 else ''}"
   lines = [
-      "| model | parameters | top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |",
-      "|---|---|---|---|---|",
-      f"| teacher `{teacher['model']}` | {teacher['parameters']:,} | "
-      f"{100 * teacher['accuracy']:.2f} | — | — |",
+    "| model | parameters | top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |",
+    "|---|---|---|---|---|",
+    f"| teacher `{teacher['model']}` | {teacher['parameters']:,} | "
+    f"{100 * teacher['accuracy']:.2f} | — | — |",
   ]
   labels = {"scratch": "student from scratch", "kd": "student with KD"}
   for role in _ROLES:
     runs = summary["runs"][role]
     lines.append(
-        f"| {labels[role]} `{summary['student']['model']}` ({seeds}) | "
-        f"{summary['student']['parameters']:,} | "
-        f"{_mean_std([100 * r['accuracy'] for r in runs])} | "
-        f"{_mean_std([100 * r['agreement'] for r in runs])} | "
-        f"{_mean_std([r['kl'] for r in runs], digits=3)} |")
-  gain = [100 * (kd["accuracy"] - scratch["accuracy"])
-          for kd, scratch in zip(summary["runs"]["kd"], summary["runs"]["scratch"])]
+      f"| {labels[role]} `{summary['student']['model']}` ({seeds}) | "
+      f"{summary['student']['parameters']:,} | "
+      f"{_mean_std([100 * r['accuracy'] for r in runs])} | "
+      f"{_mean_std([100 * r['agreement'] for r in runs])} | "
+      f"{_mean_std([r['kl'] for r in runs], digits=3)} |"
+    )
+  gain = [
+    100 * (kd["accuracy"] - scratch["accuracy"])
+    for kd, scratch in zip(summary["runs"]["kd"], summary["runs"]["scratch"])
+  ]
   lines.append(f"| KD − scratch, paired by seed | | {_mean_std(gain, sign='+')} | | |")
   return "\n".join(lines)
 
@@ -102,8 +107,9 @@ def run(config, workdir: str) -> dict:
   configs = {"teacher": teacher_config(config)}
   for role in _ROLES:
     for seed in seeds:
-      configs[f"{role}/seed_{seed}"] = student_config(config, role, seed,
-                                                      os.path.join(teacher_dir, "model"))
+      configs[f"{role}/seed_{seed}"] = student_config(
+        config, role, seed, os.path.join(teacher_dir, "model")
+      )
   # Every run is checked before the first one starts: a typo must not wait for the teacher.
   for run_config in configs.values():
     configlib.validate(run_config)
@@ -118,13 +124,18 @@ def run(config, workdir: str) -> dict:
 
   num_classes = data.DATASETS[config.data.name].num_classes
   summary = {
-      "teacher": {"model": config.teacher.model, **results["teacher"], "parameters": _num_params(
-          config.teacher.model, config.teacher.kwargs, num_classes)},
-      "student": {"model": config.student.model, "parameters": _num_params(
-          config.student.model, config.student.kwargs, num_classes)},
-      "seeds": seeds,
-      "runs": {role: [results[f"{role}/seed_{seed}"] for seed in seeds] for role in _ROLES},
-      "seconds": {**seconds, "total": time.perf_counter() - start},
+    "teacher": {
+      "model": config.teacher.model,
+      **results["teacher"],
+      "parameters": _num_params(config.teacher.model, config.teacher.kwargs, num_classes),
+    },
+    "student": {
+      "model": config.student.model,
+      "parameters": _num_params(config.student.model, config.student.kwargs, num_classes),
+    },
+    "seeds": seeds,
+    "runs": {role: [results[f"{role}/seed_{seed}"] for seed in seeds] for role in _ROLES},
+    "seconds": {**seconds, "total": time.perf_counter() - start},
   }
   table = results_table(summary)
   print(table, flush=True)

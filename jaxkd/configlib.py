@@ -5,13 +5,11 @@ changes; `python -m jaxkd.main` locks the result, so `--config.x=y` can change a
 misspelt one is an error. `validate` runs before anything is built or compiled and raises
 `ConfigError` with one line naming the offending field.
 """
+
 import ml_collections
 
 from jaxkd import data, optim
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field."""
+from jaxkd.errors import ConfigError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -106,21 +104,31 @@ def validate(config) -> None:
   _check_choice("data.name", config.data.name, tuple(data.DATASETS))
   _check_choice("data.source", config.data.source, data.SOURCES)
   _check_choice("data.augment", config.data.augment, data.AUGMENTATIONS)
-  for field, value in (("data.batch_size", config.data.batch_size),
-                       ("data.eval_batch_size", config.data.eval_batch_size),
-                       ("num_epochs", config.num_epochs),
-                       ("log_every_steps", config.log_every_steps),
-                       ("checkpoint_every_steps", config.checkpoint_every_steps),
-                       ("keep_checkpoints", config.keep_checkpoints)):
+  for field, value in (
+    ("data.batch_size", config.data.batch_size),
+    ("data.eval_batch_size", config.data.eval_batch_size),
+    ("num_epochs", config.num_epochs),
+    ("log_every_steps", config.log_every_steps),
+    ("checkpoint_every_steps", config.checkpoint_every_steps),
+    ("keep_checkpoints", config.keep_checkpoints),
+  ):
     _check(value > 0, field, value, "must be positive")
-  _check(config.data.train_examples >= 0, "data.train_examples", config.data.train_examples,
-         "must be 0 (all) or positive")
+  _check(
+    config.data.train_examples >= 0,
+    "data.train_examples",
+    config.data.train_examples,
+    "must be 0 (all) or positive",
+  )
   _check_choice("student.model", config.student.model, models.names())
   if config.teacher.model:
     _check_choice("teacher.model", config.teacher.model, models.names())
 
-  _check(len(config.distill.losses) > 0, "distill.losses", dict(config.distill.losses),
-         "name at least one loss")
+  _check(
+    len(config.distill.losses) > 0,
+    "distill.losses",
+    dict(config.distill.losses),
+    "name at least one loss",
+  )
   for name in config.distill.losses:
     _check_choice(f"distill.losses.{name}", name, distill.names())
 
@@ -128,28 +136,46 @@ def validate(config) -> None:
   _check_choice("optimizer.schedule", config.optimizer.schedule, optim.SCHEDULES)
   _check(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
   decay_epochs = tuple(config.optimizer.decay_epochs)
-  _check(list(decay_epochs) == sorted(decay_epochs) and all(
-      0 < epoch < config.num_epochs for epoch in decay_epochs), "optimizer.decay_epochs",
-         decay_epochs, f"must increase within (0, num_epochs={config.num_epochs})")
-  _check(config.optimizer.warmup_epochs < config.num_epochs, "optimizer.warmup_epochs",
-         config.optimizer.warmup_epochs, f"must be shorter than num_epochs={config.num_epochs}")
+  _check(
+    list(decay_epochs) == sorted(decay_epochs)
+    and all(0 < epoch < config.num_epochs for epoch in decay_epochs),
+    "optimizer.decay_epochs",
+    decay_epochs,
+    f"must increase within (0, num_epochs={config.num_epochs})",
+  )
+  _check(
+    config.optimizer.warmup_epochs < config.num_epochs,
+    "optimizer.warmup_epochs",
+    config.optimizer.warmup_epochs,
+    f"must be shorter than num_epochs={config.num_epochs}",
+  )
   _check(config.stop_at_step >= 0, "stop_at_step", config.stop_at_step, "must be 0 or positive")
 
   population_size = population_config(config)["size"]
-  _check(population_size >= 1, "population.size", population_size,
-         "must be 1 (one student) or more")
+  _check(
+    population_size >= 1, "population.size", population_size, "must be 1 (one student) or more"
+  )
   try:
     population.member_overrides(population_config(config))
   except ValueError as error:
     raise ConfigError(f"config.population.sweep: {error}") from None
   cache = teacher_cache_config(config)
-  _check(cache["topk"] >= 0, "teacher.cache.topk", cache["topk"],
-         "must be 0 (dense logits) or positive")
+  _check(
+    cache["topk"] >= 0, "teacher.cache.topk", cache["topk"], "must be 0 (dense logits) or positive"
+  )
   if cache["dir"]:
-    _check(config.data.augment == "none", "data.augment", config.data.augment,
-           "a cached teacher (teacher.cache.dir) holds the outputs of fixed views: use 'none'")
-    _check(bool(config.teacher.checkpoint), "teacher.checkpoint", config.teacher.checkpoint,
-           "teacher.cache.dir needs the teacher the cache is computed from (and evaluated with)")
+    _check(
+      config.data.augment == "none",
+      "data.augment",
+      config.data.augment,
+      "a cached teacher (teacher.cache.dir) holds the outputs of fixed views: use 'none'",
+    )
+    _check(
+      bool(config.teacher.checkpoint),
+      "teacher.checkpoint",
+      config.teacher.checkpoint,
+      "teacher.cache.dir needs the teacher the cache is computed from (and evaluated with)",
+    )
 
 
 def population_config(config) -> dict:
@@ -168,24 +194,40 @@ def check_teacher_given(config) -> None:
   from jaxkd import distill
 
   for name in config.distill.losses:
-    _check(not distill.get(name).needs_teacher or config.teacher.checkpoint, "teacher.checkpoint",
-           config.teacher.checkpoint, f"loss {name!r} needs a teacher: set a jaxkd.models.io "
-           "directory (a finished run's <workdir>/model)")
+    _check(
+      not distill.get(name).needs_teacher or config.teacher.checkpoint,
+      "teacher.checkpoint",
+      config.teacher.checkpoint,
+      f"loss {name!r} needs a teacher: set a jaxkd.models.io "
+      "directory (a finished run's <workdir>/model)",
+    )
 
 
 def check_batch_sizes(config, num_devices: int) -> None:
   """Global batches must split evenly over the devices (and hence over the processes)."""
   for field in ("batch_size", "eval_batch_size"):
     value = config.data[field]
-    _check(value % num_devices == 0, f"data.{field}", value,
-           f"must be a multiple of the {num_devices} devices")
+    _check(
+      value % num_devices == 0,
+      f"data.{field}",
+      value,
+      f"must be a multiple of the {num_devices} devices",
+    )
 
 
 def check_data_size(config, num_train: int) -> None:
-  _check(config.data.train_examples <= num_train, "data.train_examples",
-         config.data.train_examples, f"the train split has only {num_train} examples")
-  _check((config.data.train_examples or num_train) >= config.data.batch_size, "data.batch_size",
-         config.data.batch_size, "is larger than the training set")
+  _check(
+    config.data.train_examples <= num_train,
+    "data.train_examples",
+    config.data.train_examples,
+    f"the train split has only {num_train} examples",
+  )
+  _check(
+    (config.data.train_examples or num_train) >= config.data.batch_size,
+    "data.batch_size",
+    config.data.batch_size,
+    "is larger than the training set",
+  )
 
 
 def check_model(field: str, model, spec: data.DatasetSpec) -> None:
@@ -204,11 +246,17 @@ def check_model(field: str, model, spec: data.DatasetSpec) -> None:
   try:
     logits = jax.eval_shape(forward, state, images)
   except (TypeError, ValueError) as error:
-    raise ConfigError(f"config.{field}: the model does not accept images of shape "
-                      f"{spec.image_shape} ({type(error).__name__}: "
-                      f"{str(error).splitlines()[0]})") from None
-  _check(logits.shape == (2, spec.num_classes), field, logits.shape[-1],
-         f"the model has {logits.shape[-1]} outputs, the dataset {spec.num_classes} classes")
+    raise ConfigError(
+      f"config.{field}: the model does not accept images of shape "
+      f"{spec.image_shape} ({type(error).__name__}: "
+      f"{str(error).splitlines()[0]})"
+    ) from None
+  _check(
+    logits.shape == (2, spec.num_classes),
+    field,
+    logits.shape[-1],
+    f"the model has {logits.shape[-1]} outputs, the dataset {spec.num_classes} classes",
+  )
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -222,8 +270,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     key, has_value, value = item.partition("=")
     if key not in defaults:
-      raise ConfigError(f"unknown config argument {key!r}; this config takes "
-                        f"{', '.join(sorted(defaults))}")
+      raise ConfigError(
+        f"unknown config argument {key!r}; this config takes {', '.join(sorted(defaults))}"
+      )
     kind = type(defaults[key])
     if kind is bool:
       parsed[key] = (value.lower() in ("1", "true", "yes")) if has_value else True

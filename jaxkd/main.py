@@ -6,6 +6,7 @@ students comparison of jaxkd.compare; any other config one `train.train_and_eval
 Configuration and data problems end the program with one line on stderr and exit status 1.
 On XLA:CPU the measured-faster options of `jaxkd.xla_flags` are set before JAX starts.
 """
+
 import logging as python_logging
 import os
 import sys
@@ -17,14 +18,17 @@ from ml_collections import config_flags
 from jaxkd import checkpoint, compare, configlib, data, train, xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A configs/*.py file (get_config(arg); ':arg' picks a variant).",
-    lock_config=True)
+  "config", None, "A configs/*.py file (get_config(arg); ':arg' picks a variant).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Problems a user fixes by changing the command line, the config or the data on disk.
-_USER_ERRORS = (configlib.ConfigError, data.DataUnavailableError,
-                checkpoint.IncompatibleCheckpointError)
+_USER_ERRORS = (
+  configlib.ConfigError,
+  data.DataUnavailableError,
+  checkpoint.IncompatibleCheckpointError,
+)
 
 
 def _flag_error_message(error: BaseException) -> str:
@@ -67,8 +71,11 @@ def _keep_library_warnings_only() -> None:
   """orbax and grain log every file operation at INFO; keep their warnings, drop the rest."""
   libraries = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain"))
   logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= python_logging.WARNING
-      or not any(library in record.pathname for library in libraries))
+    lambda record: (
+      record.levelno >= python_logging.WARNING
+      or not any(library in record.pathname for library in libraries)
+    )
+  )
 
 
 def main(argv):

@@ -4,6 +4,7 @@
 name: value, ...}`, appended across resumed runs; `<workdir>/tensorboard/` holds event files
 written with tensorboardX (`clu.metric_writers` would import TensorFlow). Only process 0 writes.
 """
+
 import json
 import os
 import time
@@ -29,6 +30,7 @@ class Writer:
       return
     # Deferred: tensorboardX pulls in protobuf, which only the writing process needs.
     from tensorboardX import SummaryWriter
+
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -64,8 +66,9 @@ def best(workdir: str, split: str, name: str) -> float | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    values = [record[name] for record in map(json.loads, f)
-              if record["split"] == split and name in record]
+    values = [
+      record[name] for record in map(json.loads, f) if record["split"] == split and name in record
+    ]
   return max(values, default=None)
 
 
@@ -78,8 +81,15 @@ class Progress:
   and every member gets its own line, prefixed with its name.
   """
 
-  def __init__(self, *, total_steps: int, start_step: int, batch_size: int, every: int,
-               members: Sequence[str] = ()):
+  def __init__(
+    self,
+    *,
+    total_steps: int,
+    start_step: int,
+    batch_size: int,
+    every: int,
+    members: Sequence[str] = (),
+  ):
     self.total_steps = total_steps
     self.batch_size = batch_size
     self.every = every
@@ -100,22 +110,28 @@ class Progress:
     (a single one without `members`); prints the line(s)."""
     history = jax.device_get(self._pending)
     # Mean over the logged steps: a scalar per name, or [P] for a population.
-    means = {name: np.mean([metrics[name] for metrics in history], axis=0)
-             for name in (history[0] if history else {})}
+    means = {
+      name: np.mean([metrics[name] for metrics in history], axis=0)
+      for name in (history[0] if history else {})
+    }
     now = time.perf_counter()  # after the fetch, which waits for the steps to finish
-    examples_per_second = ((step - self._last_step) * self.batch_size
-                           / max(now - self._last_time, 1e-9))
+    examples_per_second = (
+      (step - self._last_step) * self.batch_size / max(now - self._last_time, 1e-9)
+    )
     eta = (self.total_steps - step) * self.batch_size / max(examples_per_second, 1e-9)
     rates = " | ".join(f"{name} {value:.4g}" for name, value in extra.items())
     summaries = []
     for index, prefix in enumerate([f"[{name}] " for name in self.members] or [""]):
-      member_means = {name: float(value[index] if self.members else value)
-                      for name, value in means.items()}
+      member_means = {
+        name: float(value[index] if self.members else value) for name, value in means.items()
+      }
       terms = " ".join(f"{name} {value:.4f}" for name, value in member_means.items())
-      logging.info(f"{prefix}step {step}/{self.total_steps} "
-                   f"({100 * step / self.total_steps:.0f}%) | {terms}"
-                   + (f" | {rates}" if rates else "")
-                   + f" | {examples_per_second:,.0f} ex/s | ETA {_format_duration(eta)}")
+      logging.info(
+        f"{prefix}step {step}/{self.total_steps} "
+        f"({100 * step / self.total_steps:.0f}%) | {terms}"
+        + (f" | {rates}" if rates else "")
+        + f" | {examples_per_second:,.0f} ex/s | ETA {_format_duration(eta)}"
+      )
       summaries.append({**member_means, **extra, "examples_per_second": examples_per_second})
     self._pending = []
     self._last_step, self._last_time = step, now

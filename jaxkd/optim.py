@@ -6,6 +6,7 @@ the momentum buffer (`g ← g + λθ; b ← μb + g; θ ← θ − η b`), on ev
 scales and biases included. `optax.add_decayed_weights` followed by `optax.sgd` is exactly that.
 AdamW decouples the decay (Loshchilov & Hutter 2019), as `torch.optim.AdamW`.
 """
+
 import optax
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -25,8 +26,10 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> op
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
   if config.schedule == "step":
     # Boundaries count from the start of the run, warm-up included.
-    boundaries = {int(epoch * steps_per_epoch) - warmup_steps: config.decay_factor
-                  for epoch in config.decay_epochs}
+    boundaries = {
+      int(epoch * steps_per_epoch) - warmup_steps: config.decay_factor
+      for epoch in config.decay_epochs
+    }
     main = optax.piecewise_constant_schedule(config.lr, boundaries)
   elif config.schedule == "cosine":
     main = optax.cosine_decay_schedule(config.lr, max(total_steps - warmup_steps, 1))
@@ -43,9 +46,10 @@ def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> op
 def build(config, schedule: optax.Schedule) -> optax.GradientTransformation:
   """The optimiser `config.name` ('sgd' or 'adamw') following `schedule` (see module docstring)."""
   if config.name == "sgd":
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.momentum or None,
-                                 nesterov=config.nesterov))
+    return optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
+    )
   if config.name == "adamw":
     return optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
   raise ValueError(f"unknown optimizer {config.name!r}; known: {', '.join(OPTIMIZERS)}")

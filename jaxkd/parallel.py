@@ -18,6 +18,7 @@ batch-sharded image with an fsdp-sharded kernel fails with "Please specify the o
 sharding annotations and should not need to, so the step pins shardings at the `jax.jit`
 boundary (``in_shardings``/``out_shardings``) and lets the partitioner place the inside.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,9 +29,9 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXIS_NAMES = ('data', 'fsdp')
+AXIS_NAMES = ("data", "fsdp")
 # The batch dimension is split over every device: both axes.
-BATCH_AXES = ('data', 'fsdp')
+BATCH_AXES = ("data", "fsdp")
 # Arrays smaller than this stay replicated under FSDP: biases, BN scales and scalars cost more
 # in collective latency than they save in memory.
 FSDP_MIN_SIZE = 2**10
@@ -48,23 +49,26 @@ def make_mesh(mesh_config: Mapping[str, int] | None = None, devices=None) -> Mes
     A `jax.sharding.Mesh` with ``Auto`` axis types (see the module docstring for why).
   """
   devices = jax.devices() if devices is None else list(devices)
-  mesh_config = dict(mesh_config or {'data': -1, 'fsdp': 1})
+  mesh_config = dict(mesh_config or {"data": -1, "fsdp": 1})
   unknown = set(mesh_config) - set(AXIS_NAMES)
   if unknown:
-    raise ValueError(f'unknown mesh axes {sorted(unknown)}; the mesh axes are {AXIS_NAMES}')
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {AXIS_NAMES}")
   shape = [int(mesh_config.get(name, 1)) for name in AXIS_NAMES]
   if shape.count(-1) > 1:
-    raise ValueError(f'at most one mesh axis may be -1, got {mesh_config}')
+    raise ValueError(f"at most one mesh axis may be -1, got {mesh_config}")
   if -1 in shape:
     known = math.prod(size for size in shape if size != -1)
     if len(devices) % known:
-      raise ValueError(f'{len(devices)} devices do not divide into mesh {mesh_config}')
+      raise ValueError(f"{len(devices)} devices do not divide into mesh {mesh_config}")
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f'mesh {dict(zip(AXIS_NAMES, shape))} needs {math.prod(shape)} devices, '
-                     f'{len(devices)} are available')
-  return jax.make_mesh(tuple(shape), AXIS_NAMES, axis_types=(AxisType.Auto,) * len(AXIS_NAMES),
-                       devices=devices)
+    raise ValueError(
+      f"mesh {dict(zip(AXIS_NAMES, shape))} needs {math.prod(shape)} devices, "
+      f"{len(devices)} are available"
+    )
+  return jax.make_mesh(
+    tuple(shape), AXIS_NAMES, axis_types=(AxisType.Auto,) * len(AXIS_NAMES), devices=devices
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -98,15 +102,16 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, leading_axes: int = 0) -> 
     return P()
   axis = max(candidates, key=lambda a: (member_shape[a], -a))
   spec = [None] * len(shape)
-  spec[leading_axes + axis] = 'fsdp'
+  spec[leading_axes + axis] = "fsdp"
   return P(*spec)
 
 
 def state_shardings(mesh: Mesh, tree: Any, leading_axes: int = 0) -> Any:
   """`NamedSharding` for every array leaf of `tree` (arrays or `jax.ShapeDtypeStruct`s)."""
-  fsdp_size = mesh.shape['fsdp']
+  fsdp_size = mesh.shape["fsdp"]
   return jax.tree.map(
-      lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp_size, leading_axes)), tree)
+    lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp_size, leading_axes)), tree
+  )
 
 
 def shard_state(mesh: Mesh, tree: Any, leading_axes: int = 0) -> Any:
@@ -117,8 +122,9 @@ def shard_state(mesh: Mesh, tree: Any, leading_axes: int = 0) -> Any:
   aliases the device-0 shard on CPU in jax 0.10.2, so local arrays go through a host copy; every
   process holds the same values, as `jax.device_put` of host data to a global sharding requires.)
   """
+
   def host_copy(leaf):
-    return np.array(leaf) if getattr(leaf, 'is_fully_addressable', True) else leaf
+    return np.array(leaf) if getattr(leaf, "is_fully_addressable", True) else leaf
 
   return jax.device_put(jax.tree.map(host_copy, tree), state_shardings(mesh, tree, leading_axes))
 
@@ -131,14 +137,16 @@ def host_to_global(mesh: Mesh, host_batch: Mapping[str, Any]) -> dict[str, jax.A
   this is a sharded `device_put`.
   """
   sharding = batch_sharding(mesh)
-  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for key, value in host_batch.items()}
+  return {
+    key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    for key, value in host_batch.items()
+  }
 
 
 def _setting(config: Any, key: str) -> Any:
   if config is None:
     return None
-  getter = getattr(config, 'get', None)
+  getter = getattr(config, "get", None)
   return getter(key) if getter is not None else getattr(config, key, None)
 
 
@@ -158,25 +166,28 @@ def maybe_initialize_distributed(config: Any = None) -> bool:
   """
   if jax.distributed.is_initialized():
     return True
-  settings = _setting(config, 'distributed')
-  if settings == 'auto':
+  settings = _setting(config, "distributed")
+  if settings == "auto":
     jax.distributed.initialize()
     return True
   if settings:
     settings = dict(settings)
-  elif os.environ.get('JAX_COORDINATOR_ADDRESS'):
-    settings = {'coordinator_address': os.environ['JAX_COORDINATOR_ADDRESS'],
-                'num_processes': int(os.environ['JAX_NUM_PROCESSES']),
-                'process_id': int(os.environ['JAX_PROCESS_ID'])}
-    if os.environ.get('JAX_LOCAL_DEVICE_IDS'):
-      settings['local_device_ids'] = [int(i) for i in os.environ['JAX_LOCAL_DEVICE_IDS'].split(',')]
+  elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    settings = {
+      "coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
+      "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+      "process_id": int(os.environ["JAX_PROCESS_ID"]),
+    }
+    if os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+      settings["local_device_ids"] = [int(i) for i in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
   else:
     return False
   # Only the CPU backend reads this; accelerator backends keep their own collectives.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
-      coordinator_address=settings['coordinator_address'],
-      num_processes=int(settings['num_processes']),
-      process_id=int(settings['process_id']),
-      local_device_ids=settings.get('local_device_ids'))
+    coordinator_address=settings["coordinator_address"],
+    num_processes=int(settings["num_processes"]),
+    process_id=int(settings["process_id"]),
+    local_device_ids=settings.get("local_device_ids"),
+  )
   return True

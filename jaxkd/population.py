@@ -26,6 +26,7 @@ Keys: ``'<loss>.<hparam>'`` (e.g. ``'kd.temperature'``, ``'dkd.beta'``), ``'loss
 order and the augmented views (member 0's key draws them), so a sweep compares hyper-parameters
 on identical data.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -40,29 +41,30 @@ from flax import nnx
 from jaxkd import distill, parallel
 from jaxkd.step import TrainState, create_state, stack_trees
 
-SEED_KEY = 'seed'
-LEARNING_RATE_KEY = 'learning_rate'
-LEARNING_RATE_SCALE_KEY = 'learning_rate_scale'
+SEED_KEY = "seed"
+LEARNING_RATE_KEY = "learning_rate"
+LEARNING_RATE_SCALE_KEY = "learning_rate_scale"
 
 
 def with_learning_rate_scale(
-    optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  optimizer: optax.GradientTransformation,
+) -> optax.GradientTransformation:
   """`optimizer` followed by an injected ``step_size`` multiplier (1 by default), sweepable as
   ``'learning_rate_scale'``."""
   return optax.chain(optimizer, optax.inject_hyperparams(optax.scale)(step_size=1.0))
 
 
-def _flatten_sweep(sweep: Mapping[str, Any], prefix: str = '') -> dict[str, Sequence[Any]]:
+def _flatten_sweep(sweep: Mapping[str, Any], prefix: str = "") -> dict[str, Sequence[Any]]:
   """Dotted keys from nested mappings.
 
   ``{'kd': {'temperature': [...]}}`` becomes ``{'kd.temperature': [...]}``.
   """
   flat = {}
   for key, value in sweep.items():
-    if hasattr(value, 'items'):
-      flat.update(_flatten_sweep(value, f'{prefix}{key}.'))
+    if hasattr(value, "items"):
+      flat.update(_flatten_sweep(value, f"{prefix}{key}."))
     else:
-      flat[f'{prefix}{key}'] = list(value)
+      flat[f"{prefix}{key}"] = list(value)
   return flat
 
 
@@ -72,20 +74,22 @@ def member_overrides(population_config: Mapping[str, Any]) -> list[dict[str, Any
   Sweep keys are dotted (``'kd.temperature'``) or nested (``{'kd': {'temperature': [...]}}``,
   the form an `ml_collections.ConfigDict` accepts, since it refuses dots in field names).
   """
-  size = int(population_config['size'])
-  sweep = _flatten_sweep(population_config.get('sweep') or {})
+  size = int(population_config["size"])
+  sweep = _flatten_sweep(population_config.get("sweep") or {})
   for key, values in sweep.items():
     if len(values) != size:
-      raise ValueError(f'population sweep {key!r} has {len(values)} values for {size} members')
+      raise ValueError(f"population sweep {key!r} has {len(values)} values for {size} members")
   return [{key: values[i] for key, values in sweep.items()} for i in range(size)]
 
 
 def _set_hparam(hparams: dict, key: str, value: float) -> None:
-  group, _, name = key.partition('.')
+  group, _, name = key.partition(".")
   if group not in hparams or name not in hparams[group]:
-    known = sorted(f'{g}.{n}' for g, values in hparams.items() for n in values)
-    raise ValueError(f'cannot sweep {key!r}; sweepable keys: {", ".join(known)}, {SEED_KEY}, '
-                     f'{LEARNING_RATE_KEY}, {LEARNING_RATE_SCALE_KEY}')
+    known = sorted(f"{g}.{n}" for g, values in hparams.items() for n in values)
+    raise ValueError(
+      f"cannot sweep {key!r}; sweepable keys: {', '.join(known)}, {SEED_KEY}, "
+      f"{LEARNING_RATE_KEY}, {LEARNING_RATE_SCALE_KEY}"
+    )
   hparams[group][name] = jnp.float32(value)
 
 
@@ -100,22 +104,31 @@ def _set_injected(opt_state, name: str, value: float, key: str):
   def set_value(node):
     if _is_injected(node) and name in node.hyperparams:
       found.append(node)
-      return node._replace(hyperparams={**node.hyperparams, name: jnp.asarray(
-          value, node.hyperparams[name].dtype)})
+      return node._replace(
+        hyperparams={**node.hyperparams, name: jnp.asarray(value, node.hyperparams[name].dtype)}
+      )
     return node
 
   opt_state = jax.tree.map(set_value, opt_state, is_leaf=_is_injected)
   if not found:
-    hint = ('optax.inject_hyperparams(optax.sgd)(learning_rate=...)' if key == LEARNING_RATE_KEY
-            else 'jaxkd.population.with_learning_rate_scale(optimizer)')
-    raise ValueError(f'sweeping {key!r} needs an optimizer built with {hint}')
+    hint = (
+      "optax.inject_hyperparams(optax.sgd)(learning_rate=...)"
+      if key == LEARNING_RATE_KEY
+      else "jaxkd.population.with_learning_rate_scale(optimizer)"
+    )
+    raise ValueError(f"sweeping {key!r} needs an optimizer built with {hint}")
   return opt_state
 
 
-def init_population(student: nnx.Module, method: distill.Method,
-                    optimizer: optax.GradientTransformation, population_config: Mapping[str, Any],
-                    seed: int = 0, mesh: jax.sharding.Mesh | None = None,
-                    make_student: Callable[[int], nnx.Module] | None = None) -> TrainState:
+def init_population(
+  student: nnx.Module,
+  method: distill.Method,
+  optimizer: optax.GradientTransformation,
+  population_config: Mapping[str, Any],
+  seed: int = 0,
+  mesh: jax.sharding.Mesh | None = None,
+  make_student: Callable[[int], nnx.Module] | None = None,
+) -> TrainState:
   """The stacked `TrainState` of a population (leading axis = member).
 
   Args:
@@ -139,9 +152,9 @@ def init_population(student: nnx.Module, method: distill.Method,
       if key == SEED_KEY:
         continue
       if key == LEARNING_RATE_KEY:
-        opt_state = _set_injected(opt_state, 'learning_rate', value, key)
+        opt_state = _set_injected(opt_state, "learning_rate", value, key)
       elif key == LEARNING_RATE_SCALE_KEY:
-        opt_state = _set_injected(opt_state, 'step_size', value, key)
+        opt_state = _set_injected(opt_state, "step_size", value, key)
       else:
         _set_hparam(hparams, key, value)
     members.append(state.replace(hparams=hparams, opt_state=opt_state))
@@ -172,8 +185,10 @@ def member_metrics(metrics: Mapping[str, jax.Array]) -> list[dict[str, float]]:
 
 def member_names(population_config: Mapping[str, Any]) -> list[str]:
   """Readable member names from the sweep, e.g. ``'kd.temperature=4'``, for workdirs and logs."""
-  return [','.join(f'{key}={value}' for key, value in overrides.items()) or f'member{index}'
-          for index, overrides in enumerate(member_overrides(population_config))]
+  return [
+    ",".join(f"{key}={value}" for key, value in overrides.items()) or f"member{index}"
+    for index, overrides in enumerate(member_overrides(population_config))
+  ]
 
 
 def stack(states: Sequence[TrainState]) -> TrainState:

@@ -20,6 +20,7 @@ expanded by `dense_logits`) and never runs a teacher. A top-k teacher is the dis
 renormalised over its k classes: the other classes get logit ``-inf`` (probability 0), which
 the logit losses handle exactly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-MANIFEST = 'manifest.json'
+MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-Kind = Literal['dense', 'topk']
+Kind = Literal["dense", "topk"]
 
 
 def fingerprint(tree: Any) -> str:
@@ -52,7 +53,7 @@ def fingerprint(tree: Any) -> str:
       digest.update(leaf.encode() if isinstance(leaf, str) else leaf)
       continue
     array = np.ascontiguousarray(np.asarray(leaf))
-    digest.update(f'{array.dtype.str}{array.shape}'.encode())
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
     digest.update(array.tobytes())
   return digest.hexdigest()
 
@@ -60,6 +61,7 @@ def fingerprint(tree: Any) -> str:
 @dataclasses.dataclass(frozen=True)
 class Manifest:
   """What a cache was computed from; every field must match the run that reads it."""
+
   dataset: str
   num_examples: int
   data_fingerprint: str
@@ -72,12 +74,21 @@ class Manifest:
 
 
 def _files(kind: Kind) -> tuple[str, ...]:
-  return ('logits',) if kind == 'dense' else ('topk_ids', 'topk_logprobs')
+  return ("logits",) if kind == "dense" else ("topk_ids", "topk_logprobs")
 
 
-def write_cache(directory: str, *, teacher: nnx.Module, batches: Iterable[Mapping[str, Any]],
-                dataset: str, num_examples: int, data_fingerprint: str,
-                kind: Kind = 'dense', k: int | None = None, dtype: str = 'float32') -> Manifest:
+def write_cache(
+  directory: str,
+  *,
+  teacher: nnx.Module,
+  batches: Iterable[Mapping[str, Any]],
+  dataset: str,
+  num_examples: int,
+  data_fingerprint: str,
+  kind: Kind = "dense",
+  k: int | None = None,
+  dtype: str = "float32",
+) -> Manifest:
   """Runs the teacher (eval mode) over `batches` and stores its outputs by ``batch['index']``.
 
   Args:
@@ -93,9 +104,9 @@ def write_cache(directory: str, *, teacher: nnx.Module, batches: Iterable[Mappin
     dtype: storage dtype of logits / log-probabilities (``'float32'``, ``'float16'``,
       ``'bfloat16'`` is not a numpy dtype: use float16 to halve the size).
   """
-  if kind not in ('dense', 'topk'):
+  if kind not in ("dense", "topk"):
     raise ValueError(f"kind must be 'dense' or 'topk', got {kind!r}")
-  if (kind == 'topk') != (k is not None):
+  if (kind == "topk") != (k is not None):
     raise ValueError("k is required for kind='topk' and meaningless for kind='dense'")
   graphdef, state = nnx.split(teacher)
 
@@ -103,7 +114,7 @@ def write_cache(directory: str, *, teacher: nnx.Module, batches: Iterable[Mappin
   def outputs(state, images):
     logits, _ = nnx.merge(graphdef, state)(images, train=False)
     logits = logits.astype(jnp.float32)
-    if kind == 'dense':
+    if kind == "dense":
       return (logits,)
     log_probs, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
     return ids.astype(jnp.int32), log_probs
@@ -111,30 +122,47 @@ def write_cache(directory: str, *, teacher: nnx.Module, batches: Iterable[Mappin
   os.makedirs(directory, exist_ok=True)
   arrays, written, num_classes = None, np.zeros(num_examples, bool), None
   for batch in batches:
-    results = [np.asarray(x) for x in outputs(state, jnp.asarray(batch['image']))]
+    results = [np.asarray(x) for x in outputs(state, jnp.asarray(batch["image"]))]
     # A padding row has no real example (token): [B] or [B, S] masks alike.
-    keep = (np.asarray(batch['mask'], bool).reshape(len(batch['index']), -1).any(axis=1)
-            if 'mask' in batch else slice(None))
-    index = np.asarray(batch['index'])[keep]
+    keep = (
+      np.asarray(batch["mask"], bool).reshape(len(batch["index"]), -1).any(axis=1)
+      if "mask" in batch
+      else slice(None)
+    )
+    index = np.asarray(batch["index"])[keep]
     if arrays is None:
-      num_classes = int(jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x)[0], state,
-                                       jnp.asarray(batch['image'][:1])).shape[-1])
-      arrays = [np.lib.format.open_memmap(
-          os.path.join(directory, f'{name}.npy'), mode='w+',
-          dtype=np.int32 if name == 'topk_ids' else np.dtype(dtype),
-          shape=(num_examples, *result.shape[1:])) for name, result in zip(_files(kind), results)]
+      num_classes = int(
+        jax.eval_shape(
+          lambda s, x: nnx.merge(graphdef, s)(x)[0], state, jnp.asarray(batch["image"][:1])
+        ).shape[-1]
+      )
+      arrays = [
+        np.lib.format.open_memmap(
+          os.path.join(directory, f"{name}.npy"),
+          mode="w+",
+          dtype=np.int32 if name == "topk_ids" else np.dtype(dtype),
+          shape=(num_examples, *result.shape[1:]),
+        )
+        for name, result in zip(_files(kind), results)
+      ]
     for array, result in zip(arrays, results):
       array[index] = result[keep]
     written[index] = True
   if arrays is None or not written.all():
-    raise ValueError(f'the batches cover {int(written.sum())} of {num_examples} examples')
+    raise ValueError(f"the batches cover {int(written.sum())} of {num_examples} examples")
   for array in arrays:
     array.flush()
-  manifest = Manifest(dataset=dataset, num_examples=num_examples,
-                      data_fingerprint=data_fingerprint,
-                      teacher_fingerprint=fingerprint(nnx.state(teacher)), kind=kind, k=k,
-                      dtype=str(np.dtype(dtype)), num_classes=num_classes)
-  with open(os.path.join(directory, MANIFEST), 'w') as f:
+  manifest = Manifest(
+    dataset=dataset,
+    num_examples=num_examples,
+    data_fingerprint=data_fingerprint,
+    teacher_fingerprint=fingerprint(nnx.state(teacher)),
+    kind=kind,
+    k=k,
+    dtype=str(np.dtype(dtype)),
+    num_classes=num_classes,
+  )
+  with open(os.path.join(directory, MANIFEST), "w") as f:
     json.dump(dataclasses.asdict(manifest), f, indent=2)
   return manifest
 
@@ -142,6 +170,7 @@ def write_cache(directory: str, *, teacher: nnx.Module, batches: Iterable[Mappin
 @dataclasses.dataclass(frozen=True)
 class TeacherCache:
   """An opened cache: the manifest and the memory-mapped arrays."""
+
   manifest: Manifest
   arrays: Mapping[str, np.ndarray]
 
@@ -149,18 +178,26 @@ class TeacherCache:
     """The batch entries for examples `index`: ``'teacher_logits'`` (dense) or
     ``'teacher_topk_ids'`` and ``'teacher_topk_logprobs'`` (top-k), float32."""
     index = np.asarray(index)
-    if self.manifest.kind == 'dense':
-      return {'teacher_logits': np.asarray(self.arrays['logits'][index], np.float32)}
-    return {'teacher_topk_ids': np.asarray(self.arrays['topk_ids'][index], np.int32),
-            'teacher_topk_logprobs': np.asarray(self.arrays['topk_logprobs'][index], np.float32)}
+    if self.manifest.kind == "dense":
+      return {"teacher_logits": np.asarray(self.arrays["logits"][index], np.float32)}
+    return {
+      "teacher_topk_ids": np.asarray(self.arrays["topk_ids"][index], np.int32),
+      "teacher_topk_logprobs": np.asarray(self.arrays["topk_logprobs"][index], np.float32),
+    }
 
   def add_to_batch(self, host_batch: Mapping[str, Any]) -> dict[str, Any]:
     """`host_batch` plus its cached teacher outputs (looked up by ``host_batch['index']``)."""
-    return {**host_batch, **self.lookup(host_batch['index'])}
+    return {**host_batch, **self.lookup(host_batch["index"])}
 
 
-def open_cache(directory: str, *, dataset: str, num_examples: int, data_fingerprint: str,
-               teacher_fingerprint: str | None = None) -> TeacherCache:
+def open_cache(
+  directory: str,
+  *,
+  dataset: str,
+  num_examples: int,
+  data_fingerprint: str,
+  teacher_fingerprint: str | None = None,
+) -> TeacherCache:
   """Opens a cache after checking it was computed for this dataset (and teacher).
 
   Args:
@@ -175,20 +212,28 @@ def open_cache(directory: str, *, dataset: str, num_examples: int, data_fingerpr
   """
   path = os.path.join(directory, MANIFEST)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no teacher cache at {directory} ({MANIFEST} is missing)')
+    raise FileNotFoundError(f"no teacher cache at {directory} ({MANIFEST} is missing)")
   with open(path) as f:
     manifest = Manifest(**json.load(f))
-  expected = {'version': FORMAT_VERSION, 'dataset': dataset, 'num_examples': num_examples,
-              'data_fingerprint': data_fingerprint}
+  expected = {
+    "version": FORMAT_VERSION,
+    "dataset": dataset,
+    "num_examples": num_examples,
+    "data_fingerprint": data_fingerprint,
+  }
   if teacher_fingerprint is not None:
-    expected['teacher_fingerprint'] = teacher_fingerprint
+    expected["teacher_fingerprint"] = teacher_fingerprint
   for field, value in expected.items():
     if getattr(manifest, field) != value:
-      raise ValueError(f'teacher cache {directory} does not match this run: {field} is '
-                       f'{getattr(manifest, field)!r} in the cache, {value!r} here; rebuild it '
-                       'with jaxkd.teacher_cache.write_cache')
-  arrays = {name: np.load(os.path.join(directory, f'{name}.npy'), mmap_mode='r')
-            for name in _files(manifest.kind)}
+      raise ValueError(
+        f"teacher cache {directory} does not match this run: {field} is "
+        f"{getattr(manifest, field)!r} in the cache, {value!r} here; rebuild it "
+        "with jaxkd.teacher_cache.write_cache"
+      )
+  arrays = {
+    name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r")
+    for name in _files(manifest.kind)
+  }
   return TeacherCache(manifest=manifest, arrays=arrays)
 
 
@@ -200,5 +245,6 @@ def dense_logits(topk_ids: jax.Array, topk_logprobs: jax.Array, num_classes: int
   rows = jnp.arange(positions.shape[0])[:, None]
   logits = jnp.full((positions.shape[0], num_classes), -jnp.inf, jnp.float32)
   logits = logits.at[rows, positions].set(
-      topk_logprobs.reshape(positions.shape).astype(jnp.float32))
+    topk_logprobs.reshape(positions.shape).astype(jnp.float32)
+  )
   return logits.reshape(*topk_ids.shape[:-1], num_classes)

@@ -20,6 +20,7 @@ with `results.json` in the workdir collecting every member's evaluation.
 A cached teacher (`config.teacher.cache.dir`, `jaxkd.teacher_cache`) replaces the teacher
 forward of every step by a look-up of its outputs, computed once over the training examples.
 """
+
 import contextlib
 import json
 import os
@@ -29,8 +30,18 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxkd import (checkpoint, configlib, data, distill, metrics, models, optim, parallel,
-                   population, teacher_cache)
+from jaxkd import (
+  checkpoint,
+  configlib,
+  data,
+  distill,
+  metrics,
+  models,
+  optim,
+  parallel,
+  population,
+  teacher_cache,
+)
 from jaxkd import step as kd_step
 from jaxkd.models import io as model_io
 
@@ -62,8 +73,12 @@ def _run_info(config, spec: data.DatasetSpec, population_size: int | None) -> di
   Passed through JSON, as it is stored, so that tuples compare equal to the lists read back.
   A population's size is recorded (its state is stacked); a single run's record is unchanged.
   """
-  info = {"student.model": config.student.model, "student.kwargs": config.student.kwargs.to_dict(),
-          "num_classes": spec.num_classes, "data.name": config.data.name}
+  info = {
+    "student.model": config.student.model,
+    "student.kwargs": config.student.kwargs.to_dict(),
+    "num_classes": spec.num_classes,
+    "data.name": config.data.name,
+  }
   if population_size:
     info["population.size"] = population_size
   return json.loads(json.dumps(info))
@@ -78,15 +93,17 @@ def _load_teacher(config, spec: data.DatasetSpec) -> nnx.Module | None:
     raise configlib.ConfigError(f"config.teacher.checkpoint: {error}") from None
   if config.teacher.model and saved_name != config.teacher.model:
     raise configlib.ConfigError(
-        f"config.teacher.model={config.teacher.model!r}, but {config.teacher.checkpoint} holds "
-        f"a {saved_name!r}")
+      f"config.teacher.model={config.teacher.model!r}, but {config.teacher.checkpoint} holds "
+      f"a {saved_name!r}"
+    )
   teacher = model_io.load(config.teacher.checkpoint)
   configlib.check_model("teacher.checkpoint", teacher, spec)
   return teacher
 
 
-def _open_teacher_cache(config, spec: data.DatasetSpec, teacher: nnx.Module, train_source,
-                        num_train: int) -> teacher_cache.TeacherCache:
+def _open_teacher_cache(
+  config, spec: data.DatasetSpec, teacher: nnx.Module, train_source, num_train: int
+) -> teacher_cache.TeacherCache:
   """The cache of `teacher`'s outputs on the first `num_train` training examples, written first
   if `config.teacher.cache.dir` holds none; a cache of other data or another teacher is an error.
 
@@ -96,27 +113,42 @@ def _open_teacher_cache(config, spec: data.DatasetSpec, teacher: nnx.Module, tra
   directory, topk = cache_config["dir"], cache_config["topk"]
   kind, k = ("topk", topk) if topk else ("dense", None)
   examples = data.ArraySource(train_source.read(np.arange(num_train)))
-  identity = dict(dataset=config.data.name, num_examples=num_train,
-                  data_fingerprint=teacher_cache.fingerprint(examples.arrays))
+  identity = dict(
+    dataset=config.data.name,
+    num_examples=num_train,
+    data_fingerprint=teacher_cache.fingerprint(examples.arrays),
+  )
   if not os.path.exists(os.path.join(directory, teacher_cache.MANIFEST)):
     if jax.process_count() > 1:
       raise configlib.ConfigError(
-          f"config.teacher.cache.dir={directory!r}: no cache there; write it with a "
-          "single-process run first (every process would see only its slice of the data)")
+        f"config.teacher.cache.dir={directory!r}: no cache there; write it with a "
+        "single-process run first (every process would see only its slice of the data)"
+      )
     logging.info("Writing the teacher cache %s (%d examples, %s)", directory, num_train, kind)
     teacher_cache.write_cache(
-        directory, teacher=teacher, kind=kind, k=k, **identity,
-        batches=data.eval_batches(examples, spec, global_batch_size=config.data.eval_batch_size,
-                                  num_threads=config.data.num_threads))
+      directory,
+      teacher=teacher,
+      kind=kind,
+      k=k,
+      **identity,
+      batches=data.eval_batches(
+        examples,
+        spec,
+        global_batch_size=config.data.eval_batch_size,
+        num_threads=config.data.num_threads,
+      ),
+    )
   try:
     cache = teacher_cache.open_cache(
-        directory, teacher_fingerprint=teacher_cache.fingerprint(nnx.state(teacher)), **identity)
+      directory, teacher_fingerprint=teacher_cache.fingerprint(nnx.state(teacher)), **identity
+    )
   except (FileNotFoundError, ValueError) as error:
     raise configlib.ConfigError(f"config.teacher.cache.dir: {error}") from None
   if cache.manifest.k != k:
     raise configlib.ConfigError(
-        f"config.teacher.cache.topk={topk}: the cache at {directory} holds "
-        f"{cache.manifest.kind} outputs (k={cache.manifest.k}); use another directory")
+      f"config.teacher.cache.topk={topk}: the cache at {directory} holds "
+      f"{cache.manifest.kind} outputs (k={cache.manifest.k}); use another directory"
+    )
   return cache
 
 
@@ -128,10 +160,18 @@ def _init_population(config, spec, student, method, optimizer, mesh, population_
   make_student = None
   if population.SEED_KEY in swept:  # Swept seeds also draw the members' initial weights.
     make_student = lambda seed: models.create(
-        config.student.model, num_classes=spec.num_classes, seed=seed, **config.student.kwargs)
+      config.student.model, num_classes=spec.num_classes, seed=seed, **config.student.kwargs
+    )
   try:
-    state = population.init_population(student, method, optimizer, population_config,
-                                       seed=config.seed, mesh=mesh, make_student=make_student)
+    state = population.init_population(
+      student,
+      method,
+      optimizer,
+      population_config,
+      seed=config.seed,
+      mesh=mesh,
+      make_student=make_student,
+    )
   except ValueError as error:
     raise configlib.ConfigError(f"config.population.sweep: {error}") from None
   return state, optimizer
@@ -169,25 +209,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
   checkpointer.check_compatible(run_info)
 
   # Models. The teacher is frozen: it only ever runs in eval mode.
-  student = models.create(config.student.model, num_classes=spec.num_classes, seed=config.seed,
-                          **config.student.kwargs)
+  student = models.create(
+    config.student.model, num_classes=spec.num_classes, seed=config.seed, **config.student.kwargs
+  )
   configlib.check_model("student.model", student, spec)
   teacher = _load_teacher(config, spec)
 
   # Method, optimiser and state.
   try:
-    method = distill.build(config.distill, student=student, teacher=teacher,
-                           num_train_examples=num_train,
-                           train_labels=lambda: train_source.labels(num_train),
-                           rngs=nnx.Rngs(config.seed),
-                           steps_per_epoch=steps_per_epoch, input_shape=(2, *spec.image_shape))
+    method = distill.build(
+      config.distill,
+      student=student,
+      teacher=teacher,
+      num_train_examples=num_train,
+      train_labels=lambda: train_source.labels(num_train),
+      rngs=nnx.Rngs(config.seed),
+      steps_per_epoch=steps_per_epoch,
+      input_shape=(2, *spec.image_shape),
+    )
   except ValueError as error:
     raise configlib.ConfigError(f"config.distill: {error}") from None
   schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, total_steps)
   optimizer = optim.build(config.optimizer, schedule)
   if population_size:
-    initial_state, optimizer = _init_population(config, spec, student, method, optimizer, mesh,
-                                                population_config)
+    initial_state, optimizer = _init_population(
+      config, spec, student, method, optimizer, mesh, population_config
+    )
   else:
     initial_state = kd_step.init_state(student, method, optimizer, seed=config.seed, mesh=mesh)
   # Loss weights and temperatures come from the config on resume too, like the lr schedule.
@@ -204,27 +251,53 @@ def train_and_evaluate(config, workdir: str) -> dict:
   teacher_state = kd_step.teacher_state(teacher, mesh)
   train_teacher = teacher if method.needs_teacher and cache is None else None
   train_step = kd_step.make_train_step(
-      student=student, teacher=train_teacher, method=method, optimizer=optimizer, mesh=mesh,
-      augment=data.build_augment(config.data.augment, spec), population_size=population_size,
-      # XLA:CPU runs vmapped convolutions as slower grouped ones (docs/engine.md).
-      population_chunk=1 if population_size and jax.default_backend() == "cpu" else None)
-  eval_step = kd_step.make_eval_step(student=student, teacher=teacher, mesh=mesh,
-                                     population_size=population_size)
+    student=student,
+    teacher=train_teacher,
+    method=method,
+    optimizer=optimizer,
+    mesh=mesh,
+    augment=data.build_augment(config.data.augment, spec),
+    population_size=population_size,
+    # XLA:CPU runs vmapped convolutions as slower grouped ones (docs/engine.md).
+    population_chunk=1 if population_size and jax.default_backend() == "cpu" else None,
+  )
+  eval_step = kd_step.make_eval_step(
+    student=student, teacher=teacher, mesh=mesh, population_size=population_size
+  )
 
   def eval_now() -> list[dict[str, float]]:
-    return evaluate(eval_step, state, teacher_state, mesh, data.eval_batches(
-        test_source, spec, global_batch_size=config.data.eval_batch_size,
-        num_threads=config.data.num_threads))
+    return evaluate(
+      eval_step,
+      state,
+      teacher_state,
+      mesh,
+      data.eval_batches(
+        test_source,
+        spec,
+        global_batch_size=config.data.eval_batch_size,
+        num_threads=config.data.num_threads,
+      ),
+    )
 
   # Loop. `step` counts the updates applied so far, as `state.step` does.
   eval_every_steps = config.eval_every_epochs * steps_per_epoch
-  progress = metrics.Progress(total_steps=total_steps, start_step=start_step,
-                              batch_size=config.data.batch_size, every=config.log_every_steps,
-                              members=member_names)
+  progress = metrics.Progress(
+    total_steps=total_steps,
+    start_step=start_step,
+    batch_size=config.data.batch_size,
+    every=config.log_every_steps,
+    members=member_names,
+  )
   batches = data.train_batches(
-      train_source, spec, seed=config.seed, start_step=start_step, num_steps=stop_step,
-      global_batch_size=config.data.batch_size, num_examples=num_train,
-      num_threads=config.data.num_threads)
+    train_source,
+    spec,
+    seed=config.seed,
+    start_step=start_step,
+    num_steps=stop_step,
+    global_batch_size=config.data.batch_size,
+    num_examples=num_train,
+    num_threads=config.data.num_threads,
+  )
   if cache is not None:
     batches = map(cache.add_to_batch, batches)
   with contextlib.ExitStack() as stack:
@@ -236,8 +309,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     for step in range(start_step + 1, stop_step + 1):
       state, step_metrics = train_step(
-          state, teacher_state if train_teacher else None,
-          parallel.host_to_global(mesh, next(batches)))
+        state,
+        teacher_state if train_teacher else None,
+        parallel.host_to_global(mesh, next(batches)),
+      )
       progress.add(step_metrics)
       if progress.due(step):
         write(step, "train", progress.summary(step, lr=schedule(step - 1)))
@@ -248,8 +323,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     checkpointer.wait()
     checkpointer.close()
     if stop_step < total_steps:
-      logging.info("Stopped at step %d/%d (config.stop_at_step); run again to continue.",
-                   stop_step, total_steps)
+      logging.info(
+        "Stopped at step %d/%d (config.stop_at_step); run again to continue.",
+        stop_step,
+        total_steps,
+      )
       return {}
     results = eval_now()
     if start_step < total_steps:
@@ -258,11 +336,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
   member_states = population.unstack(state) if population_size else [state]
   for run_dir, run_results, run_state in zip(run_dirs, results, member_states):
     # RepDistiller reports the last epoch, mdistiller the best: keep both.
-    run_results["best_accuracy"] = (metrics.best(run_dir, "eval", "accuracy")
-                                    or run_results["accuracy"])
+    run_results["best_accuracy"] = (
+      metrics.best(run_dir, "eval", "accuracy") or run_results["accuracy"]
+    )
     logging.info("Final evaluation of %s: %s", run_dir, json.dumps(run_results))
-    model_io.save(os.path.join(run_dir, "model"), kd_step.student_model(student, run_state),
-                  config.student.model, num_classes=spec.num_classes, **config.student.kwargs)
+    model_io.save(
+      os.path.join(run_dir, "model"),
+      kd_step.student_model(student, run_state),
+      config.student.model,
+      num_classes=spec.num_classes,
+      **config.student.kwargs,
+    )
     _write_json(os.path.join(run_dir, "results.json"), {"step": total_steps, **run_results})
   if not population_size:
     return results[0]

@@ -23,6 +23,7 @@ The flag is experimental, and XLA aborts at start-up on a flag it does not know,
 only for the jaxlib releases it was measured on (`_MEASURED_JAXLIB`); other releases run with
 XLA's defaults. A value the user already put in `XLA_FLAGS` for the same flag wins.
 """
+
 from collections.abc import MutableMapping
 from importlib import metadata
 import os
@@ -42,9 +43,12 @@ def _jaxlib_release() -> tuple[int, int] | None:
     return None
 
 
-def configure_cpu(environ: MutableMapping[str, str] = os.environ,
-                  jaxlib_release: tuple[int, int] | None = None, *,
-                  population: bool = False) -> list[str]:
+def configure_cpu(
+  environ: MutableMapping[str, str] = os.environ,
+  jaxlib_release: tuple[int, int] | None = None,
+  *,
+  population: bool = False,
+) -> list[str]:
   """Adds `CPU_FLAGS` to `environ['XLA_FLAGS']` where they apply; returns the flags added.
 
   Nothing is added for a student population (`population=True`), for a jaxlib release outside
@@ -53,8 +57,7 @@ def configure_cpu(environ: MutableMapping[str, str] = os.environ,
   run before JAX starts a backend.
   """
   release = jaxlib_release or _jaxlib_release()
-  if (population or release not in _MEASURED_JAXLIB
-      or environ.get("JAXKD_XLA_DEFAULTS") == "1"):
+  if population or release not in _MEASURED_JAXLIB or environ.get("JAXKD_XLA_DEFAULTS") == "1":
     return []
   existing = environ.get("XLA_FLAGS", "")
   added = [f"{flag}={value}" for flag, value in CPU_FLAGS if f"{flag}=" not in existing]

@@ -6,6 +6,7 @@ ReviewKD.forward_train). Their state dicts load into ours by the models' mechani
 (our variable paths are their keys); outputs are compared, and for BatchNorm the running statistics
 after a training step and the eval-mode outputs that follow.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ from jaxkd.distill import adapters
 from jaxkd.losses import feature
 from jaxkd.models import torch_import
 
-torch = pytest.importorskip('torch')
+torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
 RTOL, ATOL = 1e-5, 1e-5
 
@@ -39,8 +40,9 @@ def _create(module_type, *args, **kwargs):
   Eager initialisation compiles once per parameter shape, and XLA:CPU compiles threefry slowly
   (about a minute for ReviewKDFusion on a loaded machine); the parity tests overwrite the weights.
   """
-  return nnx.jit(lambda: module_type(
-      *args, rngs=nnx.Rngs(jax.random.key(0, impl='rbg')), **kwargs))()
+  return nnx.jit(
+    lambda: module_type(*args, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")), **kwargs)
+  )()
 
 
 def _apply(module, *args, **kwargs):
@@ -75,8 +77,9 @@ def _assert_state_matches(ours, theirs):
   expected = nnx.to_flat_state(torch_import.convert_state_dict(ours, theirs.state_dict()))
   actual = dict(nnx.to_flat_state(nnx.state(ours, (nnx.Param, nnx.BatchStat))))
   for path, variable in expected:
-    np.testing.assert_allclose(actual[path][...], variable[...], rtol=RTOL, atol=ATOL,
-                               err_msg=torch_import.torch_key(path))
+    np.testing.assert_allclose(
+      actual[path][...], variable[...], rtol=RTOL, atol=ATOL, err_msg=torch_import.torch_key(path)
+    )
 
 
 class TorchConvReg(nn.Module):
@@ -106,9 +109,12 @@ class TorchVIDLoss(nn.Module):
   def __init__(self, c_in, c_mid, c_out, init_pred_var=5.0, eps=1e-5):
     super().__init__()
     self.regressor = nn.Sequential(
-        nn.Conv2d(c_in, c_mid, 1, bias=False), nn.ReLU(),
-        nn.Conv2d(c_mid, c_mid, 1, bias=False), nn.ReLU(),
-        nn.Conv2d(c_mid, c_out, 1, bias=False))
+      nn.Conv2d(c_in, c_mid, 1, bias=False),
+      nn.ReLU(),
+      nn.Conv2d(c_mid, c_mid, 1, bias=False),
+      nn.ReLU(),
+      nn.Conv2d(c_mid, c_out, 1, bias=False),
+    )
     self.log_scale = nn.Parameter(np.log(np.exp(init_pred_var - eps) - 1.0) * torch.ones(c_out))
     self.eps = eps
 
@@ -129,19 +135,20 @@ class TorchABF(nn.Module):
   def __init__(self, c_in, c_mid, c_out, fuse):
     super().__init__()
     self.conv1 = nn.Sequential(nn.Conv2d(c_in, c_mid, 1, bias=False), nn.BatchNorm2d(c_mid))
-    self.conv2 = nn.Sequential(nn.Conv2d(c_mid, c_out, 3, padding=1, bias=False),
-                               nn.BatchNorm2d(c_out))
+    self.conv2 = nn.Sequential(
+      nn.Conv2d(c_mid, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+    )
     self.att_conv = nn.Sequential(nn.Conv2d(c_mid * 2, 2, 1), nn.Sigmoid()) if fuse else None
 
   def forward(self, x, y=None, shape=None, out_shape=None):
     n, _, h, w = x.shape
     x = self.conv1(x)
     if self.att_conv is not None:
-      y = F.interpolate(y, (shape, shape), mode='nearest')
+      y = F.interpolate(y, (shape, shape), mode="nearest")
       z = self.att_conv(torch.cat([x, y], dim=1))
       x = x * z[:, 0].view(n, 1, h, w) + y * z[:, 1].view(n, 1, h, w)
     if x.shape[-1] != out_shape:
-      x = F.interpolate(x, (out_shape, out_shape), mode='nearest')
+      x = F.interpolate(x, (out_shape, out_shape), mode="nearest")
     return self.conv2(x), x
 
 
@@ -163,16 +170,18 @@ class TorchReviewKDFusion(nn.Module):
     results = []
     out_features, res_features = self.abfs[0](x[0], out_shape=self.out_shapes[0])
     results.append(out_features)
-    for features, abf, shape, out_shape in zip(x[1:], self.abfs[1:], self.shapes[1:],
-                                               self.out_shapes[1:]):
+    for features, abf, shape, out_shape in zip(
+      x[1:], self.abfs[1:], self.shapes[1:], self.out_shapes[1:]
+    ):
       out_features, res_features = abf(features, res_features, shape, out_shape)
       results.insert(0, out_features)
     return results
 
 
-@pytest.mark.parametrize('student_hw,teacher_hw', [
-    ((8, 8), (4, 4)), ((4, 4), (8, 8)), ((6, 6), (4, 4)), ((4, 4), (4, 4)),
-    ((6, 5), (4, 4))])  # The last: a rectangular 3×2 kernel.
+@pytest.mark.parametrize(
+  "student_hw,teacher_hw",
+  [((8, 8), (4, 4)), ((4, 4), (8, 8)), ((6, 6), (4, 4)), ((4, 4), (4, 4)), ((6, 5), (4, 4))],
+)  # The last: a rectangular 3×2 kernel.
 def test_conv_reg_matches_repdistiller(student_hw, teacher_hw):
   """A training step (output, then every parameter and running statistic), then eval mode."""
   student_shape, teacher_shape = (2, *student_hw, 3), (2, *teacher_hw, 5)
@@ -185,8 +194,9 @@ def test_conv_reg_matches_repdistiller(student_hw, teacher_hw):
     theirs.train(train)
     with torch.no_grad():
       expected = _to_nhwc(theirs(_to_nchw(x)))
-    np.testing.assert_allclose(_apply(ours, jnp.asarray(x), train=train), expected, rtol=RTOL,
-                               atol=ATOL)
+    np.testing.assert_allclose(
+      _apply(ours, jnp.asarray(x), train=train), expected, rtol=RTOL, atol=ATOL
+    )
     _assert_state_matches(ours, theirs)
 
 
@@ -199,18 +209,16 @@ def test_running_variance_takes_the_unbiased_batch_variance():
   student = jnp.asarray(_normal(0, (2, 2, 2, 3)))
   bn_input = np.asarray(_apply(regressor.conv, student), np.float64).reshape(-1, 4)
   _apply(regressor, student, train=True)
-  np.testing.assert_allclose(regressor.bn.var[...], 0.9 + 0.1 * bn_input.var(0, ddof=1),
-                             rtol=RTOL)
-  np.testing.assert_allclose(regressor.bn.mean[...], 0.1 * bn_input.mean(0), rtol=RTOL,
-                             atol=ATOL)
+  np.testing.assert_allclose(regressor.bn.var[...], 0.9 + 0.1 * bn_input.var(0, ddof=1), rtol=RTOL)
+  np.testing.assert_allclose(regressor.bn.mean[...], 0.1 * bn_input.mean(0), rtol=RTOL, atol=ATOL)
 
 
 def test_conv_reg_rejects_unsupported_sizes():
-  with pytest.raises(ValueError, match='student size 4'):
+  with pytest.raises(ValueError, match="student size 4"):
     _create(adapters.ConvReg, (1, 4, 4, 3), (1, 6, 6, 3))
 
 
-@pytest.mark.parametrize('student_hw,teacher_hw', [(4, 4), (8, 4), (4, 8)])
+@pytest.mark.parametrize("student_hw,teacher_hw", [(4, 4), (8, 4), (4, 8)])
 def test_vid_regressor_and_loss_match_repdistiller(student_hw, teacher_hw):
   ours = _create(adapters.VIDRegressor, 3, 6, 6)
   theirs = TorchVIDLoss(3, 6, 6)
@@ -221,9 +229,11 @@ def test_vid_regressor_and_loss_match_repdistiller(student_hw, teacher_hw):
   @nnx.jit
   def our_loss(module, x, target):
     return feature.vid(module(x, target.shape[1:3]), target, module.log_scale[...])
+
   expected = theirs(_to_nchw(x), _to_nchw(target))
-  np.testing.assert_allclose(our_loss(ours, jnp.asarray(x), jnp.asarray(target)), expected.item(),
-                             rtol=RTOL)
+  np.testing.assert_allclose(
+    our_loss(ours, jnp.asarray(x), jnp.asarray(target)), expected.item(), rtol=RTOL
+  )
 
 
 def test_vid_regressor_initial_variance():
@@ -246,14 +256,15 @@ class TorchEmbed(nn.Module):
     return x
 
 
-@pytest.mark.parametrize('normalize', [True, False])
+@pytest.mark.parametrize("normalize", [True, False])
 def test_embed_matches_repdistiller(normalize):
   ours = _create(adapters.Embed, 10, 4, normalize=normalize)
   theirs = TorchEmbed(10, 4, normalize)
   _load(ours, theirs)
   x = _normal(0, (3, 10))
-  np.testing.assert_allclose(_apply(ours, jnp.asarray(x)), theirs(torch.tensor(x)).detach().numpy(),
-                             rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(
+    _apply(ours, jnp.asarray(x)), theirs(torch.tensor(x)).detach().numpy(), rtol=RTOL, atol=ATOL
+  )
   assert _apply(ours, jnp.asarray(_normal(1, (3, 2, 5)))).shape == (3, 4)  # flattens per sample
 
 
@@ -311,6 +322,7 @@ def test_adapters_train_under_nnx_jit():
   @nnx.jit
   def grads(module):
     return nnx.grad(lambda m: feature.fitnet(m(student, train=True), teacher))(module)
+
   gradients = grads(regressor)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(gradients))
   assert np.abs(np.asarray(regressor.bn.mean[...])).sum() > 0

@@ -4,6 +4,7 @@ the benchmark's published weights, its per-pair values and its learning-rate rul
 Models are built abstractly (`nnx.eval_shape`): `distill.build` only probes their feature shapes,
 so nothing is trained and no model parameter is materialised (adapters are, they are small).
 """
+
 import functools
 
 import jax.numpy as jnp
@@ -16,29 +17,45 @@ from jaxkd import configlib, distill, models
 import testing_utils
 
 CONFIG = "cifar_kd"
-METHODS = ("ce", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "dkd",
-           "reviewkd", "dist", "kd_ls", "dkd_ls")
+METHODS = (
+  "ce",
+  "kd",
+  "fitnet",
+  "at",
+  "sp",
+  "cc",
+  "vid",
+  "rkd",
+  "pkt",
+  "nst",
+  "crd",
+  "dkd",
+  "reviewkd",
+  "dist",
+  "kd_ls",
+  "dkd_ls",
+)
 
 # The published loss weights (/work/shared/reference/cifar100_benchmark.md; RepDistiller
 # scripts/run_cifar_distill.sh `-r γ -a α -b β`; mdistiller CFG; DIST_KD; LS README), written
 # out independently of the config's table.
 EXPECTED_WEIGHTS = {
-    "ce": {"ce": 1.0},
-    "kd": {"ce": 0.1, "kd": 0.9},
-    "fitnet": {"ce": 1.0, "kd": 0.0, "fitnet": 100.0},
-    "at": {"ce": 1.0, "kd": 0.0, "attention_transfer": 1000.0},
-    "sp": {"ce": 1.0, "kd": 0.0, "similarity_preserving": 3000.0},
-    "cc": {"ce": 1.0, "kd": 0.0, "correlation_congruence": 0.02},
-    "vid": {"ce": 1.0, "kd": 0.0, "vid": 1.0},
-    "rkd": {"ce": 1.0, "kd": 0.0, "rkd": 1.0},
-    "pkt": {"ce": 1.0, "kd": 0.0, "pkt": 30000.0},
-    "nst": {"ce": 1.0, "kd": 0.0, "nst": 50.0},
-    "crd": {"ce": 1.0, "kd": 0.0, "crd": 0.8},
-    "dkd": {"ce": 1.0, "dkd": 1.0},
-    "reviewkd": {"ce": 1.0, "review_kd": 5.0},
-    "dist": {"ce": 1.0, "dist": 2.0},
-    "kd_ls": {"ce": 0.1, "kd": 9.0},
-    "dkd_ls": {"ce": 1.0, "dkd": 9.0},
+  "ce": {"ce": 1.0},
+  "kd": {"ce": 0.1, "kd": 0.9},
+  "fitnet": {"ce": 1.0, "kd": 0.0, "fitnet": 100.0},
+  "at": {"ce": 1.0, "kd": 0.0, "attention_transfer": 1000.0},
+  "sp": {"ce": 1.0, "kd": 0.0, "similarity_preserving": 3000.0},
+  "cc": {"ce": 1.0, "kd": 0.0, "correlation_congruence": 0.02},
+  "vid": {"ce": 1.0, "kd": 0.0, "vid": 1.0},
+  "rkd": {"ce": 1.0, "kd": 0.0, "rkd": 1.0},
+  "pkt": {"ce": 1.0, "kd": 0.0, "pkt": 30000.0},
+  "nst": {"ce": 1.0, "kd": 0.0, "nst": 50.0},
+  "crd": {"ce": 1.0, "kd": 0.0, "crd": 0.8},
+  "dkd": {"ce": 1.0, "dkd": 1.0},
+  "reviewkd": {"ce": 1.0, "review_kd": 5.0},
+  "dist": {"ce": 1.0, "dist": 2.0},
+  "kd_ls": {"ce": 0.1, "kd": 9.0},
+  "dkd_ls": {"ce": 1.0, "dkd": 9.0},
 }
 
 
@@ -56,11 +73,15 @@ def _built(method, teacher="resnet8", student="resnet8"):
   """`distill.build` of a variant, as jaxkd.train calls it (cached: ReviewKD's adapters take
   seconds to initialise)."""
   config = _config(method, teacher, student)
-  return distill.build(config.distill, student=_abstract_model(config.student.model),
-                       teacher=_abstract_model(config.teacher.model) if config.teacher.model
-                       else None, num_train_examples=50_000,
-                       train_labels=lambda: np.arange(50_000) % 100, steps_per_epoch=781,
-                       rngs=nnx.Rngs(0))
+  return distill.build(
+    config.distill,
+    student=_abstract_model(config.student.model),
+    teacher=_abstract_model(config.teacher.model) if config.teacher.model else None,
+    num_train_examples=50_000,
+    train_labels=lambda: np.arange(50_000) % 100,
+    steps_per_epoch=781,
+    rngs=nnx.Rngs(0),
+  )
 
 
 def _term(built, name):
@@ -80,8 +101,9 @@ def test_method_validates_and_builds(method):
 
 # Features and adapters on a cross-architecture pair of the benchmark: other widths, and ShuffleV2's
 # stages at half resolution (FitNet's ConvReg upsamples). Logit-only methods read no features.
-@pytest.mark.parametrize("method", ["fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst", "crd",
-                                    "reviewkd"])
+@pytest.mark.parametrize(
+  "method", ["fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "nst", "crd", "reviewkd"]
+)
 def test_feature_method_builds_on_a_cross_architecture_pair(method):
   config = _config(method, "resnet32x4", "ShuffleV2")
   configlib.validate(config)
@@ -93,7 +115,10 @@ def test_settings_reach_the_built_terms():
   crd = _built("crd")
   assert crd.hparams["crd"] == {"temperature": 0.07, "momentum": 0.5}
   assert {k: _term(crd, "crd").options[k] for k in ("feat_dim", "num_negatives", "negatives")} == {
-      "feat_dim": 128, "num_negatives": 16384, "negatives": "other_class"}
+    "feat_dim": 128,
+    "num_negatives": 16384,
+    "negatives": "other_class",
+  }
   np.testing.assert_array_equal(crd.train_labels[:3], [0, 1, 2])  # RepDistiller's 'exact' mode
   assert crd.hparams["kd"] == {"temperature": 4.0}
   rkd = _built("rkd")
@@ -118,12 +143,22 @@ def test_warm_up_is_20_epochs(method):
   assert float(built.schedule(term, jnp.int32(781 * 19))) == 1.0
 
 
-@pytest.mark.parametrize("teacher,student,beta", [
-    ("resnet56", "resnet20", 2.0), ("resnet110", "resnet32", 2.0),
-    ("vgg13", "vgg8", 6.0), ("vgg13", "MobileNetV2", 6.0), ("vgg13", "mobile_half", 6.0),
-    ("wrn_40_2", "wrn_16_2", 6.0), ("wrn_40_2", "wrn_40_1", 6.0),
-    ("resnet32x4", "resnet8x4", 8.0), ("resnet32x4", "ShuffleV2", 8.0),
-    ("wrn_40_2", "ShuffleV1", 8.0), ("ResNet50", "MobileNetV2", 8.0)])
+@pytest.mark.parametrize(
+  "teacher,student,beta",
+  [
+    ("resnet56", "resnet20", 2.0),
+    ("resnet110", "resnet32", 2.0),
+    ("vgg13", "vgg8", 6.0),
+    ("vgg13", "MobileNetV2", 6.0),
+    ("vgg13", "mobile_half", 6.0),
+    ("wrn_40_2", "wrn_16_2", 6.0),
+    ("wrn_40_2", "wrn_40_1", 6.0),
+    ("resnet32x4", "resnet8x4", 8.0),
+    ("resnet32x4", "ShuffleV2", 8.0),
+    ("wrn_40_2", "ShuffleV1", 8.0),
+    ("ResNet50", "MobileNetV2", 8.0),
+  ],
+)
 def test_dkd_beta_is_looked_up_by_pair(teacher, student, beta):
   for method in ("dkd", "dkd_ls"):
     assert _config(method, teacher, student).distill.dkd.beta == beta
@@ -134,16 +169,29 @@ def test_dkd_beta_reaches_the_traced_hparams():
   assert built.hparams["dkd"] == {"alpha": 1.0, "beta": 2.0, "temperature": 4.0}
 
 
-@pytest.mark.parametrize("teacher,student,weight", [
-    ("resnet32x4", "resnet8x4", 5.0), ("resnet32x4", "ShuffleV2", 8.0),
-    ("resnet56", "resnet20", 0.6), ("resnet110", "resnet32", 1.0), ("wrn_40_2", "wrn_16_2", 5.0)])
+@pytest.mark.parametrize(
+  "teacher,student,weight",
+  [
+    ("resnet32x4", "resnet8x4", 5.0),
+    ("resnet32x4", "ShuffleV2", 8.0),
+    ("resnet56", "resnet20", 0.6),
+    ("resnet110", "resnet32", 1.0),
+    ("wrn_40_2", "wrn_16_2", 5.0),
+  ],
+)
 def test_reviewkd_weight_is_looked_up_by_pair(teacher, student, weight):
   assert _config("reviewkd", teacher, student).distill.losses.review_kd == weight
 
 
-@pytest.mark.parametrize("teacher,student,temperature,weight", [
-    ("resnet32x4", "resnet8x4", 2.0, 9.0), ("vgg13", "vgg8", 3.0, 9.0),
-    ("ResNet50", "MobileNetV2", 3.0, 1.0), ("wrn_40_2", "wrn_40_1", 2.0, 9.0)])
+@pytest.mark.parametrize(
+  "teacher,student,temperature,weight",
+  [
+    ("resnet32x4", "resnet8x4", 2.0, 9.0),
+    ("vgg13", "vgg8", 3.0, 9.0),
+    ("ResNet50", "MobileNetV2", 3.0, 1.0),
+    ("wrn_40_2", "wrn_40_1", 2.0, 9.0),
+  ],
+)
 def test_kd_ls_values_are_looked_up_by_pair(teacher, student, temperature, weight):
   config = _config("kd_ls", teacher, student)
   assert (config.distill.kd.temperature, config.distill.losses.kd) == (temperature, weight)
@@ -151,9 +199,19 @@ def test_kd_ls_values_are_looked_up_by_pair(teacher, student, temperature, weigh
 
 
 @pytest.mark.parametrize("method", ["ce", "kd", "crd", "dkd", "dist", "kd_ls"])
-@pytest.mark.parametrize("student,lr", [
-    ("MobileNetV2", 0.01), ("mobile_half", 0.01), ("ShuffleV1", 0.01), ("ShuffleV2", 0.01),
-    ("resnet8x4", 0.05), ("wrn_16_2", 0.05), ("vgg8", 0.05), ("resnet32x4", 0.05)])
+@pytest.mark.parametrize(
+  "student,lr",
+  [
+    ("MobileNetV2", 0.01),
+    ("mobile_half", 0.01),
+    ("ShuffleV1", 0.01),
+    ("ShuffleV2", 0.01),
+    ("resnet8x4", 0.05),
+    ("wrn_16_2", 0.05),
+    ("vgg8", 0.05),
+    ("resnet32x4", 0.05),
+  ],
+)
 def test_learning_rate_depends_on_the_student_only(method, student, lr):
   config = testing_utils.load_config(CONFIG, f"method={method},student={student}")
   assert config.optimizer.lr == lr

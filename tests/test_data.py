@@ -1,4 +1,5 @@
 """Data: the IDX reader, the sources' error messages, the deterministic pipeline, crop+flip."""
+
 import json
 
 import jax
@@ -26,8 +27,9 @@ def test_read_idx_big_endian_int32(tmp_path):
   array = np.array([1, -2, 70000], np.int32)
   path = str(tmp_path / "int.idx")
   with open(path, "wb") as f:
-    f.write(bytes([0, 0, 0x0C, 1]) + np.asarray([3], ">u4").tobytes()
-            + array.astype(">i4").tobytes())
+    f.write(
+      bytes([0, 0, 0x0C, 1]) + np.asarray([3], ">u4").tobytes() + array.astype(">i4").tobytes()
+    )
   np.testing.assert_array_equal(idx.read_idx(path), array)
 
 
@@ -84,8 +86,12 @@ def test_batch_indices_are_a_pure_function_of_seed_and_step():
 
 def test_each_epoch_visits_every_example_once():
   # 40 examples, batch 8: epoch e is steps 5e .. 5e + 4, each a fresh permutation.
-  epochs = [np.concatenate([data.global_batch_indices(0, step, 40, 8)
-                            for step in range(5 * epoch, 5 * epoch + 5)]) for epoch in range(2)]
+  epochs = [
+    np.concatenate(
+      [data.global_batch_indices(0, step, 40, 8) for step in range(5 * epoch, 5 * epoch + 5)]
+    )
+    for epoch in range(2)
+  ]
   for visited in epochs:
     np.testing.assert_array_equal(np.sort(visited), np.arange(40))
   assert not np.array_equal(epochs[0], epochs[1])
@@ -99,9 +105,12 @@ def test_batches_cross_epoch_boundaries():
 
 def _tiny_source(num_examples=24):
   rng = np.random.default_rng(0)
-  return data.ArraySource({
+  return data.ArraySource(
+    {
       "image": rng.integers(0, 256, (num_examples, 28, 28, 1), dtype=np.uint8),
-      "label": rng.integers(0, 10, num_examples).astype(np.int32)})
+      "label": rng.integers(0, 10, num_examples).astype(np.int32),
+    }
+  )
 
 
 def test_train_batches_resume_reproduces_the_stream():
@@ -115,8 +124,9 @@ def test_train_batches_resume_reproduces_the_stream():
       np.testing.assert_array_equal(expected[key], actual[key])
   assert max(batch["index"].max() for batch in full) < 20  # only the first num_examples
   batch = full[0]
-  np.testing.assert_allclose(batch["image"], data.normalize(source.arrays["image"][batch["index"]],
-                                                            _SPEC))
+  np.testing.assert_allclose(
+    batch["image"], data.normalize(source.arrays["image"][batch["index"]], _SPEC)
+  )
   np.testing.assert_array_equal(batch["label"], source.arrays["label"][batch["index"]])
 
 
@@ -131,8 +141,11 @@ def test_eval_batches_pad_and_mask():
 
 def test_normalize_constants():
   pixels = np.array([[0, 255]], np.uint8)
-  np.testing.assert_allclose(data.normalize(pixels[..., None], _SPEC)[..., 0],
-                             [[-0.2860 / 0.3530, (1 - 0.2860) / 0.3530]], rtol=1e-6)
+  np.testing.assert_allclose(
+    data.normalize(pixels[..., None], _SPEC)[..., 0],
+    [[-0.2860 / 0.3530, (1 - 0.2860) / 0.3530]],
+    rtol=1e-6,
+  )
 
 
 def test_crop_flip_takes_a_window_of_the_padded_image():
@@ -145,9 +158,10 @@ def test_crop_flip_takes_a_window_of_the_padded_image():
   black = -np.asarray(spec.mean) / np.asarray(spec.std)
   padded = np.pad(np.asarray(images) - black, ((0, 0), (4, 4), (4, 4), (0, 0))) + black
   for image, out in zip(padded, augmented):
-    windows = [image[y:y + 8, x:x + 8] for y in range(9) for x in range(9)]
-    assert any(np.allclose(out, w, atol=1e-6) or np.allclose(out, w[:, ::-1], atol=1e-6)
-               for w in windows)
+    windows = [image[y : y + 8, x : x + 8] for y in range(9) for x in range(9)]
+    assert any(
+      np.allclose(out, w, atol=1e-6) or np.allclose(out, w[:, ::-1], atol=1e-6) for w in windows
+    )
   assert data.build_augment("none", spec) is None
 
 
@@ -156,8 +170,14 @@ class _FakeTfdsSource:
 
   def __init__(self, num_records):
     rng = np.random.default_rng(0)
-    self.records = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-                     "label": np.int64(i % 100), "id": f"train_{i}"} for i in range(num_records)]
+    self.records = [
+      {
+        "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+        "label": np.int64(i % 100),
+        "id": f"train_{i}",
+      }
+      for i in range(num_records)
+    ]
 
   def __len__(self):
     return len(self.records)
@@ -177,6 +197,7 @@ def test_record_source_stacks_records():
 def test_sources_read_the_labels_of_the_first_examples():
   record_labels = data.RecordSource(_FakeTfdsSource(10)).labels(7, chunk=3)
   assert record_labels.tolist() == list(range(7)) and record_labels.dtype == np.int32
-  arrays = data.ArraySource({"image": np.zeros((5, 2, 2, 1), np.uint8),
-                             "label": np.array([4, 3, 2, 1, 0])})
+  arrays = data.ArraySource(
+    {"image": np.zeros((5, 2, 2, 1), np.uint8), "label": np.array([4, 3, 2, 1, 0])}
+  )
   assert arrays.labels(3).tolist() == [4, 3, 2]

@@ -1,5 +1,6 @@
 """The method registry: config validation, every registered term (jit == eager, finite values and
 gradients, equal to the loss function called by hand), schedules."""
+
 import functools
 
 import jax
@@ -30,10 +31,12 @@ def _outputs():
   def forward(student_state, teacher_state, images):
     student_model = nnx.merge(nnx.graphdef(student), student_state, copy=True)
     teacher_model = nnx.merge(nnx.graphdef(teacher), teacher_state, copy=True)
-    return (*student_model(images, train=True, return_features=True),
-            *teacher_model(images, train=False, return_features=True))
+    return (
+      *student_model(images, train=True, return_features=True),
+      *teacher_model(images, train=False, return_features=True),
+    )
 
-  return (*forward(nnx.state(student), nnx.state(teacher), host_batch['image']), host_batch)
+  return (*forward(nnx.state(student), nnx.state(teacher), host_batch["image"]), host_batch)
 
 
 def _evaluate(method, *, jit, step=0):
@@ -47,37 +50,54 @@ def _evaluate(method, *, jit, step=0):
     logits, features, adapter_state = differentiable
     adapters = nnx.merge(graphdef, adapter_state, copy=True)
     value, metrics, new_state = method.loss(
-        hparams=hparams, adapters=adapters, method_state=method_state, student_logits=logits,
-        student_features={k: features[k] for k in method.student_features},
-        teacher_logits=teacher_logits,
-        teacher_features={k: teacher_features[k] for k in method.teacher_features},
-        batch=batch, step=jnp.int32(step), rng=jax.random.key(0))
+      hparams=hparams,
+      adapters=adapters,
+      method_state=method_state,
+      student_logits=logits,
+      student_features={k: features[k] for k in method.student_features},
+      teacher_logits=teacher_logits,
+      teacher_features={k: teacher_features[k] for k in method.teacher_features},
+      batch=batch,
+      step=jnp.int32(step),
+      rng=jax.random.key(0),
+    )
     return value, (metrics, new_state)
 
   fn = jax.value_and_grad(loss, has_aux=True)
   fn = jax.jit(fn) if jit else fn
-  (value, (metrics, new_state)), grads = fn((student_logits, student_features, adapter_state),
-                                            method.init_state())
+  (value, (metrics, new_state)), grads = fn(
+    (student_logits, student_features, adapter_state), method.init_state()
+  )
   return value, metrics, new_state, grads
 
 
 def _build(config, **kwargs):
   student, teacher = _models()
-  return distill.build(config, student=student, teacher=teacher, input_shape=IMAGE_SHAPE,
-                       num_train_examples=32, steps_per_epoch=10, **kwargs)
+  return distill.build(
+    config,
+    student=student,
+    teacher=teacher,
+    input_shape=IMAGE_SHAPE,
+    num_train_examples=32,
+    steps_per_epoch=10,
+    **kwargs,
+  )
 
 
-ALL_TERMS = [name for name in distill.names() if name != 'ce']
+ALL_TERMS = [name for name in distill.names() if name != "ce"]
 # The tiny models have no transformer blocks: hidden-state terms read the pooled features.
-TERM_SETTINGS = {'hidden_mse': {'features': ['pooled']}, 'hidden_cosine': {'features': ['pooled']},
-                 'crd': {'num_negatives': 16}}
+TERM_SETTINGS = {
+  "hidden_mse": {"features": ["pooled"]},
+  "hidden_cosine": {"features": ["pooled"]},
+  "crd": {"num_negatives": 16},
+}
 
 
 def test_every_term_is_finite_and_reaches_the_student():
   """All registered terms in one method (one compilation): each term's value and its derivative
   along a random direction of the student's logits and features are finite and the derivative
   is not zero (forward mode: one pass for every term, where a per-term gradient needs one each)."""
-  config = {'losses': {'ce': 1.0, **{name: 0.5 for name in ALL_TERMS}}, **TERM_SETTINGS}
+  config = {"losses": {"ce": 1.0, **{name: 0.5 for name in ALL_TERMS}}, **TERM_SETTINGS}
   method = _build(config)
   student_logits, student_features, teacher_logits, teacher_features, host_batch = _outputs()
   batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
@@ -87,7 +107,8 @@ def test_every_term_is_finite_and_reaches_the_student():
   leaves, treedef = jax.tree.flatten(primals)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   tangents = jax.tree.unflatten(
-      treedef, [jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, leaves)])
+    treedef, [jax.random.normal(key, leaf.shape) for key, leaf in zip(keys, leaves)]
+  )
 
   @jax.jit
   def values_and_derivatives(primals, tangents, adapter_state, method_state):
@@ -95,91 +116,117 @@ def test_every_term_is_finite_and_reaches_the_student():
       logits, features = inputs
       adapters = nnx.merge(graphdef, adapter_state, copy=True)
       return method.loss(
-          hparams=hparams, adapters=adapters, method_state=method_state, student_logits=logits,
-          student_features={k: features[k] for k in method.student_features},
-          teacher_logits=teacher_logits,
-          teacher_features={k: teacher_features[k] for k in method.teacher_features},
-          batch=batch, step=jnp.int32(0), rng=jax.random.key(0))[1]
+        hparams=hparams,
+        adapters=adapters,
+        method_state=method_state,
+        student_logits=logits,
+        student_features={k: features[k] for k in method.student_features},
+        teacher_logits=teacher_logits,
+        teacher_features={k: teacher_features[k] for k in method.teacher_features},
+        batch=batch,
+        step=jnp.int32(0),
+        rng=jax.random.key(0),
+      )[1]
+
     return jax.jvp(metrics, (primals,), (tangents,))
 
-  values, derivatives = values_and_derivatives(primals, tangents, adapter_state,
-                                               method.init_state())
-  assert set(values) == {'ce', 'loss', *ALL_TERMS}
+  values, derivatives = values_and_derivatives(
+    primals, tangents, adapter_state, method.init_state()
+  )
+  assert set(values) == {"ce", "loss", *ALL_TERMS}
   for name in ALL_TERMS:
     assert np.isfinite(values[name]) and np.isfinite(derivatives[name]), name
     assert derivatives[name] != 0, name
 
 
 # Eager evaluation is slow (op by op): jit == eager is checked on one term of each kind.
-@pytest.mark.parametrize('name', ['kd', 'dist', 'fitnet', 'rkd', 'crd'])
+@pytest.mark.parametrize("name", ["kd", "dist", "fitnet", "rkd", "crd"])
 def test_jit_matches_eager(name):
-  method = _build({'losses': {'ce': 1.0, name: 0.5}, name: TERM_SETTINGS.get(name, {})})
+  method = _build({"losses": {"ce": 1.0, name: 0.5}, name: TERM_SETTINGS.get(name, {})})
   value, _, _, grads = _evaluate(method, jit=True)
   eager_value, _, _, eager_grads = _evaluate(method, jit=False)
   np.testing.assert_allclose(value, eager_value, rtol=2e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads,
-               eager_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, eager_grads
+  )
 
 
 def test_loss_is_weighted_sum_of_terms_equal_to_the_loss_functions():
-  method = _build({'losses': {'ce': 0.1, 'kd': 0.9, 'attention_transfer': 1000.0, 'rkd': 1.0},
-                   'kd': {'temperature': 4.0}})
+  method = _build(
+    {
+      "losses": {"ce": 0.1, "kd": 0.9, "attention_transfer": 1000.0, "rkd": 1.0},
+      "kd": {"temperature": 4.0},
+    }
+  )
   student_logits, student_features, teacher_logits, teacher_features, batch = _outputs()
   value, metrics, _, _ = _evaluate(method, jit=True)
   import optax
-  ce = optax.softmax_cross_entropy_with_integer_labels(student_logits, batch['label']).mean()
+
+  ce = optax.softmax_cross_entropy_with_integer_labels(student_logits, batch["label"]).mean()
   kd = logit.kd(student_logits, teacher_logits, temperature=4.0)
-  stages = ['stage1', 'stage2']
-  at = feature.attention_transfer([student_features[k] for k in stages],
-                                  [teacher_features[k] for k in stages])
-  rkd = relation.rkd(student_features['pooled'], teacher_features['pooled'])
-  for name, expected in (('ce', ce), ('kd', kd), ('attention_transfer', at), ('rkd', rkd)):
+  stages = ["stage1", "stage2"]
+  at = feature.attention_transfer(
+    [student_features[k] for k in stages], [teacher_features[k] for k in stages]
+  )
+  rkd = relation.rkd(student_features["pooled"], teacher_features["pooled"])
+  for name, expected in (("ce", ce), ("kd", kd), ("attention_transfer", at), ("rkd", rkd)):
     np.testing.assert_allclose(metrics[name], expected, rtol=1e-5, err_msg=name)
   np.testing.assert_allclose(value, 0.1 * ce + 0.9 * kd + 1000 * at + rkd, rtol=1e-5)
 
 
 def test_standardize_option_is_kd_plus_ls():
-  method = _build({'losses': {'kd': 9.0}, 'kd': {'temperature': 2.0, 'standardize': True}})
+  method = _build({"losses": {"kd": 9.0}, "kd": {"temperature": 2.0, "standardize": True}})
   student_logits, _, teacher_logits, _, _ = _outputs()
   _, metrics, _, _ = _evaluate(method, jit=True)
-  expected = logit.kd(logit.standardize(student_logits), logit.standardize(teacher_logits),
-                      temperature=2.0)
-  np.testing.assert_allclose(metrics['kd'], expected, rtol=1e-5)
+  expected = logit.kd(
+    logit.standardize(student_logits), logit.standardize(teacher_logits), temperature=2.0
+  )
+  np.testing.assert_allclose(metrics["kd"], expected, rtol=1e-5)
 
 
 def test_padded_examples_are_left_out_of_per_example_terms():
   student_logits, _, teacher_logits, _, host_batch = _outputs()
-  method = _build({'losses': {'ce': 1.0, 'kd': 1.0}})
+  method = _build({"losses": {"ce": 1.0, "kd": 1.0}})
   mask = np.arange(BATCH) < 5
   hparams = jax.tree.map(jnp.float32, method.hparams)
   _, metrics, _ = method.loss(
-      hparams=hparams, adapters=None, method_state={}, student_logits=student_logits,
-      student_features={}, teacher_logits=teacher_logits, teacher_features={},
-      batch={**host_batch, 'mask': mask}, step=jnp.int32(0), rng=jax.random.key(0))
+    hparams=hparams,
+    adapters=None,
+    method_state={},
+    student_logits=student_logits,
+    student_features={},
+    teacher_logits=teacher_logits,
+    teacher_features={},
+    batch={**host_batch, "mask": mask},
+    step=jnp.int32(0),
+    rng=jax.random.key(0),
+  )
   np.testing.assert_allclose(
-      metrics['kd'], logit.kd(student_logits[:5], teacher_logits[:5], temperature=4.0), rtol=1e-5)
+    metrics["kd"], logit.kd(student_logits[:5], teacher_logits[:5], temperature=4.0), rtol=1e-5
+  )
 
 
-@pytest.mark.parametrize('step, factor', [(0, 1 / 20), (9, 1 / 20), (10, 2 / 20), (195, 20 / 20),
-                                          (10_000, 1.0)])
+@pytest.mark.parametrize(
+  "step, factor", [(0, 1 / 20), (9, 1 / 20), (10, 2 / 20), (195, 20 / 20), (10_000, 1.0)]
+)
 def test_dkd_warmup_follows_mdistiller(step, factor):
   """min(epoch / 20, 1) with the 1-based epoch; 10 steps per epoch here."""
-  method = _build({'losses': {'ce': 1.0, 'dkd': 1.0}, 'dkd': {'beta': 2.0}})
+  method = _build({"losses": {"ce": 1.0, "dkd": 1.0}, "dkd": {"beta": 2.0}})
   value, metrics, _, _ = _evaluate(method, jit=True, step=step)
-  np.testing.assert_allclose(value, metrics['ce'] + factor * metrics['dkd'], rtol=1e-5)
+  np.testing.assert_allclose(value, metrics["ce"] + factor * metrics["dkd"], rtol=1e-5)
   student_logits, _, teacher_logits, _, batch = _outputs()
   np.testing.assert_allclose(
-      metrics['dkd'], logit.dkd(student_logits, teacher_logits, batch['label'], beta=2.0),
-      rtol=1e-5)
+    metrics["dkd"], logit.dkd(student_logits, teacher_logits, batch["label"], beta=2.0), rtol=1e-5
+  )
 
 
 def test_crd_updates_memory_and_fixes_the_normaliser():
-  method = _build({'losses': {'crd': 0.8}, 'crd': {'num_negatives': 16}})
-  memory = method.init_state()['crd']
+  method = _build({"losses": {"crd": 0.8}, "crd": {"num_negatives": 16}})
+  memory = method.init_state()["crd"]
   assert memory.student_bank.shape == (32, 128)
   _, _, new_state, _ = _evaluate(method, jit=True)
-  new_memory = new_state['crd']
-  index = tiny_models.batch(BATCH)['index']
+  new_memory = new_state["crd"]
+  index = tiny_models.batch(BATCH)["index"]
   untouched = np.setdiff1d(np.arange(32), index)
   assert not np.allclose(new_memory.student_bank[index], memory.student_bank[index])
   np.testing.assert_array_equal(new_memory.student_bank[untouched], memory.student_bank[untouched])
@@ -188,26 +235,36 @@ def test_crd_updates_memory_and_fixes_the_normaliser():
 
 
 def test_feature_choices_follow_repdistiller():
-  cases = {'fitnet': ['stage2'], 'attention_transfer': ['stage1', 'stage2'],
-           'similarity_preserving': ['stage2'], 'rkd': ['pooled'], 'crd': ['pooled'],
-           'review_kd': ['stage1', 'stage2', 'pooled']}
+  cases = {
+    "fitnet": ["stage2"],
+    "attention_transfer": ["stage1", "stage2"],
+    "similarity_preserving": ["stage2"],
+    "rkd": ["pooled"],
+    "crd": ["pooled"],
+    "review_kd": ["stage1", "stage2", "pooled"],
+  }
   for name, expected in cases.items():
-    method = _build({'losses': {name: 1.0}})
+    method = _build({"losses": {name: 1.0}})
     assert list(method.student_features) == expected, name
-  method = _build({'losses': {'review_kd': 1.0}})
-  assert list(method.teacher_features) == ['preact_stage1', 'preact_stage2', 'pooled']
-  method = _build({'losses': {'fitnet': 1.0}, 'fitnet': {'features': (['stage1'], ['stage2'])}})
-  assert method.student_features == ('stage1',) and method.teacher_features == ('stage2',)
+  method = _build({"losses": {"review_kd": 1.0}})
+  assert list(method.teacher_features) == ["preact_stage1", "preact_stage2", "pooled"]
+  method = _build({"losses": {"fitnet": 1.0}, "fitnet": {"features": (["stage1"], ["stage2"])}})
+  assert method.student_features == ("stage1",) and method.teacher_features == ("stage2",)
 
 
-@pytest.mark.parametrize('config, message', [
-    ({'losses': {'kd': 1.0, 'kdd': 1.0}},
-     "unknown loss 'kdd'; known losses: akl, attention_transfer"),
-    ({'losses': {}}, 'losses is empty'),
-    ({'losses': {'kd': 1.0}, 'kd': {'temprature': 2.0}}, 'unknown setting kd.temprature'),
-    ({'losses': {'kd': 1.0}, 'dkd': {'beta': 2.0}}, "settings for \\['dkd'\\]"),
-    ({'losses': {'fitnet': 1.0}, 'fitnet': {'features': ['stage9']}}, "needs feature 'stage9'"),
-])
+@pytest.mark.parametrize(
+  "config, message",
+  [
+    (
+      {"losses": {"kd": 1.0, "kdd": 1.0}},
+      "unknown loss 'kdd'; known losses: akl, attention_transfer",
+    ),
+    ({"losses": {}}, "losses is empty"),
+    ({"losses": {"kd": 1.0}, "kd": {"temprature": 2.0}}, "unknown setting kd.temprature"),
+    ({"losses": {"kd": 1.0}, "dkd": {"beta": 2.0}}, "settings for \\['dkd'\\]"),
+    ({"losses": {"fitnet": 1.0}, "fitnet": {"features": ["stage9"]}}, "needs feature 'stage9'"),
+  ],
+)
 def test_config_errors_are_clear(config, message):
   with pytest.raises(ValueError, match=message):
     _build(config)
@@ -215,16 +272,20 @@ def test_config_errors_are_clear(config, message):
 
 def test_warmup_needs_steps_per_epoch():
   student, teacher = _models()
-  with pytest.raises(ValueError, match='steps_per_epoch'):
-    distill.build({'losses': {'dkd': 1.0}}, student=student, teacher=teacher,
-                  input_shape=IMAGE_SHAPE)
+  with pytest.raises(ValueError, match="steps_per_epoch"):
+    distill.build(
+      {"losses": {"dkd": 1.0}}, student=student, teacher=teacher, input_shape=IMAGE_SHAPE
+    )
 
 
 def test_hparams_are_traced_floats_options_are_static():
-  method = _build({'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 2, 'standardize': True}})
-  assert method.hparams == {'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 2.0},
-                            'ce': {'label_smoothing': 0.0}}
-  assert method.terms[1].options == {'warmup_epochs': 0, 'standardize': True}
+  method = _build({"losses": {"ce": 0.1, "kd": 0.9}, "kd": {"temperature": 2, "standardize": True}})
+  assert method.hparams == {
+    "losses": {"ce": 0.1, "kd": 0.9},
+    "kd": {"temperature": 2.0},
+    "ce": {"label_smoothing": 0.0},
+  }
+  assert method.terms[1].options == {"warmup_epochs": 0, "standardize": True}
 
 
 def test_crd_other_class_negatives_read_the_training_labels(monkeypatch):
@@ -238,20 +299,25 @@ def test_crd_other_class_negatives_read_the_training_labels(monkeypatch):
     calls.append(dataset_labels)
     return sample(*args, dataset_labels=dataset_labels)
 
-  monkeypatch.setattr(relation, 'crd_sample_contrast_index', spy)
-  for negatives in ('other_class', 'uniform'):
-    method = _build({'losses': {'crd': 0.8}, 'crd': {'num_negatives': 16, 'negatives': negatives}},
-                    train_labels=lambda: labels)
+  monkeypatch.setattr(relation, "crd_sample_contrast_index", spy)
+  for negatives in ("other_class", "uniform"):
+    method = _build(
+      {"losses": {"crd": 0.8}, "crd": {"num_negatives": 16, "negatives": negatives}},
+      train_labels=lambda: labels,
+    )
     value, _, _, _ = _evaluate(method, jit=True)
     assert np.isfinite(value)
   assert calls[0] is not None and calls[0].shape == (32,) and calls[1] is None
 
 
-@pytest.mark.parametrize('settings, train_labels, message', [
-    ({'negatives': 'other_class'}, None, 'crd reads every training label'),
-    ({'negatives': 'other_class'}, np.zeros(5), r'train_labels has shape \(5,\), expected \(32,\)'),
-    ({'negatives': 'same_class'}, None, "crd.negatives must be 'uniform' or 'other_class'"),
-])
+@pytest.mark.parametrize(
+  "settings, train_labels, message",
+  [
+    ({"negatives": "other_class"}, None, "crd reads every training label"),
+    ({"negatives": "other_class"}, np.zeros(5), r"train_labels has shape \(5,\), expected \(32,\)"),
+    ({"negatives": "same_class"}, None, "crd.negatives must be 'uniform' or 'other_class'"),
+  ],
+)
 def test_crd_negatives_errors(settings, train_labels, message):
   with pytest.raises(ValueError, match=message):
-    _build({'losses': {'crd': 0.8}, 'crd': settings}, train_labels=train_labels)
+    _build({"losses": {"crd": 0.8}, "crd": settings}, train_labels=train_labels)

@@ -1,4 +1,5 @@
 """Token-level distillation through the method registry and the step: [B, S, V] logits."""
+
 import functools
 
 import jax
@@ -16,10 +17,11 @@ B, S, V = 3, 5, 11
 
 @functools.cache
 def _lms():
-  kwargs = dict(vocab_size=V, num_layers=1, width=16, num_heads=2, num_kv_heads=1,
-                mlp_dim=32)
-  return (models.create('transformer_lm', seed=0, **kwargs),
-          models.create('transformer_lm', seed=1, **kwargs))
+  kwargs = dict(vocab_size=V, num_layers=1, width=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
+  return (
+    models.create("transformer_lm", seed=0, **kwargs),
+    models.create("transformer_lm", seed=1, **kwargs),
+  )
 
 
 def _token_batch(seed=0):
@@ -28,7 +30,7 @@ def _token_batch(seed=0):
   mask = np.ones((B, S), np.float32)
   mask[0, 3:] = 0  # a padded tail
   mask[2, :1] = 0
-  return {'image': tokens[:, :-1], 'label': tokens[:, 1:], 'mask': mask}
+  return {"image": tokens[:, :-1], "label": tokens[:, 1:], "mask": mask}
 
 
 def _logits(seed):
@@ -39,26 +41,38 @@ def _logits(seed):
 def _method_loss(config, student_logits, teacher_logits, batch):
   student, teacher = _lms()
   method = distill.build(config, student=student, teacher=teacher)
-  return method.loss(hparams=jax.tree.map(jnp.float32, method.hparams), adapters=None,
-                     method_state={}, student_logits=student_logits, student_features={},
-                     teacher_logits=teacher_logits, teacher_features={},
-                     batch=jax.tree.map(jnp.asarray, batch), step=jnp.int32(0),
-                     rng=jax.random.key(0))
+  return method.loss(
+    hparams=jax.tree.map(jnp.float32, method.hparams),
+    adapters=None,
+    method_state={},
+    student_logits=student_logits,
+    student_features={},
+    teacher_logits=teacher_logits,
+    teacher_features={},
+    batch=jax.tree.map(jnp.asarray, batch),
+    step=jnp.int32(0),
+    rng=jax.random.key(0),
+  )
 
 
-@pytest.mark.parametrize('name, loss_fn, settings', [
-    ('kd', logit.kd, {'temperature': 2.0}),
-    ('reverse_kl', logit.reverse_kl, {'temperature': 1.0}),
-    ('jsd', logit.jsd, {'beta': 0.3, 'temperature': 1.0}),
-    ('soft_cross_entropy', logit.soft_cross_entropy, {'temperature': 1.5}),
-])
+@pytest.mark.parametrize(
+  "name, loss_fn, settings",
+  [
+    ("kd", logit.kd, {"temperature": 2.0}),
+    ("reverse_kl", logit.reverse_kl, {"temperature": 1.0}),
+    ("jsd", logit.jsd, {"beta": 0.3, "temperature": 1.0}),
+    ("soft_cross_entropy", logit.soft_cross_entropy, {"temperature": 1.5}),
+  ],
+)
 def test_logit_terms_are_masked_token_means(name, loss_fn, settings):
   student_logits, teacher_logits = _logits(1)
   batch = _token_batch()
-  loss, metrics, _ = _method_loss({'losses': {name: 1.0}, name: settings}, student_logits,
-                                  teacher_logits, batch)
-  expected = sequence.sequence_loss(loss_fn, student_logits, teacher_logits,
-                                    batch['mask'] > 0, **settings)
+  loss, metrics, _ = _method_loss(
+    {"losses": {name: 1.0}, name: settings}, student_logits, teacher_logits, batch
+  )
+  expected = sequence.sequence_loss(
+    loss_fn, student_logits, teacher_logits, batch["mask"] > 0, **settings
+  )
   np.testing.assert_allclose(metrics[name], expected, rtol=1e-5)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
@@ -66,28 +80,37 @@ def test_logit_terms_are_masked_token_means(name, loss_fn, settings):
 def test_ce_is_the_masked_next_token_cross_entropy():
   student_logits, teacher_logits = _logits(2)
   batch = _token_batch()
-  _, metrics, _ = _method_loss({'losses': {'ce': 1.0}}, student_logits, teacher_logits, batch)
-  per_token = optax.softmax_cross_entropy_with_integer_labels(student_logits, batch['label'])
-  np.testing.assert_allclose(metrics['ce'], sequence.token_mean(per_token, batch['mask'] > 0),
-                             rtol=1e-5)
+  _, metrics, _ = _method_loss({"losses": {"ce": 1.0}}, student_logits, teacher_logits, batch)
+  per_token = optax.softmax_cross_entropy_with_integer_labels(student_logits, batch["label"])
+  np.testing.assert_allclose(
+    metrics["ce"], sequence.token_mean(per_token, batch["mask"] > 0), rtol=1e-5
+  )
 
 
-@pytest.mark.parametrize('missing', ['renormalize', 'residual'])
+@pytest.mark.parametrize("missing", ["renormalize", "residual"])
 def test_sparse_topk_kd_reads_the_cached_topk_or_takes_the_live_teachers(missing):
   student_logits, teacher_logits = _logits(3)
   batch = _token_batch()
   k = 4
-  config = {'losses': {'sparse_topk_kd': 1.0},
-            'sparse_topk_kd': {'k': k, 'missing': missing, 'temperature': 2.0}}
+  config = {
+    "losses": {"sparse_topk_kd": 1.0},
+    "sparse_topk_kd": {"k": k, "missing": missing, "temperature": 2.0},
+  }
   sparse = sequence.sparse_teacher_from_logits(teacher_logits, k)
-  expected = sequence.sequence_loss(sequence.sparse_topk_kd, student_logits, sparse,
-                                    batch['mask'] > 0, missing=missing, temperature=2.0)
+  expected = sequence.sequence_loss(
+    sequence.sparse_topk_kd,
+    student_logits,
+    sparse,
+    batch["mask"] > 0,
+    missing=missing,
+    temperature=2.0,
+  )
   _, live, _ = _method_loss(config, student_logits, teacher_logits, batch)
-  cached_batch = {**batch, 'teacher_topk_ids': sparse.ids, 'teacher_topk_logprobs': sparse.logprobs}
+  cached_batch = {**batch, "teacher_topk_ids": sparse.ids, "teacher_topk_logprobs": sparse.logprobs}
   dense_from_cache = teacher_cache.dense_logits(sparse.ids, sparse.logprobs, V)
   _, cached, _ = _method_loss(config, student_logits, dense_from_cache, cached_batch)
-  np.testing.assert_allclose(live['sparse_topk_kd'], expected, rtol=1e-5)
-  np.testing.assert_allclose(cached['sparse_topk_kd'], expected, rtol=1e-5)
+  np.testing.assert_allclose(live["sparse_topk_kd"], expected, rtol=1e-5)
+  np.testing.assert_allclose(cached["sparse_topk_kd"], expected, rtol=1e-5)
 
 
 def test_dense_logits_of_a_per_token_topk_cache():
@@ -103,26 +126,32 @@ def test_language_model_distillation_step():
   """One jitted step: LM teacher and student on token ids (batch['image']), next-token labels,
   padded positions masked; the loss equals CE + KD computed from the models' own logits."""
   student, teacher = _lms()
-  config = {'losses': {'ce': 0.5, 'kd': 0.5}, 'kd': {'temperature': 2.0}}
+  config = {"losses": {"ce": 0.5, "kd": 0.5}, "kd": {"temperature": 2.0}}
   method = distill.build(config, student=student, teacher=teacher)
-  mesh = parallel.make_mesh({'data': 1}, devices=jax.devices()[:1])
+  mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
   optimizer = optax.sgd(0.1)
-  train_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
-                                       optimizer=optimizer, mesh=mesh, donate=False)
+  train_step = kd_step.make_train_step(
+    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh, donate=False
+  )
   state = kd_step.init_state(student, method, optimizer, mesh=mesh)
   host_batch = _token_batch()
-  new_state, metrics = train_step(state, kd_step.teacher_state(teacher, mesh),
-                                  parallel.host_to_global(mesh, host_batch))
-  student_logits = student(jnp.asarray(host_batch['image']))[0]
-  teacher_logits = teacher(jnp.asarray(host_batch['image']))[0]
-  mask = host_batch['mask'] > 0
-  ce = sequence.token_mean(optax.softmax_cross_entropy_with_integer_labels(
-      student_logits, host_batch['label']), mask)
+  new_state, metrics = train_step(
+    state, kd_step.teacher_state(teacher, mesh), parallel.host_to_global(mesh, host_batch)
+  )
+  student_logits = student(jnp.asarray(host_batch["image"]))[0]
+  teacher_logits = teacher(jnp.asarray(host_batch["image"]))[0]
+  mask = host_batch["mask"] > 0
+  ce = sequence.token_mean(
+    optax.softmax_cross_entropy_with_integer_labels(student_logits, host_batch["label"]), mask
+  )
   kd = sequence.sequence_loss(logit.kd, student_logits, teacher_logits, mask, temperature=2.0)
-  np.testing.assert_allclose(metrics['loss'], 0.5 * ce + 0.5 * kd, rtol=1e-4)
+  np.testing.assert_allclose(metrics["loss"], 0.5 * ce + 0.5 * kd, rtol=1e-4)
   assert int(new_state.step) == 1
-  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), nnx.state(student, nnx.Param),
-                       nnx.filter_state(new_state.student, nnx.Param))
+  moved = jax.tree.map(
+    lambda a, b: bool(jnp.any(a != b)),
+    nnx.state(student, nnx.Param),
+    nnx.filter_state(new_state.student, nnx.Param),
+  )
   assert any(jax.tree.leaves(moved))
 
 
@@ -131,23 +160,37 @@ def test_cached_topk_language_model_step_equals_the_live_teachers(tmp_path):
   the teacher, with the loss of the live teacher's top-k."""
   student, teacher = _lms()
   k = 4
-  config = {'losses': {'ce': 0.5, 'sparse_topk_kd': 0.5}, 'sparse_topk_kd': {'k': k}}
+  config = {"losses": {"ce": 0.5, "sparse_topk_kd": 0.5}, "sparse_topk_kd": {"k": k}}
   method = distill.build(config, student=student, teacher=teacher)
-  host_batch = {**_token_batch(), 'index': np.arange(B, dtype=np.int32)}
-  teacher_cache.write_cache(str(tmp_path), teacher=teacher, batches=[host_batch], dataset='toy',
-                            num_examples=B, data_fingerprint='toy', kind='topk', k=k)
-  cache = teacher_cache.open_cache(str(tmp_path), dataset='toy', num_examples=B,
-                                   data_fingerprint='toy')
-  assert cache.arrays['topk_ids'].shape == (B, S, k)
-  mesh = parallel.make_mesh({'data': 1}, devices=jax.devices()[:1])
+  host_batch = {**_token_batch(), "index": np.arange(B, dtype=np.int32)}
+  teacher_cache.write_cache(
+    str(tmp_path),
+    teacher=teacher,
+    batches=[host_batch],
+    dataset="toy",
+    num_examples=B,
+    data_fingerprint="toy",
+    kind="topk",
+    k=k,
+  )
+  cache = teacher_cache.open_cache(
+    str(tmp_path), dataset="toy", num_examples=B, data_fingerprint="toy"
+  )
+  assert cache.arrays["topk_ids"].shape == (B, S, k)
+  mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
   optimizer = optax.sgd(0.1)
   losses = []
-  for step_teacher, batch in ((teacher, host_batch),
-                              (None, cache.add_to_batch(host_batch))):
-    train_step = kd_step.make_train_step(student=student, teacher=step_teacher, method=method,
-                                         optimizer=optimizer, mesh=mesh, donate=False)
+  for step_teacher, batch in ((teacher, host_batch), (None, cache.add_to_batch(host_batch))):
+    train_step = kd_step.make_train_step(
+      student=student,
+      teacher=step_teacher,
+      method=method,
+      optimizer=optimizer,
+      mesh=mesh,
+      donate=False,
+    )
     state = kd_step.init_state(student, method, optimizer, mesh=mesh)
     teacher_arg = kd_step.teacher_state(step_teacher, mesh) if step_teacher else None
     _, metrics = train_step(state, teacher_arg, parallel.host_to_global(mesh, batch))
-    losses.append(float(metrics['sparse_topk_kd']))
+    losses.append(float(metrics["sparse_topk_kd"]))
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

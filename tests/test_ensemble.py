@@ -1,5 +1,6 @@
 """Teacher ensembles: stacked teacher states, vmapped teacher forward, the three combine rules,
 sharded == single device (8 simulated devices)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ from jaxkd import distill, parallel, step as kd_step
 from jaxkd.losses import logit
 
 IMAGE_SHAPE = (2, 8, 8, 3)
-CONFIG = {'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 4.0}}
+CONFIG = {"losses": {"ce": 0.1, "kd": 0.9}, "kd": {"temperature": 4.0}}
 
 
 def _setup(mesh_config, devices=None):
@@ -23,80 +24,106 @@ def _setup(mesh_config, devices=None):
 
 
 def _first_step_metrics(rule):
-  student, teachers, method, mesh = _setup({'data': 8})
+  student, teachers, method, mesh = _setup({"data": 8})
   optimizer = optax.sgd(0.1)
   state = kd_step.init_state(student, method, optimizer, mesh=mesh)
-  train_step = kd_step.make_train_step(student=student, teacher=teachers, method=method,
-                                       optimizer=optimizer, mesh=mesh, ensemble=rule)
+  train_step = kd_step.make_train_step(
+    student=student, teacher=teachers, method=method, optimizer=optimizer, mesh=mesh, ensemble=rule
+  )
   host_batch = tiny_models.batch(16)
-  _, metrics = train_step(state, kd_step.teacher_state(teachers, mesh),
-                          parallel.host_to_global(mesh, host_batch))
-  images = jnp.asarray(host_batch['image'])
+  _, metrics = train_step(
+    state, kd_step.teacher_state(teachers, mesh), parallel.host_to_global(mesh, host_batch)
+  )
+  images = jnp.asarray(host_batch["image"])
   teacher_logits = jnp.stack([tiny_models.forward(teacher, images)[0] for teacher in teachers])
   student_logits, _ = tiny_models.forward(student, images, train=True)
   return metrics, student_logits, teacher_logits
 
 
 def test_teacher_state_is_stacked():
-  _, teachers, _, mesh = _setup({'data': 8})
+  _, teachers, _, mesh = _setup({"data": 8})
   state = kd_step.teacher_state(teachers, mesh)
-  np.testing.assert_array_equal(state['head']['kernel'][...][1], teachers[1].head.kernel[...])
-  assert state['head']['kernel'][...].shape[0] == 3
+  np.testing.assert_array_equal(state["head"]["kernel"][...][1], teachers[1].head.kernel[...])
+  assert state["head"]["kernel"][...].shape[0] == 3
 
 
-@pytest.mark.parametrize('rule', ['mean_logits', 'mean_probs', 'per_teacher'])
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs", "per_teacher"])
 def test_combine_rules(rule):
   metrics, student_logits, teacher_logits = _first_step_metrics(rule)
-  if rule == 'mean_logits':
+  if rule == "mean_logits":
     expected = logit.kd(student_logits, teacher_logits.mean(0), temperature=4.0)
-  elif rule == 'mean_probs':
+  elif rule == "mean_probs":
     mean_probs = jax.nn.softmax(teacher_logits, -1).mean(0)
     expected = logit.kd(student_logits, jnp.log(mean_probs), temperature=4.0)
   else:
     expected = np.mean([logit.kd(student_logits, t, temperature=4.0) for t in teacher_logits])
-  np.testing.assert_allclose(metrics['kd'], expected, rtol=2e-5)
+  np.testing.assert_allclose(metrics["kd"], expected, rtol=2e-5)
 
 
 def test_sharded_ensemble_matches_single_device():
   results = []
-  for mesh_config, devices in (({'data': 1}, jax.devices()[:1]), ({'data': 4, 'fsdp': 2}, None)):
+  for mesh_config, devices in (({"data": 1}, jax.devices()[:1]), ({"data": 4, "fsdp": 2}, None)):
     student, teachers, method, mesh = _setup(mesh_config, devices)
     optimizer = optax.sgd(0.1, momentum=0.9)
     state = kd_step.init_state(student, method, optimizer, mesh=mesh)
     teacher_state = kd_step.teacher_state(teachers, mesh)
-    train_step = kd_step.make_train_step(student=student, teacher=teachers, method=method,
-                                         optimizer=optimizer, mesh=mesh, ensemble='per_teacher')
+    train_step = kd_step.make_train_step(
+      student=student,
+      teacher=teachers,
+      method=method,
+      optimizer=optimizer,
+      mesh=mesh,
+      ensemble="per_teacher",
+    )
     losses = []
     for i in range(2):
-      state, metrics = train_step(state, teacher_state,
-                                  parallel.host_to_global(mesh, tiny_models.batch(16, seed=i)))
-      losses.append(metrics['loss'])
+      state, metrics = train_step(
+        state, teacher_state, parallel.host_to_global(mesh, tiny_models.batch(16, seed=i))
+      )
+      losses.append(metrics["loss"])
     results.append((np.asarray(losses), jax.device_get(state.student)))
   np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               results[1][1], results[0][1])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    results[1][1],
+    results[0][1],
+  )
 
 
 def test_eval_step_with_ensemble_uses_the_mean_teacher():
-  student, teachers, method, mesh = _setup({'data': 8})
+  student, teachers, method, mesh = _setup({"data": 8})
   state = kd_step.init_state(student, method, optax.sgd(0.1), mesh=mesh)
   eval_step = kd_step.make_eval_step(student=student, teacher=teachers, mesh=mesh)
   host_batch = tiny_models.batch(16)
-  sums = eval_step(state, kd_step.teacher_state(teachers, mesh),
-                   parallel.host_to_global(mesh, host_batch))
-  images = jnp.asarray(host_batch['image'])
+  sums = eval_step(
+    state, kd_step.teacher_state(teachers, mesh), parallel.host_to_global(mesh, host_batch)
+  )
+  images = jnp.asarray(host_batch["image"])
   mean_teacher = jnp.stack([tiny_models.forward(t, images)[0] for t in teachers]).mean(0)
   predictions = jnp.argmax(tiny_models.forward(student, images)[0], -1)
-  assert sums['agree'] == np.sum(predictions == jnp.argmax(mean_teacher, -1))
+  assert sums["agree"] == np.sum(predictions == jnp.argmax(mean_teacher, -1))
 
 
 def test_unknown_rule_and_per_teacher_with_adapters_are_errors():
-  student, teachers, method, mesh = _setup({'data': 8})
-  with pytest.raises(ValueError, match='unknown ensemble rule'):
-    kd_step.make_train_step(student=student, teacher=teachers, method=method,
-                            optimizer=optax.sgd(0.1), mesh=mesh, ensemble='vote')
-  fitnet = distill.build({'losses': {'fitnet': 1.0}}, student=student, teacher=teachers[0],
-                         input_shape=IMAGE_SHAPE)
-  with pytest.raises(ValueError, match='per_teacher'):
-    kd_step.make_train_step(student=student, teacher=teachers, method=fitnet,
-                            optimizer=optax.sgd(0.1), mesh=mesh, ensemble='per_teacher')
+  student, teachers, method, mesh = _setup({"data": 8})
+  with pytest.raises(ValueError, match="unknown ensemble rule"):
+    kd_step.make_train_step(
+      student=student,
+      teacher=teachers,
+      method=method,
+      optimizer=optax.sgd(0.1),
+      mesh=mesh,
+      ensemble="vote",
+    )
+  fitnet = distill.build(
+    {"losses": {"fitnet": 1.0}}, student=student, teacher=teachers[0], input_shape=IMAGE_SHAPE
+  )
+  with pytest.raises(ValueError, match="per_teacher"):
+    kd_step.make_train_step(
+      student=student,
+      teacher=teachers,
+      method=fitnet,
+      optimizer=optax.sgd(0.1),
+      mesh=mesh,
+      ensemble="per_teacher",
+    )

@@ -4,6 +4,7 @@ The torch functions below transcribe RepDistiller (distiller_zoo/*.py, crd/*.py)
 (distillers/ReviewKD.py hcl_loss) and DistillKit (lossfuncs/hidden_state.py) on NCHW tensors; ours
 get the NHWC arrays. Values must agree to 1e-5 relative, student gradients to 1e-4.
 """
+
 import functools
 
 import jax
@@ -20,7 +21,7 @@ GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-7
 
 def _key(seed):
   # 'rbg' keys: XLA:CPU compiles threefry slowly, and the losses accept any key type.
-  return jax.random.key(seed, impl='rbg')
+  return jax.random.key(seed, impl="rbg")
 
 
 def _normal(seed, shape, scale=1.0):
@@ -30,7 +31,7 @@ def _normal(seed, shape, scale=1.0):
 # ----------------------------------------------------------------------------------------------
 # torch transcriptions of the references (NCHW)
 # ----------------------------------------------------------------------------------------------
-torch = pytest.importorskip('torch')
+torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 
@@ -56,6 +57,7 @@ def _pool_larger(f_s, f_t):
 def torch_at(g_s, g_t, p=2):
   def at(f):
     return F.normalize(f.pow(p).mean(1).view(f.size(0), -1))
+
   losses = []
   for f_s, f_t in zip(g_s, g_t):
     f_s, f_t = _pool_larger(f_s, f_t)
@@ -108,26 +110,31 @@ def torch_rkd(f_s, f_t, w_d=25, w_a=50):
 def torch_pkt(output_net, target_net, eps=1e-7):
   output_net = output_net.view(output_net.shape[0], -1)
   target_net = target_net.view(target_net.shape[0], -1)
-  output_net = output_net / (torch.sqrt(torch.sum(output_net ** 2, dim=1, keepdim=True)) + eps)
-  target_net = target_net / (torch.sqrt(torch.sum(target_net ** 2, dim=1, keepdim=True)) + eps)
+  output_net = output_net / (torch.sqrt(torch.sum(output_net**2, dim=1, keepdim=True)) + eps)
+  target_net = target_net / (torch.sqrt(torch.sum(target_net**2, dim=1, keepdim=True)) + eps)
   model_similarity = (torch.mm(output_net, output_net.transpose(0, 1)) + 1.0) / 2.0
   target_similarity = (torch.mm(target_net, target_net.transpose(0, 1)) + 1.0) / 2.0
   model_similarity = model_similarity / torch.sum(model_similarity, dim=1, keepdim=True)
   target_similarity = target_similarity / torch.sum(target_similarity, dim=1, keepdim=True)
   return torch.mean(
-      target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps)))
+    target_similarity * torch.log((target_similarity + eps) / (model_similarity + eps))
+  )
 
 
 def torch_nst(g_s, g_t):
   def poly_kernel(a, b):
     return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
+
   losses = []
   for f_s, f_t in zip(g_s, g_t):
     f_s, f_t = _pool_larger(f_s, f_t)
     f_s = F.normalize(f_s.view(f_s.shape[0], f_s.shape[1], -1), dim=2)
     f_t = F.normalize(f_t.view(f_t.shape[0], f_t.shape[1], -1), dim=2)
-    losses.append(poly_kernel(f_t, f_t).mean().detach() + poly_kernel(f_s, f_s).mean()
-                  - 2 * poly_kernel(f_s, f_t).mean())
+    losses.append(
+      poly_kernel(f_t, f_t).mean().detach()
+      + poly_kernel(f_s, f_s).mean()
+      - 2 * poly_kernel(f_s, f_t).mean()
+    )
   return sum(losses)
 
 
@@ -147,14 +154,19 @@ def torch_hcl(fstudent, fteacher):
   loss_all = 0.0
   for fs, ft in zip(fstudent, fteacher):
     h = fs.shape[2]
-    loss = F.mse_loss(fs, ft, reduction='mean')
+    loss = F.mse_loss(fs, ft, reduction="mean")
     cnt, tot = 1.0, 1.0
     for level in [4, 2, 1]:
       if level >= h:
         continue
       cnt /= 2.0
-      loss = loss + F.mse_loss(F.adaptive_avg_pool2d(fs, (level, level)),
-                               F.adaptive_avg_pool2d(ft, (level, level))) * cnt
+      loss = (
+        loss
+        + F.mse_loss(
+          F.adaptive_avg_pool2d(fs, (level, level)), F.adaptive_avg_pool2d(ft, (level, level))
+        )
+        * cnt
+      )
       tot += cnt
     loss_all = loss_all + loss / tot
   return loss_all
@@ -164,7 +176,7 @@ def torch_hidden(kind, student_layers, teacher_layers, mask):
   mask = mask.unsqueeze(-1)
   total = 0.0
   for student_h, teacher_h in zip(student_layers, teacher_layers):
-    if kind == 'mse':
+    if kind == "mse":
       layer = ((student_h - teacher_h) ** 2 * mask).sum() / (mask.sum() * student_h.shape[-1])
     else:
       cosine = F.cosine_similarity(student_h, teacher_h, dim=-1)
@@ -192,16 +204,26 @@ class TorchContrastMemory:
 
   def __call__(self, v1, v2, y, idx):
     k = idx.shape[1] - 1
-    t, z_v1, z_v2, momentum = (self.params[1].item(), self.params[2].item(),
-                               self.params[3].item(), self.params[4].item())
+    t, z_v1, z_v2, momentum = (
+      self.params[1].item(),
+      self.params[2].item(),
+      self.params[3].item(),
+      self.params[4].item(),
+    )
     batch, input_size = v1.size(0), self.memory_v1.size(1)
     output_size = self.memory_v1.size(0)
     weight_v1 = torch.index_select(self.memory_v1, 0, idx.view(-1)).detach()
-    out_v2 = torch.exp(torch.div(torch.bmm(weight_v1.view(batch, k + 1, input_size),
-                                           v2.view(batch, input_size, 1)), t))
+    out_v2 = torch.exp(
+      torch.div(
+        torch.bmm(weight_v1.view(batch, k + 1, input_size), v2.view(batch, input_size, 1)), t
+      )
+    )
     weight_v2 = torch.index_select(self.memory_v2, 0, idx.view(-1)).detach()
-    out_v1 = torch.exp(torch.div(torch.bmm(weight_v2.view(batch, k + 1, input_size),
-                                           v1.view(batch, input_size, 1)), t))
+    out_v1 = torch.exp(
+      torch.div(
+        torch.bmm(weight_v2.view(batch, k + 1, input_size), v1.view(batch, input_size, 1)), t
+      )
+    )
     if z_v1 < 0:
       self.params[2] = out_v1.mean() * output_size
       z_v1 = self.params[2].clone().detach().item()
@@ -233,28 +255,34 @@ def _check_value_and_student_grad(ours, reference, student, teacher):
   np.testing.assert_allclose(grad, _nhwc_grad(student_t), rtol=GRAD_RTOL, atol=GRAD_ATOL)
 
 
-@pytest.mark.parametrize('in_size,out_size', [((8, 8), (4, 4)), ((7, 7), (4, 4)), ((5, 7), (2, 3)),
-                                              ((6, 6), (1, 1)), ((4, 4), (4, 4))])
+@pytest.mark.parametrize(
+  "in_size,out_size",
+  [((8, 8), (4, 4)), ((7, 7), (4, 4)), ((5, 7), (2, 3)), ((6, 6), (1, 1)), ((4, 4), (4, 4))],
+)
 def test_adaptive_avg_pool2d_matches_torch(in_size, out_size):
   x = _normal(0, (2, *in_size, 3))
   expected = F.adaptive_avg_pool2d(_nchw(x), out_size).detach().numpy().transpose(0, 2, 3, 1)
-  np.testing.assert_allclose(feature.adaptive_avg_pool2d(jnp.asarray(x), out_size), expected,
-                             rtol=RTOL, atol=1e-7)
+  np.testing.assert_allclose(
+    feature.adaptive_avg_pool2d(jnp.asarray(x), out_size), expected, rtol=RTOL, atol=1e-7
+  )
 
 
 def test_fitnet_matches_mse_loss():
-  _check_value_and_student_grad(feature.fitnet, F.mse_loss, _normal(0, (4, 4, 4, 6)),
-                                _normal(1, (4, 4, 4, 6)))
+  _check_value_and_student_grad(
+    feature.fitnet, F.mse_loss, _normal(0, (4, 4, 4, 6)), _normal(1, (4, 4, 4, 6))
+  )
 
 
-@pytest.mark.parametrize('student_size,teacher_size', [(8, 8), (8, 4), (4, 8)])
+@pytest.mark.parametrize("student_size,teacher_size", [(8, 8), (8, 4), (4, 8)])
 def test_attention_transfer_matches_repdistiller(student_size, teacher_size):
   """Two stages, the second a strided slice (the same elements in NHWC and NCHW order)."""
+
   def ours(s, t):
     return feature.attention_transfer([s, s[:, ::2, ::2, :2]], [t, t[:, ::2, ::2, :4]])
 
   def reference(s, t):
     return torch_at([s, s[:, :2, ::2, ::2]], [t, t[:, :4, ::2, ::2]])
+
   student = _normal(0, (3, student_size, student_size, 6))
   teacher = _normal(1, (3, teacher_size, teacher_size, 10))
   _check_value_and_student_grad(ours, reference, student, teacher)
@@ -262,26 +290,32 @@ def test_attention_transfer_matches_repdistiller(student_size, teacher_size):
 
 def test_similarity_preserving_matches_repdistiller():
   _check_value_and_student_grad(
-      lambda s, t: relation.similarity_preserving([s], [t]),
-      lambda s, t: torch_sp([s], [t]), _normal(0, (6, 4, 4, 3)), _normal(1, (6, 2, 2, 8)))
+    lambda s, t: relation.similarity_preserving([s], [t]),
+    lambda s, t: torch_sp([s], [t]),
+    _normal(0, (6, 4, 4, 3)),
+    _normal(1, (6, 2, 2, 8)),
+  )
 
 
 def test_rkd_matches_repdistiller():
   # Feature maps: the flattening order (NHWC vs NCHW) does not change distances or angles.
-  _check_value_and_student_grad(relation.rkd, torch_rkd, _normal(2, (5, 2, 2, 3)),
-                                _normal(3, (5, 2, 2, 4)))
+  _check_value_and_student_grad(
+    relation.rkd, torch_rkd, _normal(2, (5, 2, 2, 3)), _normal(3, (5, 2, 2, 4))
+  )
 
 
 def test_pkt_matches_repdistiller():
   _check_value_and_student_grad(relation.pkt, torch_pkt, _normal(0, (6, 5)), _normal(1, (6, 9)))
 
 
-@pytest.mark.parametrize('student_size,teacher_size', [(8, 4), (2, 4)])
+@pytest.mark.parametrize("student_size,teacher_size", [(8, 4), (2, 4)])
 def test_nst_matches_repdistiller(student_size, teacher_size):
   _check_value_and_student_grad(
-      lambda s, t: feature.nst([s], [t]), lambda s, t: torch_nst([s], [t]),
-      _normal(0, (3, student_size, student_size, 5)),
-      _normal(1, (3, teacher_size, teacher_size, 7)))
+    lambda s, t: feature.nst([s], [t]),
+    lambda s, t: torch_nst([s], [t]),
+    _normal(0, (3, student_size, student_size, 5)),
+    _normal(1, (3, teacher_size, teacher_size, 7)),
+  )
 
 
 def test_correlation_congruence_matches_repdistiller_both_grads():
@@ -290,27 +324,30 @@ def test_correlation_congruence_matches_repdistiller_both_grads():
   expected = torch_cc(student_t, teacher_t)
   expected.backward()
   value, grads = jax.jit(jax.value_and_grad(relation.correlation_congruence, argnums=(0, 1)))(
-      student, teacher)
+    student, teacher
+  )
   np.testing.assert_allclose(value, expected.item(), rtol=RTOL)
   np.testing.assert_allclose(grads[0], student_t.grad.numpy(), rtol=GRAD_RTOL, atol=GRAD_ATOL)
   np.testing.assert_allclose(grads[1], teacher_t.grad.numpy(), rtol=GRAD_RTOL, atol=GRAD_ATOL)
 
 
-@pytest.mark.parametrize('teacher_size', [4, 8])
+@pytest.mark.parametrize("teacher_size", [4, 8])
 def test_vid_matches_repdistiller(teacher_size):
   log_scale = np.log(np.expm1(_normal(2, (6,)) ** 2 + 0.5)).astype(np.float32)
   _check_value_and_student_grad(
-      lambda s, t: feature.vid(s, t, log_scale),
-      lambda s, t: torch_vid(s, t, torch.tensor(log_scale)),
-      _normal(0, (3, 4, 4, 6)), _normal(1, (3, teacher_size, teacher_size, 6)))
+    lambda s, t: feature.vid(s, t, log_scale),
+    lambda s, t: torch_vid(s, t, torch.tensor(log_scale)),
+    _normal(0, (3, 4, 4, 6)),
+    _normal(1, (3, teacher_size, teacher_size, 6)),
+  )
 
 
 def test_vid_rejects_larger_prediction():
-  with pytest.raises(ValueError, match='pool the student'):
+  with pytest.raises(ValueError, match="pool the student"):
     feature.vid(jnp.zeros((1, 8, 8, 2)), jnp.zeros((1, 4, 4, 2)), jnp.zeros(2))
 
 
-@pytest.mark.parametrize('sizes', [(8, 4), (7, 2), (1, 3)])
+@pytest.mark.parametrize("sizes", [(8, 4), (7, 2), (1, 3)])
 def test_review_hcl_matches_mdistiller(sizes):
   """8: levels 4, 2, 1; 7: non-divisible pooling to 4; 2: only level 1; 1: no level."""
   student = [_normal(i, (2, h, h, 3)) for i, h in enumerate(sizes)]
@@ -324,9 +361,9 @@ def test_review_hcl_matches_mdistiller(sizes):
     np.testing.assert_allclose(grad, _nhwc_grad(reference), rtol=GRAD_RTOL, atol=GRAD_ATOL)
 
 
-@pytest.mark.parametrize('kind', ['mse', 'cosine'])
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
 def test_hidden_losses_match_distillkit(kind):
-  ours = {'mse': feature.hidden_mse, 'cosine': feature.hidden_cosine}[kind]
+  ours = {"mse": feature.hidden_mse, "cosine": feature.hidden_cosine}[kind]
   student = [_normal(i, (2, 5, 8)) for i in range(2)]
   teacher = [_normal(10 + i, (2, 5, 8)) for i in range(2)]
   mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.float32)
@@ -351,16 +388,21 @@ def test_crd_matches_repdistiller_over_two_steps():
   memory = relation.crd_memory_init(_key(0), n_data, feat_dim)
   index = jnp.array([3, 17, 5, 30])
   contrast_index = relation.crd_sample_contrast_index(_key(1), index, n_data, num_negatives)
-  reference = TorchContrastMemory(np.asarray(memory.student_bank), np.asarray(memory.teacher_bank),
-                                  n_data)
+  reference = TorchContrastMemory(
+    np.asarray(memory.student_bank), np.asarray(memory.teacher_bank), n_data
+  )
   loss_and_grads = jax.jit(jax.value_and_grad(relation.crd, argnums=(0, 1), has_aux=True))
   for step in range(2):
     student = feature.l2_normalize(jnp.asarray(_normal(2 * step, (batch, feat_dim))))
     teacher = feature.l2_normalize(jnp.asarray(_normal(2 * step + 1, (batch, feat_dim))))
     student_t = torch.tensor(np.asarray(student), requires_grad=True)
     teacher_t = torch.tensor(np.asarray(teacher), requires_grad=True)
-    expected = reference(student_t, teacher_t, torch.tensor(np.asarray(index), dtype=torch.long),
-                         torch.tensor(np.asarray(contrast_index), dtype=torch.long))
+    expected = reference(
+      student_t,
+      teacher_t,
+      torch.tensor(np.asarray(index), dtype=torch.long),
+      torch.tensor(np.asarray(contrast_index), dtype=torch.long),
+    )
     expected.backward()
     (value, memory), grads = loss_and_grads(student, teacher, memory, index, contrast_index)
     np.testing.assert_allclose(value, expected.item(), rtol=RTOL)
@@ -368,8 +410,10 @@ def test_crd_matches_repdistiller_over_two_steps():
     np.testing.assert_allclose(grads[1], teacher_t.grad.numpy(), rtol=GRAD_RTOL, atol=GRAD_ATOL)
     np.testing.assert_allclose(memory.student_normalizer, reference.params[2].item(), rtol=RTOL)
     np.testing.assert_allclose(memory.teacher_normalizer, reference.params[3].item(), rtol=RTOL)
-    for bank, reference_bank in ((memory.student_bank, reference.memory_v1),
-                                 (memory.teacher_bank, reference.memory_v2)):
+    for bank, reference_bank in (
+      (memory.student_bank, reference.memory_v1),
+      (memory.teacher_bank, reference.memory_v2),
+    ):
       np.testing.assert_allclose(bank, reference_bank.numpy(), rtol=RTOL, atol=1e-7)
 
 
@@ -414,25 +458,26 @@ def _crd_loss(student, teacher):
 
 # name: (loss(student, teacher), student shape, teacher shape, zero when student == teacher)
 LOSSES = {
-    'fitnet': (feature.fitnet, (4, 4, 4, 6), (4, 4, 4, 6), True),
-    'attention_transfer': (feature.attention_transfer, (4, 8, 8, 6), (4, 4, 4, 3), True),
-    'nst': (feature.nst, (4, 4, 4, 6), (4, 4, 4, 3), True),
-    'vid': (lambda s, t: feature.vid(s, t, _LOG_SCALE), (4, 4, 4, 6), (4, 4, 4, 6), False),
-    'review_hcl': (feature.review_hcl, (4, 8, 8, 6), (4, 8, 8, 6), True),
-    'hidden_mse': (feature.hidden_mse, (4, 5, 6), (4, 5, 6), True),
-    'hidden_cosine': (feature.hidden_cosine, (4, 5, 6), (4, 5, 6), True),
-    'similarity_preserving': (relation.similarity_preserving, (4, 2, 2, 6), (4, 2, 2, 3), True),
-    'rkd': (relation.rkd, (4, 6), (4, 3), True),
-    'pkt': (relation.pkt, (4, 6), (4, 3), True),
-    'correlation_congruence': (relation.correlation_congruence, (4, 6), (4, 6), True),
-    'crd': (_crd_loss, (4, 6), (4, 6), False),
+  "fitnet": (feature.fitnet, (4, 4, 4, 6), (4, 4, 4, 6), True),
+  "attention_transfer": (feature.attention_transfer, (4, 8, 8, 6), (4, 4, 4, 3), True),
+  "nst": (feature.nst, (4, 4, 4, 6), (4, 4, 4, 3), True),
+  "vid": (lambda s, t: feature.vid(s, t, _LOG_SCALE), (4, 4, 4, 6), (4, 4, 4, 6), False),
+  "review_hcl": (feature.review_hcl, (4, 8, 8, 6), (4, 8, 8, 6), True),
+  "hidden_mse": (feature.hidden_mse, (4, 5, 6), (4, 5, 6), True),
+  "hidden_cosine": (feature.hidden_cosine, (4, 5, 6), (4, 5, 6), True),
+  "similarity_preserving": (relation.similarity_preserving, (4, 2, 2, 6), (4, 2, 2, 3), True),
+  "rkd": (relation.rkd, (4, 6), (4, 3), True),
+  "pkt": (relation.pkt, (4, 6), (4, 3), True),
+  "correlation_congruence": (relation.correlation_congruence, (4, 6), (4, 6), True),
+  "crd": (_crd_loss, (4, 6), (4, 6), False),
 }
 
 
 # Compiled once per loss and shape, shared by the tests below (compilation dominates their time).
 _JITTED = {name: jax.jit(case[0]) for name, case in LOSSES.items()}
-_JITTED_GRAD = {name: jax.jit(jax.value_and_grad(case[0], argnums=(0, 1)))
-                for name, case in LOSSES.items()}
+_JITTED_GRAD = {
+  name: jax.jit(jax.value_and_grad(case[0], argnums=(0, 1))) for name, case in LOSSES.items()
+}
 
 
 def _inputs(name):
@@ -440,24 +485,25 @@ def _inputs(name):
   return jnp.asarray(_normal(0, student_shape)), jnp.asarray(_normal(1, teacher_shape))
 
 
-@pytest.mark.parametrize('name', [n for n, case in LOSSES.items() if case[3]])
+@pytest.mark.parametrize("name", [n for n, case in LOSSES.items() if case[3]])
 def test_zero_when_student_equals_teacher(name):
   student, _ = _inputs(name)
   np.testing.assert_allclose(_JITTED[name](student, student), 0.0, atol=1e-6)
 
 
-@pytest.mark.parametrize('name', LOSSES)
+@pytest.mark.parametrize("name", LOSSES)
 def test_jit_matches_eager(name):
   student, teacher = _inputs(name)
-  np.testing.assert_allclose(_JITTED[name](student, teacher), LOSSES[name][0](student, teacher),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    _JITTED[name](student, teacher), LOSSES[name][0](student, teacher), rtol=1e-6
+  )
 
 
-@pytest.mark.parametrize('name', LOSSES)
-@pytest.mark.parametrize('degenerate', ['zeros', 'identical_samples'])
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("degenerate", ["zeros", "identical_samples"])
 def test_finite_value_and_grads_on_degenerate_inputs(name, degenerate):
   _, student_shape, teacher_shape, _ = LOSSES[name]
-  if degenerate == 'zeros':
+  if degenerate == "zeros":
     student, teacher = jnp.zeros(student_shape), jnp.zeros(teacher_shape)
   else:  # every sample of the batch identical: zero pairwise distances
     student = jnp.broadcast_to(jnp.asarray(_normal(0, student_shape[1:])), student_shape)
@@ -468,7 +514,7 @@ def test_finite_value_and_grads_on_degenerate_inputs(name, degenerate):
     assert np.all(np.isfinite(grad))
 
 
-@pytest.mark.parametrize('name', LOSSES)
+@pytest.mark.parametrize("name", LOSSES)
 def test_bfloat16_inputs_give_float32(name):
   student, teacher = _inputs(name)
   student16, teacher16 = student.astype(jnp.bfloat16), teacher.astype(jnp.bfloat16)
@@ -482,16 +528,17 @@ def test_bfloat16_inputs_give_float32(name):
 
 
 def test_stage_lists_sum():
-  student, teacher = _inputs('attention_transfer')
+  student, teacher = _inputs("attention_transfer")
   two_stages = jax.jit(feature.attention_transfer)([student, student], [teacher, teacher])
-  np.testing.assert_allclose(two_stages, 2 * _JITTED['attention_transfer'](student, teacher),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    two_stages, 2 * _JITTED["attention_transfer"](student, teacher), rtol=1e-6
+  )
 
 
 def test_vmap_over_a_population():
   """Batch-level losses compose with vmap (e.g. a population of students)."""
-  student, teacher = _inputs('rkd')
+  student, teacher = _inputs("rkd")
   students = jnp.stack([student, 2 * student, student + 1])
   per_member = jax.jit(jax.vmap(functools.partial(relation.rkd, teacher_embed=teacher)))(students)
-  expected = [_JITTED['rkd'](s, teacher) for s in students]
+  expected = [_JITTED["rkd"](s, teacher) for s in students]
   np.testing.assert_allclose(per_member, expected, rtol=1e-5)

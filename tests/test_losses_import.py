@@ -3,10 +3,11 @@
 Checked in a fresh interpreter, over the whole package (every losses module is imported by
 `jaxkd/losses/__init__.py`), so a heavy import added to any of them fails here.
 """
+
 import subprocess
 import sys
 
-HEAVY_MODULES = ('flax', 'tensorflow', 'tensorflow_datasets', 'orbax', 'grain', 'torch')
+HEAVY_MODULES = ("flax", "tensorflow", "tensorflow_datasets", "orbax", "grain", "torch")
 
 _CHECK = f"""
 import pkgutil, sys
@@ -20,7 +21,8 @@ print(','.join(heavy))
 
 
 def test_losses_import_without_heavy_dependencies():
-  result = subprocess.run([sys.executable, '-c', _CHECK], capture_output=True, text=True,
-                          check=False, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-c", _CHECK], capture_output=True, text=True, check=False, timeout=300
+  )
   assert result.returncode == 0, result.stderr
-  assert result.stdout.strip() == '', f'jaxkd.losses imported: {result.stdout.strip()}'
+  assert result.stdout.strip() == "", f"jaxkd.losses imported: {result.stdout.strip()}"

@@ -1,4 +1,5 @@
 """Tests of jaxkd.losses.sequence: masked per-token losses, token_mean, the sparse top-k teacher."""
+
 import functools
 
 from absl.testing import parameterized
@@ -47,7 +48,6 @@ def _np_log_softmax(x):
 
 
 class TokenMeanTest(parameterized.TestCase):
-
   def test_mean_over_valid_positions(self):
     per_token = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     mask = jnp.array([[True, False, True], [False, False, True]])
@@ -58,8 +58,9 @@ class TokenMeanTest(parameterized.TestCase):
     # gives the mean of the whole batch, not the mean of the two means.
     first, first_mask = jnp.array([1.0, 2.0, 3.0]), jnp.array([True, True, True])
     second, second_mask = jnp.array([10.0, 99.0, 99.0]), jnp.array([True, False, False])
-    accumulated = (token_mean(first, first_mask, num_tokens=4)
-                   + token_mean(second, second_mask, num_tokens=4))
+    accumulated = token_mean(first, first_mask, num_tokens=4) + token_mean(
+      second, second_mask, num_tokens=4
+    )
     np.testing.assert_allclose(accumulated, (1 + 2 + 3 + 10) / 4, rtol=1e-6)
     whole = token_mean(jnp.concatenate([first, second]), jnp.concatenate([first_mask, second_mask]))
     np.testing.assert_allclose(accumulated, whole, rtol=1e-6)
@@ -79,7 +80,7 @@ class TokenMeanTest(parameterized.TestCase):
     np.testing.assert_array_equal(grad, [0.5, 0.0, 0.0, 0.5])
 
   def test_shape_mismatch(self):
-    with self.assertRaisesRegex(ValueError, 'mask shape'):
+    with self.assertRaisesRegex(ValueError, "mask shape"):
       token_mean(jnp.ones((2, 3)), jnp.ones((2, 4), bool))
 
 
@@ -89,29 +90,32 @@ class TokenMeanTest(parameterized.TestCase):
 
 
 DIVERGENCES = (
-    ('kd', kd, dict(temperature=2.0)),
-    ('reverse_kl', reverse_kl, {}),
-    ('jsd', jsd, dict(beta=0.5)),
-    ('skew_kl', skew_kl, dict(alpha=0.1)),
-    ('skew_reverse_kl', skew_reverse_kl, dict(alpha=0.1)),
-    ('tvd', tvd, {}),
-    ('akl', akl, {}),
+  ("kd", kd, dict(temperature=2.0)),
+  ("reverse_kl", reverse_kl, {}),
+  ("jsd", jsd, dict(beta=0.5)),
+  ("skew_kl", skew_kl, dict(alpha=0.1)),
+  ("skew_reverse_kl", skew_reverse_kl, dict(alpha=0.1)),
+  ("tvd", tvd, {}),
+  ("akl", akl, {}),
 )
 
 
 class SequenceLossTest(parameterized.TestCase):
-
   @parameterized.named_parameters(*DIVERGENCES)
   def test_equals_mean_over_valid_positions(self, divergence, kwargs):
     student, teacher, mask = _logits(0), _logits(1), _mask()
-    per_position = divergence(student, teacher, reduction='none', **kwargs)
+    per_position = divergence(student, teacher, reduction="none", **kwargs)
     expected = np.sum(np.where(mask, per_position, 0.0)) / np.sum(mask)
-    np.testing.assert_allclose(sequence_loss(divergence, student, teacher, mask, **kwargs), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+      sequence_loss(divergence, student, teacher, mask, **kwargs), expected, rtol=1e-5
+    )
 
   @parameterized.named_parameters(*DIVERGENCES)
   def test_garbage_at_masked_positions(self, divergence, kwargs):
     student, teacher, mask = _logits(0), _logits(1), _mask()
-    garbage = jnp.where(jnp.arange(V) % 3 == 0, jnp.nan, jnp.where(jnp.arange(V) % 3 == 1, jnp.inf, -1e30))
+    garbage = jnp.where(
+      jnp.arange(V) % 3 == 0, jnp.nan, jnp.where(jnp.arange(V) % 3 == 1, jnp.inf, -1e30)
+    )
     dirty_student = jnp.where(mask[..., None], student, garbage)
     dirty_teacher = jnp.where(mask[..., None], teacher, -garbage)
 
@@ -140,18 +144,22 @@ class SequenceLossTest(parameterized.TestCase):
   def test_num_tokens(self):
     student, teacher, mask = _logits(0), _logits(1), _mask()
     np.testing.assert_allclose(
-        sequence_loss(kd, student, teacher, mask, num_tokens=12, temperature=1.0),
-        sequence_loss(kd, student, teacher, mask, temperature=1.0) * 3 / 12, rtol=1e-6)
+      sequence_loss(kd, student, teacher, mask, num_tokens=12, temperature=1.0),
+      sequence_loss(kd, student, teacher, mask, temperature=1.0) * 3 / 12,
+      rtol=1e-6,
+    )
 
   def test_vocab_mismatch_names_both_sizes(self):
-    with self.assertRaisesRegex(ValueError, r'student vocabulary size 11 != teacher vocabulary size 13'):
+    with self.assertRaisesRegex(
+      ValueError, r"student vocabulary size 11 != teacher vocabulary size 13"
+    ):
       sequence_loss(kd, _logits(0), _logits(1, (B, S, 13)), _mask())
 
   def test_mask_shape_mismatch(self):
-    with self.assertRaisesRegex(ValueError, 'mask shape'):
+    with self.assertRaisesRegex(ValueError, "mask shape"):
       sequence_loss(kd, _logits(0), _logits(1), jnp.ones((B, S + 1), bool))
 
-  @parameterized.named_parameters(('float32', jnp.float32), ('bfloat16', jnp.bfloat16))
+  @parameterized.named_parameters(("float32", jnp.float32), ("bfloat16", jnp.bfloat16))
   def test_jit_equals_eager(self, dtype):
     student, teacher, mask = _logits(0).astype(dtype), _logits(1).astype(dtype), _mask()
     eager = sequence_loss(jsd, student, teacher, mask, beta=0.3)
@@ -165,23 +173,31 @@ class SequenceLossTest(parameterized.TestCase):
     padded = jnp.arange(V) >= V - 3
     student = jnp.where(padded, -jnp.inf, _logits(0, scale=1e4))
     teacher = jnp.where(padded, -jnp.inf, _logits(1, scale=1e4))
-    value, grad = jax.value_and_grad(lambda s: sequence_loss(divergence, s, teacher, _mask(), **kwargs))(student)
+    value, grad = jax.value_and_grad(
+      lambda s: sequence_loss(divergence, s, teacher, _mask(), **kwargs)
+    )(student)
     self.assertTrue(np.isfinite(value))
     self.assertTrue(np.all(np.isfinite(grad)))
-    reference = sequence_loss(divergence, student[..., :V - 3], teacher[..., :V - 3], _mask(), **kwargs)
+    reference = sequence_loss(
+      divergence, student[..., : V - 3], teacher[..., : V - 3], _mask(), **kwargs
+    )
     np.testing.assert_allclose(value, reference, rtol=1e-5)
 
   @hypothesis.settings(max_examples=4, deadline=None, derandomize=True)
   @hypothesis.given(
-      seq_len=st.sampled_from([1, 4]), vocab=st.sampled_from([2, 7]), scale=st.sampled_from([0.1, 3.0, 100.0]),
-      divergence=st.sampled_from([kd, jsd, reverse_kl]), seed=st.integers(0, 2**16))
+    seq_len=st.sampled_from([1, 4]),
+    vocab=st.sampled_from([2, 7]),
+    scale=st.sampled_from([0.1, 3.0, 100.0]),
+    divergence=st.sampled_from([kd, jsd, reverse_kl]),
+    seed=st.integers(0, 2**16),
+  )
   def test_fuzz_finite_nonnegative_masked_mean(self, seq_len, vocab, scale, divergence, seed):
     rng = np.random.default_rng(seed)
     student = _logits(seed, (2, seq_len, vocab), scale)
     teacher = _logits(seed + 1, (2, seq_len, vocab), scale)
     mask = jnp.asarray(rng.random((2, seq_len)) < 0.6)
     value, grad = _jit_value_and_grad(divergence)(student, teacher, mask)
-    per_position = np.asarray(divergence(student, teacher, reduction='none'))
+    per_position = np.asarray(divergence(student, teacher, reduction="none"))
     expected = np.where(mask, per_position, 0.0).sum() / max(int(mask.sum()), 1)
     self.assertTrue(np.isfinite(value) and value >= -1e-6)
     self.assertTrue(np.all(np.isfinite(grad)))
@@ -203,20 +219,23 @@ def _trl_generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temp
   (the version with `labels`, reduction='batchmean')."""
   import torch
   import torch.nn.functional as F
+
   student_logits = student_logits / temperature
   teacher_logits = teacher_logits / temperature
   student_log_probs = F.log_softmax(student_logits, dim=-1)
   teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
   if beta == 0:
-    jsd_ = F.kl_div(student_log_probs, teacher_log_probs, reduction='none', log_target=True)
+    jsd_ = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
   elif beta == 1:
-    jsd_ = F.kl_div(teacher_log_probs, student_log_probs, reduction='none', log_target=True)
+    jsd_ = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
   else:
     beta = torch.tensor(beta, dtype=student_log_probs.dtype)
     mixture_log_probs = torch.logsumexp(
-        torch.stack([student_log_probs + torch.log1p(-beta), teacher_log_probs + torch.log(beta)]), dim=0)
-    kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction='none', log_target=True)
-    kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction='none', log_target=True)
+      torch.stack([student_log_probs + torch.log1p(-beta), teacher_log_probs + torch.log(beta)]),
+      dim=0,
+    )
+    kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
     jsd_ = beta * kl_teacher + (1 - beta) * kl_student
   mask = labels != -100
   jsd_ = jsd_[mask]
@@ -227,6 +246,7 @@ def _distillm_skewed_forward_kl(logits, teacher_logits, label, lam=0.1):
   """Transcribed from jongwooko/distillm distillm/losses.py, skewed_forward_kl."""
   import torch
   import torch.nn.functional as F
+
   teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
   student_probs = F.softmax(logits, dim=-1, dtype=torch.float32)
   mixed_probs = lam * teacher_probs + (1 - lam) * student_probs
@@ -242,6 +262,7 @@ def _distillm_skewed_reverse_kl(logits, teacher_logits, label, lam=0.1):
   """Transcribed from jongwooko/distillm distillm/losses.py, skewed_reverse_kl."""
   import torch
   import torch.nn.functional as F
+
   teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
   student_probs = F.softmax(logits, dim=-1, dtype=torch.float32)
   mixed_probs = (1 - lam) * teacher_probs + lam * student_probs
@@ -262,6 +283,7 @@ def _labels():
 
 def _torch_value_and_grad(fn, student, teacher, *args):
   import torch
+
   student_t = torch.tensor(np.asarray(student), dtype=torch.float64, requires_grad=True)
   value = fn(student_t, torch.tensor(np.asarray(teacher), dtype=torch.float64), *args)
   value.backward()
@@ -269,51 +291,63 @@ def _torch_value_and_grad(fn, student, teacher, *args):
 
 
 class ReferenceParityTest(parameterized.TestCase):
-
   def setUp(self):
     super().setUp()
-    pytest.importorskip('torch')
+    pytest.importorskip("torch")
 
   @parameterized.product(beta=[0.0, 0.1, 0.5, 1.0], temperature=[1.0, 2.0])
   def test_trl_generalized_jsd(self, beta, temperature):
     import torch
+
     student, teacher = _logits(0), _logits(1)
     labels, mask = _labels()
     expected, expected_grad = _torch_value_and_grad(
-        _trl_generalized_jsd_loss, student, teacher, torch.tensor(labels), beta, temperature)
+      _trl_generalized_jsd_loss, student, teacher, torch.tensor(labels), beta, temperature
+    )
     value, grad = jax.value_and_grad(
-        lambda s: sequence_loss(jsd, s, teacher, mask, beta=beta, temperature=temperature))(student)
+      lambda s: sequence_loss(jsd, s, teacher, mask, beta=beta, temperature=temperature)
+    )(student)
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
   @parameterized.parameters(0.1, 0.5)
   def test_distillm_skewed_forward_kl(self, alpha):
     import torch
+
     student, teacher = _logits(0), _logits(1)
     labels, mask = _labels()
     expected, expected_grad = _torch_value_and_grad(
-        _distillm_skewed_forward_kl, student, teacher, torch.tensor(labels), alpha)
+      _distillm_skewed_forward_kl, student, teacher, torch.tensor(labels), alpha
+    )
     # skew_kl's default form is DistiLLM's value (a cross-entropy); form='kl' differs by the
     # per-token mean teacher entropy and has the same gradient.
-    value, grad = jax.value_and_grad(lambda s: sequence_loss(skew_kl, s, teacher, mask, alpha=alpha))(student)
+    value, grad = jax.value_and_grad(
+      lambda s: sequence_loss(skew_kl, s, teacher, mask, alpha=alpha)
+    )(student)
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-7)
     log_p = _np_log_softmax(teacher)
     teacher_entropy = -(np.exp(log_p) * log_p).sum(-1)
     kl_value, kl_grad = jax.value_and_grad(
-        lambda s: sequence_loss(skew_kl, s, teacher, mask, alpha=alpha, form='kl'))(student)
-    np.testing.assert_allclose(kl_value + teacher_entropy[np.asarray(mask)].mean(), expected, rtol=1e-5)
+      lambda s: sequence_loss(skew_kl, s, teacher, mask, alpha=alpha, form="kl")
+    )(student)
+    np.testing.assert_allclose(
+      kl_value + teacher_entropy[np.asarray(mask)].mean(), expected, rtol=1e-5
+    )
     np.testing.assert_allclose(kl_grad, expected_grad, rtol=1e-4, atol=1e-7)
 
   @parameterized.parameters(0.1, 0.5)
   def test_distillm_skewed_reverse_kl(self, alpha):
     import torch
+
     student, teacher = _logits(0), _logits(1)
     labels, mask = _labels()
     expected, expected_grad = _torch_value_and_grad(
-        _distillm_skewed_reverse_kl, student, teacher, torch.tensor(labels), alpha)
+      _distillm_skewed_reverse_kl, student, teacher, torch.tensor(labels), alpha
+    )
     value, grad = jax.value_and_grad(
-        lambda s: sequence_loss(skew_reverse_kl, s, teacher, mask, alpha=alpha))(student)
+      lambda s: sequence_loss(skew_reverse_kl, s, teacher, mask, alpha=alpha)
+    )(student)
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
@@ -340,7 +374,7 @@ def _distillkit_sparse_kl(logits, target_ids, target_values, missing, temperatur
   leftover = (1.0 - lse_in.exp()).clamp(0, 1)
   alpha_values_in = alpha * target_values
   alpha_lse = torch.logsumexp(alpha_values_in, dim=-1, keepdim=True)
-  if missing == 'residual':  # MissingProbabilityHandling.SYMMETRIC_UNIFORM
+  if missing == "residual":  # MissingProbabilityHandling.SYMMETRIC_UNIFORM
     if temperature == 1.0:
       target_logprobs = target_values
     else:
@@ -351,28 +385,35 @@ def _distillkit_sparse_kl(logits, target_ids, target_values, missing, temperatur
   student_logprobs = logits.gather(-1, target_ids) - torch.logsumexp(logits, dim=-1, keepdim=True)
   teacher_probs = target_logprobs.exp()
   inner = torch.sum(teacher_probs * (target_logprobs - student_logprobs), dim=-1)
-  if missing == 'residual':
+  if missing == "residual":
     log_teacher_missing = log_missing_prob(target_logprobs)
     log_student_missing = log_missing_prob(student_logprobs)
     teacher_missing = log_teacher_missing.exp()
-    inner = inner + torch.where(teacher_missing > eps, teacher_missing * (log_teacher_missing - log_student_missing),
-                                torch.zeros_like(teacher_missing))
+    inner = inner + torch.where(
+      teacher_missing > eps,
+      teacher_missing * (log_teacher_missing - log_student_missing),
+      torch.zeros_like(teacher_missing),
+    )
   return inner * temperature**2
 
 
 # Jitted once per mode: eager dispatch of the many small ops is slow on a busy 2-core machine.
-_sparse_per_token = jax.jit(functools.partial(sparse_topk_kd, reduction='none'), static_argnames='missing')
+_sparse_per_token = jax.jit(
+  functools.partial(sparse_topk_kd, reduction="none"), static_argnames="missing"
+)
 
 
 class SparseTopKTest(parameterized.TestCase):
-
-  @parameterized.product(missing=['renormalize', 'residual'], temperature=[1.0, 2.0])
+  @parameterized.product(missing=["renormalize", "residual"], temperature=[1.0, 2.0])
   def test_full_support_equals_dense_kd(self, missing, temperature):
     student, teacher = _logits(0), _logits(1)
     sparse = sparse_teacher_from_logits(teacher, V)
     np.testing.assert_allclose(
-        _sparse_per_token(student, sparse, missing=missing, temperature=temperature),
-        kd(student, teacher, temperature=temperature, reduction='none'), rtol=1e-5, atol=1e-6)
+      _sparse_per_token(student, sparse, missing=missing, temperature=temperature),
+      kd(student, teacher, temperature=temperature, reduction="none"),
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
   def test_residual_bucket_by_hand(self):
     student, teacher = _logits(0), _logits(1)
@@ -382,7 +423,9 @@ class SparseTopKTest(parameterized.TestCase):
     q = np.exp(np.take_along_axis(log_q, np.asarray(sparse.ids), -1))
     p_rest, q_rest = 1 - p.sum(-1), 1 - q.sum(-1)
     expected = (p * np.log(p / q)).sum(-1) + p_rest * np.log(p_rest / q_rest)
-    np.testing.assert_allclose(_sparse_per_token(student, sparse, missing='residual'), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+      _sparse_per_token(student, sparse, missing="residual"), expected, rtol=1e-5
+    )
 
   def test_renormalize_by_hand(self):
     # DistillKit's ZERO handling: the teacher renormalised over its ids, the student not.
@@ -402,49 +445,75 @@ class SparseTopKTest(parameterized.TestCase):
     sparse = sparse_teacher_from_logits(teacher, 4)
     kept_logits = np.take_along_axis(np.asarray(teacher, np.float64), np.asarray(sparse.ids), -1)
     p = np.exp(_np_log_softmax(kept_logits / temperature))
-    log_q = np.take_along_axis(_np_log_softmax(np.asarray(student) / temperature), np.asarray(sparse.ids), -1)
+    log_q = np.take_along_axis(
+      _np_log_softmax(np.asarray(student) / temperature), np.asarray(sparse.ids), -1
+    )
     expected = temperature**2 * (p * (np.log(p) - log_q)).sum(-1)
-    np.testing.assert_allclose(_sparse_per_token(student, sparse, temperature=temperature),
-                               expected, rtol=1e-5)
+    np.testing.assert_allclose(
+      _sparse_per_token(student, sparse, temperature=temperature), expected, rtol=1e-5
+    )
 
-  @parameterized.product(missing=['renormalize', 'residual'], temperature=[1.0, 2.0])
+  @parameterized.product(missing=["renormalize", "residual"], temperature=[1.0, 2.0])
   def test_distillkit_parity(self, missing, temperature):
-    torch = pytest.importorskip('torch')
+    torch = pytest.importorskip("torch")
     student, teacher = _logits(0), _logits(1)
     sparse = sparse_teacher_from_logits(teacher, 4)
     expected = _distillkit_sparse_kl(
-        torch.tensor(np.asarray(student), dtype=torch.float64), torch.tensor(np.asarray(sparse.ids)),
-        torch.tensor(np.asarray(sparse.logprobs), dtype=torch.float64), missing, temperature).numpy()
+      torch.tensor(np.asarray(student), dtype=torch.float64),
+      torch.tensor(np.asarray(sparse.ids)),
+      torch.tensor(np.asarray(sparse.logprobs), dtype=torch.float64),
+      missing,
+      temperature,
+    ).numpy()
     np.testing.assert_allclose(
-        _sparse_per_token(student, sparse, missing=missing, temperature=temperature),
-        expected, rtol=1e-5, atol=1e-6)
+      _sparse_per_token(student, sparse, missing=missing, temperature=temperature),
+      expected,
+      rtol=1e-5,
+      atol=1e-6,
+    )
 
-  @parameterized.parameters('renormalize', 'residual')
+  @parameterized.parameters("renormalize", "residual")
   def test_padding_and_duplicate_ids(self, missing):
     student, teacher = _logits(0), _logits(1)
     sparse = sparse_teacher_from_logits(teacher, 4)
     # The first id's mass split over two copies, then two padded slots (-1 and a -inf log-prob).
-    ids = jnp.concatenate([sparse.ids, sparse.ids[..., :1], -jnp.ones_like(sparse.ids[..., :1]),
-                           sparse.ids[..., 1:2]], -1)
-    logprobs = jnp.concatenate([
-        sparse.logprobs.at[..., 0].add(-jnp.log(2.0)), sparse.logprobs[..., :1] - jnp.log(2.0),
-        jnp.zeros_like(sparse.logprobs[..., :1]), jnp.full_like(sparse.logprobs[..., :1], -jnp.inf)], -1)
+    ids = jnp.concatenate(
+      [sparse.ids, sparse.ids[..., :1], -jnp.ones_like(sparse.ids[..., :1]), sparse.ids[..., 1:2]],
+      -1,
+    )
+    logprobs = jnp.concatenate(
+      [
+        sparse.logprobs.at[..., 0].add(-jnp.log(2.0)),
+        sparse.logprobs[..., :1] - jnp.log(2.0),
+        jnp.zeros_like(sparse.logprobs[..., :1]),
+        jnp.full_like(sparse.logprobs[..., :1], -jnp.inf),
+      ],
+      -1,
+    )
     messy = SparseTeacher(ids=ids, logprobs=logprobs)
 
-    loss = jax.jit(jax.value_and_grad(lambda s, t: jnp.sum(sparse_topk_kd(s, t, missing=missing, reduction='none'))))
+    loss = jax.jit(
+      jax.value_and_grad(
+        lambda s, t: jnp.sum(sparse_topk_kd(s, t, missing=missing, reduction="none"))
+      )
+    )
     messy_value, messy_grad = loss(student, messy)
     clean_value, clean_grad = loss(student, sparse)
     np.testing.assert_allclose(messy_value, clean_value, rtol=1e-5)
     np.testing.assert_allclose(messy_grad, clean_grad, rtol=1e-5, atol=1e-7)
 
-  @parameterized.parameters('renormalize', 'residual')
+  @parameterized.parameters("renormalize", "residual")
   def test_all_padding_is_zero(self, missing):
-    empty = SparseTeacher(ids=-jnp.ones((B, S, 3), jnp.int32), logprobs=jnp.full((B, S, 3), -jnp.inf))
-    value, grad = jax.jit(jax.value_and_grad(lambda s: sparse_topk_kd(s, empty, missing=missing)))(_logits(0))
+    empty = SparseTeacher(
+      ids=-jnp.ones((B, S, 3), jnp.int32), logprobs=jnp.full((B, S, 3), -jnp.inf)
+    )
+    value, grad = jax.jit(jax.value_and_grad(lambda s: sparse_topk_kd(s, empty, missing=missing)))(
+      _logits(0)
+    )
     self.assertEqual(float(value), 0.0)
     np.testing.assert_array_equal(grad, 0.0)
 
-  @parameterized.parameters('renormalize', 'residual')
+  @parameterized.parameters("renormalize", "residual")
   def test_masked_sequence_with_vocab_padding(self, missing):
     # Student vocabulary padded with -inf, logits up to 1e4, garbage at masked positions.
     padded = jnp.arange(V) >= V - 2
@@ -452,10 +521,14 @@ class SparseTopKTest(parameterized.TestCase):
     sparse = sparse_teacher_from_logits(jnp.where(padded, -jnp.inf, _logits(1)), 4)
     mask = _mask()
     dirty_student = jnp.where(mask[..., None], student, jnp.nan)
-    dirty = SparseTeacher(ids=jnp.where(mask[..., None], sparse.ids, 12345),
-                          logprobs=jnp.where(mask[..., None], sparse.logprobs, jnp.nan))
+    dirty = SparseTeacher(
+      ids=jnp.where(mask[..., None], sparse.ids, 12345),
+      logprobs=jnp.where(mask[..., None], sparse.logprobs, jnp.nan),
+    )
 
-    loss = jax.jit(jax.value_and_grad(lambda s, t: sequence_loss(sparse_topk_kd, s, t, mask, missing=missing)))
+    loss = jax.jit(
+      jax.value_and_grad(lambda s, t: sequence_loss(sparse_topk_kd, s, t, mask, missing=missing))
+    )
     value, grad = loss(dirty_student, dirty)
     self.assertTrue(np.isfinite(value) and value > 0)
     self.assertTrue(np.all(np.isfinite(grad)))
@@ -465,9 +538,9 @@ class SparseTopKTest(parameterized.TestCase):
     np.testing.assert_allclose(grad, clean_grad, rtol=1e-6)
 
   def test_rejects_unknown_mode(self):
-    with self.assertRaisesRegex(ValueError, 'missing'):
-      sparse_topk_kd(_logits(0), sparse_teacher_from_logits(_logits(1), 3), missing='uniform')
+    with self.assertRaisesRegex(ValueError, "missing"):
+      sparse_topk_kd(_logits(0), sparse_teacher_from_logits(_logits(1), 3), missing="uniform")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   pytest.main([__file__])

@@ -3,6 +3,7 @@
 Shapes are checked abstractly (`nnx.eval_shape`), so no big model is run; numerical agreement with
 the PyTorch references is tested in test_torch_import.py.
 """
+
 import functools
 
 import jax
@@ -17,48 +18,66 @@ from jaxkd.models import layers
 # Trainable parameters with num_classes=100 of the reference PyTorch definitions (RepDistiller
 # models/*.py; BatchNorm running statistics excluded), as listed by the benchmark tables.
 REFERENCE_PARAMETER_COUNTS = {
-    "resnet8": 83_892,
-    "resnet14": 181_108,
-    "resnet20": 278_324,
-    "resnet32": 472_756,
-    "resnet44": 667_188,
-    "resnet56": 861_620,
-    "resnet110": 1_736_564,
-    "resnet8x4": 1_233_540,
-    "resnet32x4": 7_433_860,
-    "ResNet50": 23_705_252,
-    "wrn_16_1": 180_916,
-    "wrn_16_2": 703_284,
-    "wrn_40_1": 569_780,
-    "wrn_40_2": 2_255_156,
-    "vgg8": 3_965_028,
-    "vgg11": 9_277_284,
-    "vgg13": 9_462_180,
-    "vgg16": 14_774_436,
-    "vgg19": 20_086_692,
-    "MobileNetV2": 812_836,
-    "mobile_half": 812_836,
-    "ShuffleV1": 949_258,
-    "ShuffleV2": 1_355_528,
-    # mdistiller resnetv2.py ResNet18 (not in the benchmark tables): counted on the torch
-    # definition of test_torch_import.py, TorchResNet(64, (64, 128, 256, 512), (2, 2, 2, 2), …).
-    "ResNet18": 11_220_132,
+  "resnet8": 83_892,
+  "resnet14": 181_108,
+  "resnet20": 278_324,
+  "resnet32": 472_756,
+  "resnet44": 667_188,
+  "resnet56": 861_620,
+  "resnet110": 1_736_564,
+  "resnet8x4": 1_233_540,
+  "resnet32x4": 7_433_860,
+  "ResNet50": 23_705_252,
+  "wrn_16_1": 180_916,
+  "wrn_16_2": 703_284,
+  "wrn_40_1": 569_780,
+  "wrn_40_2": 2_255_156,
+  "vgg8": 3_965_028,
+  "vgg11": 9_277_284,
+  "vgg13": 9_462_180,
+  "vgg16": 14_774_436,
+  "vgg19": 20_086_692,
+  "MobileNetV2": 812_836,
+  "mobile_half": 812_836,
+  "ShuffleV1": 949_258,
+  "ShuffleV2": 1_355_528,
+  # mdistiller resnetv2.py ResNet18 (not in the benchmark tables): counted on the torch
+  # definition of test_torch_import.py, TorchResNet(64, (64, 128, 256, 512), (2, 2, 2, 2), …).
+  "ResNet18": 11_220_132,
 }
 CIFAR_MODELS = sorted(REFERENCE_PARAMETER_COUNTS)
 
 # (stem, stage1, …, pooled) feature shapes for a (2, 32, 32, 3) batch, one model per layout.
 FEATURE_SHAPES = {
-    "resnet8": [(2, 32, 32, 16), (2, 32, 32, 16), (2, 16, 16, 32), (2, 8, 8, 64), (2, 64)],
-    "resnet32x4": [(2, 32, 32, 32), (2, 32, 32, 64), (2, 16, 16, 128), (2, 8, 8, 256), (2, 256)],
-    "ResNet50": [(2, 32, 32, 64), (2, 32, 32, 256), (2, 16, 16, 512), (2, 8, 8, 1024),
-                 (2, 4, 4, 2048), (2, 2048)],
-    "wrn_40_2": [(2, 32, 32, 16), (2, 32, 32, 32), (2, 16, 16, 64), (2, 8, 8, 128), (2, 128)],
-    "vgg13": [(2, 32, 32, 64), (2, 16, 16, 128), (2, 8, 8, 256), (2, 4, 4, 512), (2, 4, 4, 512),
-              (2, 512)],
-    "MobileNetV2": [(2, 16, 16, 16), (2, 16, 16, 12), (2, 8, 8, 16), (2, 4, 4, 48), (2, 2, 2, 160),
-                    (2, 1280)],
-    "ShuffleV1": [(2, 32, 32, 24), (2, 16, 16, 240), (2, 8, 8, 480), (2, 4, 4, 960), (2, 960)],
-    "ShuffleV2": [(2, 32, 32, 24), (2, 16, 16, 116), (2, 8, 8, 232), (2, 4, 4, 464), (2, 1024)],
+  "resnet8": [(2, 32, 32, 16), (2, 32, 32, 16), (2, 16, 16, 32), (2, 8, 8, 64), (2, 64)],
+  "resnet32x4": [(2, 32, 32, 32), (2, 32, 32, 64), (2, 16, 16, 128), (2, 8, 8, 256), (2, 256)],
+  "ResNet50": [
+    (2, 32, 32, 64),
+    (2, 32, 32, 256),
+    (2, 16, 16, 512),
+    (2, 8, 8, 1024),
+    (2, 4, 4, 2048),
+    (2, 2048),
+  ],
+  "wrn_40_2": [(2, 32, 32, 16), (2, 32, 32, 32), (2, 16, 16, 64), (2, 8, 8, 128), (2, 128)],
+  "vgg13": [
+    (2, 32, 32, 64),
+    (2, 16, 16, 128),
+    (2, 8, 8, 256),
+    (2, 4, 4, 512),
+    (2, 4, 4, 512),
+    (2, 512),
+  ],
+  "MobileNetV2": [
+    (2, 16, 16, 16),
+    (2, 16, 16, 12),
+    (2, 8, 8, 16),
+    (2, 4, 4, 48),
+    (2, 2, 2, 160),
+    (2, 1280),
+  ],
+  "ShuffleV1": [(2, 32, 32, 24), (2, 16, 16, 240), (2, 8, 8, 480), (2, 4, 4, 960), (2, 960)],
+  "ShuffleV2": [(2, 32, 32, 24), (2, 16, 16, 116), (2, 8, 8, 232), (2, 4, 4, 464), (2, 1024)],
 }
 
 
@@ -134,8 +153,9 @@ def test_logits_and_feature_names(name):
   logits, features = _default_outputs(name)
   assert logits.shape == (2, 100) and logits.dtype == jnp.float32
   stages = range(1, _num_stages(name) + 1)
-  expected = {"stem", "pooled"} | {f"stage{k}" for k in stages} | {
-      f"preact_stage{k}" for k in stages}
+  expected = (
+    {"stem", "pooled"} | {f"stage{k}" for k in stages} | {f"preact_stage{k}" for k in stages}
+  )
   assert set(features) == expected
   assert {value.dtype for value in features.values()} == {np.dtype(jnp.bfloat16)}
   for k in stages:
@@ -155,8 +175,9 @@ def test_feature_shapes(name):
 
 
 def test_vgg_pools_after_block3_for_64px_inputs():
-  logits, features = _abstract_forward(_abstract("vgg8", num_classes=200), (2, 64, 64, 3),
-                                       return_features=True)
+  logits, features = _abstract_forward(
+    _abstract("vgg8", num_classes=200), (2, 64, 64, 3), return_features=True
+  )
   assert logits.shape == (2, 200)
   assert features["stage3"].shape == (2, 8, 8, 512)
   assert features["stage4"].shape == (2, 4, 4, 512)
@@ -171,11 +192,17 @@ def test_unknown_name_lists_known_names():
 
 def test_unknown_name_suggests_the_names_differing_only_in_case():
   # mdistiller's CIFAR `ResNet18` and torchvision's ImageNet `resnet18` are both reference names.
-  with pytest.raises(ValueError, match=r"unknown model 'Resnet18' \(did you mean 'ResNet18' or "
-                     r"'resnet18'\?\); known models: .*ShuffleV2"):
+  with pytest.raises(
+    ValueError,
+    match=r"unknown model 'Resnet18' \(did you mean 'ResNet18' or "
+    r"'resnet18'\?\); known models: .*ShuffleV2",
+  ):
     models.create("Resnet18")
-  with pytest.raises(ValueError, match=r"unknown model 'mobilenetv2' \(did you mean 'MobileNetV2'"
-                     r"\?\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"unknown model 'mobilenetv2' \(did you mean 'MobileNetV2'"
+    r"\?\)",
+  ):
     models.create("mobilenetv2")
 
 
@@ -185,8 +212,9 @@ def test_jit_matches_eager():
   eager_logits, eager_features = model(images, return_features=True)
   jit_logits, jit_features = _forward(model, images)
   np.testing.assert_allclose(jit_logits, eager_logits, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(jit_features["preact_stage3"], eager_features["preact_stage3"],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    jit_features["preact_stage3"], eager_features["preact_stage3"], rtol=1e-5, atol=1e-5
+  )
 
 
 def test_bfloat16_compute_matches_float32():
@@ -216,8 +244,12 @@ def test_batchnorm_matches_torch_formulas():
   unbiased variance; eval mode uses the running statistics."""
   x = np.random.default_rng(2).normal(2.0, 3.0, size=(4, 3, 5, 6)).astype(np.float32)
   bn = layers.BatchNorm2d(6)
-  nnx.update(bn, nnx.State({"scale": nnx.Param(jnp.linspace(0.5, 1.5, 6)),
-                            "bias": nnx.Param(jnp.linspace(-1.0, 1.0, 6))}))
+  nnx.update(
+    bn,
+    nnx.State(
+      {"scale": nnx.Param(jnp.linspace(0.5, 1.5, 6)), "bias": nnx.Param(jnp.linspace(-1.0, 1.0, 6))}
+    ),
+  )
   y = bn(jnp.asarray(x), train=True)
   mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
   scale, bias = np.linspace(0.5, 1.5, 6), np.linspace(-1.0, 1.0, 6)
@@ -234,8 +266,9 @@ def test_sequential_applies_nested_sequentials_and_passes_train_to_batchnorm():
   """torchvision nests Sequentials (Conv2dNormActivation blocks inside InvertedResidual.conv)."""
   inner_bn, outer_bn = layers.BatchNorm2d(3), layers.BatchNorm2d(3)
   x = np.random.default_rng(3).normal(1.0, 2.0, size=(2, 4, 4, 3)).astype(np.float32)
-  y = layers.sequential([nnx.List([inner_bn, nnx.relu]), lambda h: 2.0 * h, outer_bn],
-                        jnp.asarray(x), train=True)
+  y = layers.sequential(
+    [nnx.List([inner_bn, nnx.relu]), lambda h: 2.0 * h, outer_bn], jnp.asarray(x), train=True
+  )
 
   def normalize(h):
     return (h - h.mean((0, 1, 2))) / np.sqrt(h.var((0, 1, 2)) + 1e-5)
@@ -249,8 +282,9 @@ def test_sequential_applies_nested_sequentials_and_passes_train_to_batchnorm():
 def test_conv2d_padding_is_symmetric_like_torch():
   """A 3×3, stride-2, padding-1 conv on 4 px samples pixels 0 and 2 centred (torch); flax 'SAME'
   would centre pixels 1 and 3."""
-  conv = nnx.eval_shape(lambda: layers.conv2d(1, 1, 3, stride=2, padding=1, bias=False,
-                                              rngs=nnx.Rngs(0)))
+  conv = nnx.eval_shape(
+    lambda: layers.conv2d(1, 1, 3, stride=2, padding=1, bias=False, rngs=nnx.Rngs(0))
+  )
   kernel = np.zeros((3, 3, 1, 1), np.float32)
   kernel[1, 1] = 1.0  # Identity at the centre tap.
   nnx.update(conv, nnx.State({"kernel": nnx.Param(jnp.asarray(kernel))}))
@@ -281,20 +315,24 @@ def test_fusion_barrier_keeps_conv_inputs_materialised_and_changes_no_value(monk
     def loss(p):  # A new function per call: jit would reuse the first trace of a shared one.
       logits = nnx.merge(graphdef, p, rest, copy=True)(images, train=True)[0]
       return jnp.mean(jax.nn.logsumexp(logits, -1))
+
     return jax.jit(jax.value_and_grad(loss)).lower(params)
 
   images = _images()
   with_barrier = lower_loss_and_grads(params, rest, images)
   monkeypatch.setattr(layers, "fusion_barrier", lambda x, anchor: x)
   without_barrier = lower_loss_and_grads(params, rest, images)
-  divisions = [lowered.as_text().count("stablehlo.divide")
-               for lowered in (with_barrier, without_barrier)]
+  divisions = [
+    lowered.as_text().count("stablehlo.divide") for lowered in (with_barrier, without_barrier)
+  ]
   assert divisions[0] - divisions[1] >= num_convs  # forward; the backward divides by 1 too
   (loss, grads), (loss_ref, grads_ref) = (
-      lowered.compile()(params) for lowered in (with_barrier, without_barrier))
+    lowered.compile()(params) for lowered in (with_barrier, without_barrier)
+  )
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads,
-               grads_ref)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, grads_ref
+  )
 
 
 def test_initialisers_follow_torch_conventions():

@@ -5,6 +5,7 @@ timm) after conversion by `torch_import.load_torch_model`.
 Models are built abstractly (`nnx.eval_shape`) and given converted or synthetic weights: random
 initialisation of a ResNet-50 alone takes tens of seconds on a loaded 2-core CPU.
 """
+
 import functools
 
 import jax
@@ -18,16 +19,16 @@ from jaxkd.models import torch_import
 
 # torchvision / mdistiller / timm parameter counts with 1000 classes.
 PARAM_COUNTS = {
-    "resnet18": 11_689_512,
-    "resnet34": 21_797_672,
-    "resnet50": 25_557_032,
-    "resnet101": 44_549_160,
-    "resnet152": 60_192_808,
-    "mobilenet_v1": 4_231_976,
-    "mobilenet_v2": 3_504_872,
-    "vit_ti16": 5_717_416,
-    "vit_s16": 22_050_664,
-    "vit_b16": 86_567_656,
+  "resnet18": 11_689_512,
+  "resnet34": 21_797_672,
+  "resnet50": 25_557_032,
+  "resnet101": 44_549_160,
+  "resnet152": 60_192_808,
+  "mobilenet_v1": 4_231_976,
+  "mobilenet_v2": 3_504_872,
+  "vit_ti16": 5_717_416,
+  "vit_s16": 22_050_664,
+  "vit_b16": 86_567_656,
 }
 
 
@@ -40,16 +41,15 @@ def _cnn_features(stem, stages, pooled):
 
 
 _RESNET_BASIC = _cnn_features((112, 64), [(56, 64), (28, 128), (14, 256), (7, 512)], 512)
-_RESNET_BOTTLENECK = _cnn_features((112, 64), [(56, 256), (28, 512), (14, 1024), (7, 2048)],
-                                   2048)
+_RESNET_BOTTLENECK = _cnn_features((112, 64), [(56, 256), (28, 512), (14, 1024), (7, 2048)], 2048)
 CNN_FEATURES = {
-    "resnet18": _RESNET_BASIC,
-    "resnet34": _RESNET_BASIC,
-    "resnet50": _RESNET_BOTTLENECK,
-    "resnet101": _RESNET_BOTTLENECK,
-    "resnet152": _RESNET_BOTTLENECK,
-    "mobilenet_v1": _cnn_features((112, 32), [(56, 128), (28, 256), (14, 512), (7, 1024)], 1024),
-    "mobilenet_v2": _cnn_features((112, 32), [(56, 24), (28, 32), (14, 96), (7, 320)], 1280),
+  "resnet18": _RESNET_BASIC,
+  "resnet34": _RESNET_BASIC,
+  "resnet50": _RESNET_BOTTLENECK,
+  "resnet101": _RESNET_BOTTLENECK,
+  "resnet152": _RESNET_BOTTLENECK,
+  "mobilenet_v1": _cnn_features((112, 32), [(56, 128), (28, 256), (14, 512), (7, 1024)], 1024),
+  "mobilenet_v2": _cnn_features((112, 32), [(56, 24), (28, 32), (14, 96), (7, 320)], 1280),
 }
 
 
@@ -82,9 +82,15 @@ def _synthetic_model(name, seed=0, **kwargs):
       return np.full(variable.shape, 1.0 if path[-1] == "var" else 0.0)
     return 0.05 * rng.normal(size=variable.shape)
 
-  return nnx.merge(graphdef, nnx.from_flat_state([
-      (path, variable.replace(jax.device_put(np.asarray(value(path, variable), variable.dtype))))
-      for path, variable in nnx.to_flat_state(state)]))
+  return nnx.merge(
+    graphdef,
+    nnx.from_flat_state(
+      [
+        (path, variable.replace(jax.device_put(np.asarray(value(path, variable), variable.dtype))))
+        for path, variable in nnx.to_flat_state(state)
+      ]
+    ),
+  )
 
 
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
@@ -96,8 +102,9 @@ def test_param_count_matches_reference(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2"])
 def test_cnn_shapes_and_feature_names(name):
-  logits, features = _abstract_outputs(_shared_abstract(name), (2, 224, 224, 3),
-                                       return_features=True)
+  logits, features = _abstract_outputs(
+    _shared_abstract(name), (2, 224, 224, 3), return_features=True
+  )
   assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
   expected = CNN_FEATURES[name]
   assert set(features) == set(expected)
@@ -109,8 +116,9 @@ def test_cnn_shapes_and_feature_names(name):
 
 @pytest.mark.parametrize("name,width", [("vit_ti16", 192), ("vit_s16", 384), ("vit_b16", 768)])
 def test_vit_shapes_and_feature_names(name, width):
-  logits, features = _abstract_outputs(_shared_abstract(name), (2, 224, 224, 3),
-                                       return_features=True)
+  logits, features = _abstract_outputs(
+    _shared_abstract(name), (2, 224, 224, 3), return_features=True
+  )
   assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
   expected = {"embed", "pooled"} | {f"block{index}" for index in range(1, 13)}
   assert set(features) == expected
@@ -137,8 +145,11 @@ def test_zero_init_residual_zeroes_last_bn_scale():
   @jax.jit
   def last_and_first_bn_scales():
     model = models.create("resnet50", zero_init_residual=True)
-    return [(block.bn3.scale[...], block.bn1.scale[...])
-            for stage in (model.layer1, model.layer4) for block in stage]
+    return [
+      (block.bn3.scale[...], block.bn1.scale[...])
+      for stage in (model.layer1, model.layer4)
+      for block in stage
+    ]
 
   for last_scale, first_scale in last_and_first_bn_scales():
     np.testing.assert_array_equal(last_scale, 0.0)
@@ -224,7 +235,6 @@ def _torch_reference(name, num_classes):
       return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
 
   class ResNet(nn.Module):
-
     def __init__(self, block, stage_blocks):
       super().__init__()
       self.inplanes = 64
@@ -232,16 +242,20 @@ def _torch_reference(name, num_classes):
       self.bn1 = nn.BatchNorm2d(64)
       self.maxpool = nn.MaxPool2d(3, 2, 1)
       for index, num_blocks in enumerate(stage_blocks):
-        setattr(self, f"layer{index + 1}",
-                self._make_layer(block, 64 * 2**index, num_blocks, 1 if index == 0 else 2))
+        setattr(
+          self,
+          f"layer{index + 1}",
+          self._make_layer(block, 64 * 2**index, num_blocks, 1 if index == 0 else 2),
+        )
       self.fc = nn.Linear(512 * block.expansion, num_classes)
 
     def _make_layer(self, block, planes, num_blocks, stride):
       downsample = None
       if stride != 1 or self.inplanes != planes * block.expansion:
         downsample = nn.Sequential(
-            nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-            nn.BatchNorm2d(planes * block.expansion))
+          nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+          nn.BatchNorm2d(planes * block.expansion),
+        )
       blocks = [block(self.inplanes, planes, stride, downsample)]
       self.inplanes = planes * block.expansion
       blocks += [block(self.inplanes, planes) for _ in range(1, num_blocks)]
@@ -253,19 +267,24 @@ def _torch_reference(name, num_classes):
       return self.fc(x.mean((2, 3)))
 
   def conv_bn_relu(inp, oup, kernel, stride=1, groups=1, activation=nn.ReLU):
-    return [nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(oup), activation()]
+    return [
+      nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+      nn.BatchNorm2d(oup),
+      activation(),
+    ]
 
   class MobileNetV1(nn.Module):
-
     def __init__(self):
       super().__init__()
       blocks = [nn.Sequential(*conv_bn_relu(3, 32, 3, 2))]
-      for inp, oup, stride in [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2),
-                               (256, 256, 1), (256, 512, 2)] + [(512, 512, 1)] * 5 + [
-                                   (512, 1024, 2), (1024, 1024, 1)]:
-        blocks.append(nn.Sequential(*conv_bn_relu(inp, inp, 3, stride, groups=inp),
-                                    *conv_bn_relu(inp, oup, 1)))
+      for inp, oup, stride in (
+        [(32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1), (256, 512, 2)]
+        + [(512, 512, 1)] * 5
+        + [(512, 1024, 2), (1024, 1024, 1)]
+      ):
+        blocks.append(
+          nn.Sequential(*conv_bn_relu(inp, inp, 3, stride, groups=inp), *conv_bn_relu(inp, oup, 1))
+        )
       self.model = nn.Sequential(*blocks)
       self.fc = nn.Linear(1024, num_classes)
 
@@ -273,29 +292,39 @@ def _torch_reference(name, num_classes):
       return self.fc(self.model(x).mean((2, 3)))
 
   class InvertedResidual(nn.Module):
-
     def __init__(self, inp, oup, stride, expand_ratio):
       super().__init__()
       hidden = inp * expand_ratio
       self.use_res_connect = stride == 1 and inp == oup
-      expand = [] if expand_ratio == 1 else [nn.Sequential(*conv_bn_relu(inp, hidden, 1,
-                                                                         activation=nn.ReLU6))]
+      expand = (
+        []
+        if expand_ratio == 1
+        else [nn.Sequential(*conv_bn_relu(inp, hidden, 1, activation=nn.ReLU6))]
+      )
       self.conv = nn.Sequential(
-          *expand, nn.Sequential(*conv_bn_relu(hidden, hidden, 3, stride, groups=hidden,
-                                               activation=nn.ReLU6)),
-          nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup))
+        *expand,
+        nn.Sequential(*conv_bn_relu(hidden, hidden, 3, stride, groups=hidden, activation=nn.ReLU6)),
+        nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+        nn.BatchNorm2d(oup),
+      )
 
     def forward(self, x):
       return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
   class MobileNetV2(nn.Module):
-
     def __init__(self):
       super().__init__()
       features = [nn.Sequential(*conv_bn_relu(3, 32, 3, 2, activation=nn.ReLU6))]
       inp = 32
-      for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                         (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+      for t, c, n, s in [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+      ]:
         for index in range(n):
           features.append(InvertedResidual(inp, c, s if index == 0 else 1, t))
           inp = c
@@ -307,7 +336,6 @@ def _torch_reference(name, num_classes):
       return self.classifier(self.features(x).mean((2, 3)))
 
   class Attention(nn.Module):
-
     def __init__(self, width, num_heads):
       super().__init__()
       self.num_heads = num_heads
@@ -322,7 +350,6 @@ def _torch_reference(name, num_classes):
       return self.proj((weights @ value).transpose(1, 2).reshape(batch, length, width))
 
   class Mlp(nn.Module):
-
     def __init__(self, width):
       super().__init__()
       self.fc1 = nn.Linear(width, 4 * width)
@@ -332,7 +359,6 @@ def _torch_reference(name, num_classes):
       return self.fc2(nn.functional.gelu(self.fc1(x)))
 
   class Block(nn.Module):
-
     def __init__(self, width, num_heads):
       super().__init__()
       self.norm1 = nn.LayerNorm(width, eps=1e-6)
@@ -345,7 +371,6 @@ def _torch_reference(name, num_classes):
       return x + self.mlp(self.norm2(x))
 
   class PatchEmbed(nn.Module):
-
     def __init__(self, width):
       super().__init__()
       self.proj = nn.Conv2d(3, width, 16, 16)
@@ -371,11 +396,11 @@ def _torch_reference(name, num_classes):
       return self.head(self.norm(self.blocks(x))[:, 0])
 
   constructors = {
-      "resnet18": lambda: ResNet(BasicBlock, (2, 2, 2, 2)),
-      "resnet50": lambda: ResNet(Bottleneck, (3, 4, 6, 3)),
-      "mobilenet_v1": MobileNetV1,
-      "mobilenet_v2": MobileNetV2,
-      "vit_ti16": VisionTransformer,
+    "resnet18": lambda: ResNet(BasicBlock, (2, 2, 2, 2)),
+    "resnet50": lambda: ResNet(Bottleneck, (3, 4, 6, 3)),
+    "mobilenet_v1": MobileNetV1,
+    "mobilenet_v2": MobileNetV2,
+    "vit_ti16": VisionTransformer,
   }
   torch.manual_seed(0)
   module = constructors[name]().eval()
@@ -392,8 +417,9 @@ def _torch_reference(name, num_classes):
   return torch, module
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2",
-                                  "vit_ti16"])
+@pytest.mark.parametrize(
+  "name", ["resnet18", "resnet50", "mobilenet_v1", "mobilenet_v2", "vit_ti16"]
+)
 def test_torch_parity_eval_mode(name):
   # A 32x32 ViT has 2x2 patches, the smallest grid with a position embedding to check.
   create_kwargs = dict(image_size=32) if name.startswith("vit") else {}
@@ -401,8 +427,9 @@ def test_torch_parity_eval_mode(name):
   images = _images()
   with torch.no_grad():
     expected = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-  model = torch_import.load_torch_model(name, reference.state_dict(), num_classes=10,
-                                        **create_kwargs)
+  model = torch_import.load_torch_model(
+    name, reference.state_dict(), num_classes=10, **create_kwargs
+  )
   logits = np.asarray(_forward(model, images)[0])
   scale = np.abs(expected).max()
   print(f"{name}: max |Δlogits| {np.abs(logits - expected).max():.1e} (logit scale {scale:.2f})")

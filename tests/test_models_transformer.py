@@ -1,6 +1,7 @@
 """Decoder-only LM and KV-cache generation: shapes, features, config, cache == full forward,
 left padding, sampling filters, jit, bf16, and parity with a PyTorch transcription of
 Hugging Face's LlamaForCausalLM after `load_torch_state_dict`."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,9 +36,15 @@ def model():
     return (0.02 * rng.normal(size=variable.shape)).astype(variable.dtype)
 
   # device_put, not jnp.asarray: the latter compiles a staging op per shape for numpy input.
-  nnx.update(model, nnx.from_flat_state([
-      (path, variable.replace(jax.device_put(value(path, variable))))
-      for path, variable in nnx.to_flat_state(nnx.state(model))]))
+  nnx.update(
+    model,
+    nnx.from_flat_state(
+      [
+        (path, variable.replace(jax.device_put(value(path, variable))))
+        for path, variable in nnx.to_flat_state(nnx.state(model))
+      ]
+    ),
+  )
   return model
 
 
@@ -55,8 +62,9 @@ def _generate(model, prompt, seed=0, **kwargs):
   """Greedy with `greedy=True`; otherwise sampled with `top_p=TOP_P` unless given."""
   if not kwargs.get("greedy"):
     kwargs.setdefault("top_p", TOP_P)
-  return generation.generate(model, prompt, NEW, rng=jax.random.key(seed), return_logits=True,
-                             **kwargs)
+  return generation.generate(
+    model, prompt, NEW, rng=jax.random.key(seed), return_logits=True, **kwargs
+  )
 
 
 def test_shapes_and_feature_names(model):
@@ -90,16 +98,23 @@ def test_param_count(tie_embeddings, num_kv_heads):
   width, layers, heads, vocab = 64, 2, 4, VOCAB
   kv_width = width * (num_kv_heads or heads) // heads
   mlp = default_mlp_dim(width)
-  expected = (vocab * width * (1 if tie_embeddings else 2) + width
-              + layers * (2 * width * width + 2 * width * kv_width + 3 * width * mlp + 2 * width))
-  abstract = nnx.eval_shape(lambda: models.create(
-      "lm_tiny", num_classes=vocab, tie_embeddings=tie_embeddings, num_kv_heads=num_kv_heads))
+  expected = (
+    vocab * width * (1 if tie_embeddings else 2)
+    + width
+    + layers * (2 * width * width + 2 * width * kv_width + 3 * width * mlp + 2 * width)
+  )
+  abstract = nnx.eval_shape(
+    lambda: models.create(
+      "lm_tiny", num_classes=vocab, tie_embeddings=tie_embeddings, num_kv_heads=num_kv_heads
+    )
+  )
   assert sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == expected
   assert mlp == 192  # LLaMA's 8/3 · 64 = 170.7, rounded up to a multiple of 64
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("lm_tiny", 139_584), ("lm_small", 3_344_640), ("lm_base", 25_960_960)])
+@pytest.mark.parametrize(
+  "name,expected", [("lm_tiny", 139_584), ("lm_small", 3_344_640), ("lm_base", 25_960_960)]
+)
 def test_preset_param_counts(name, expected):
   """The presets' sizes in docs/models.md (256-token vocabulary, untied)."""
   abstract = nnx.eval_shape(lambda: models.create(name))
@@ -112,10 +127,12 @@ def test_cached_generation_logits_equal_full_forward(model):
   assert result.tokens.shape == (2, NEW) and result.logits.shape == (2, NEW, VOCAB)
   full_logits, _ = _forward(model, np.concatenate([prompt, result.tokens], axis=1))
   # Token i is sampled from the logits at position PROMPT-1+i of prompt + generated tokens.
-  expected = np.asarray(full_logits)[:, PROMPT - 1:-1]
-  print(f"cached vs full forward: max |Δlogits| "
-        f"{np.abs(np.asarray(result.logits) - expected).max():.1e} "
-        f"(logit scale {np.abs(expected).max():.2f})")
+  expected = np.asarray(full_logits)[:, PROMPT - 1 : -1]
+  print(
+    f"cached vs full forward: max |Δlogits| "
+    f"{np.abs(np.asarray(result.logits) - expected).max():.1e} "
+    f"(logit scale {np.abs(expected).max():.2f})"
+  )
   np.testing.assert_allclose(result.logits, expected, atol=1e-5)
 
 
@@ -123,15 +140,20 @@ def test_left_padded_prompt_generates_as_if_alone(model):
   short, long = _prompt(1, 3, seed=4), _prompt(1, PROMPT, seed=5)
   padding = np.zeros((1, PROMPT - 3), short.dtype)
   mask = np.arange(PROMPT) >= np.array([[PROMPT - 3], [0]])
-  result = _generate(model, np.concatenate([np.concatenate([padding, short], 1), long]),
-                     greedy=True, prompt_mask=mask)
+  result = _generate(
+    model,
+    np.concatenate([np.concatenate([padding, short], 1), long]),
+    greedy=True,
+    prompt_mask=mask,
+  )
   tokens, logits = np.asarray(result.tokens), np.asarray(result.logits)
   # Each sequence alone, unpadded; the short one right-padded, which a causal model ignores.
-  alone = np.concatenate([np.concatenate([short, tokens[:1], padding], 1),
-                          np.concatenate([long, tokens[1:]], 1)])
+  alone = np.concatenate(
+    [np.concatenate([short, tokens[:1], padding], 1), np.concatenate([long, tokens[1:]], 1)]
+  )
   alone_logits = np.asarray(_forward(model, alone)[0])
-  np.testing.assert_allclose(logits[0], alone_logits[0, 2:2 + NEW], atol=1e-5)
-  np.testing.assert_allclose(logits[1], alone_logits[1, PROMPT - 1:-1], atol=1e-5)
+  np.testing.assert_allclose(logits[0], alone_logits[0, 2 : 2 + NEW], atol=1e-5)
+  np.testing.assert_allclose(logits[1], alone_logits[1, PROMPT - 1 : -1], atol=1e-5)
   np.testing.assert_array_equal(tokens, np.argmax(logits, -1))
 
 
@@ -151,8 +173,7 @@ _sample = jax.jit(generation.sample_logits, static_argnames=("top_k", "greedy"))
 def test_top_k_one_is_greedy():
   # greedy=True is jnp.argmax, which the greedy generation tests run.
   logits = 3.0 * np.random.default_rng(0).normal(size=(256, VOCAB)).astype(np.float32)
-  np.testing.assert_array_equal(_sample(logits, jax.random.key(1), top_k=1),
-                                np.argmax(logits, -1))
+  np.testing.assert_array_equal(_sample(logits, jax.random.key(1), top_k=1), np.argmax(logits, -1))
 
 
 def test_top_p_never_samples_outside_the_nucleus():
@@ -177,23 +198,30 @@ def test_top_k_and_extreme_logits():
 
 def test_generate_inside_jit_and_traced_temperature_reuses_the_compilation(model):
   prompt = _prompt()
-  outer_jit = nnx.jit(lambda model, prompt, rng: generation.generate(
-      model, prompt, NEW, rng=rng, top_p=TOP_P, return_logits=True).tokens)
-  np.testing.assert_array_equal(outer_jit(model, prompt, jax.random.key(3)),
-                                _generate(model, prompt, 3).tokens)
+  outer_jit = nnx.jit(
+    lambda model, prompt, rng: (
+      generation.generate(model, prompt, NEW, rng=rng, top_p=TOP_P, return_logits=True).tokens
+    )
+  )
+  np.testing.assert_array_equal(
+    outer_jit(model, prompt, jax.random.key(3)), _generate(model, prompt, 3).tokens
+  )
   compiled_before = generation._generate._cache_size()
   _generate(model, prompt, temperature=2.0, top_p=0.5)
   assert generation._generate._cache_size() == compiled_before
 
 
 def test_bf16_compute_with_f32_params(model):
-  bf16_model = nnx.eval_shape(lambda: models.create("lm_tiny", num_classes=VOCAB,
-                                                    dtype=jnp.bfloat16))
+  bf16_model = nnx.eval_shape(
+    lambda: models.create("lm_tiny", num_classes=VOCAB, dtype=jnp.bfloat16)
+  )
   nnx.update(bf16_model, nnx.state(model))
-  assert all(leaf.dtype == jnp.float32
-             for leaf in jax.tree.leaves(nnx.state(bf16_model, nnx.Param)))
-  logits, features = nnx.eval_shape(lambda m, tokens: m(tokens, return_features=True),
-                                    bf16_model, _prompt(length=PROMPT + NEW))
+  assert all(
+    leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(bf16_model, nnx.Param))
+  )
+  logits, features = nnx.eval_shape(
+    lambda m, tokens: m(tokens, return_features=True), bf16_model, _prompt(length=PROMPT + NEW)
+  )
   assert logits.dtype == jnp.float32
   assert {value.dtype for value in features.values()} == {np.dtype(jnp.bfloat16)}
   assert bf16_model.init_cache(2, 8).keys.dtype == jnp.bfloat16
@@ -203,8 +231,9 @@ def test_bf16_compute_with_f32_params(model):
   # The first token's logits depend on the prompt only: compare with the float32 model there.
   f32_logits = np.asarray(_forward(model, np.concatenate([prompt, result.tokens], axis=1))[0])
   scale = np.abs(f32_logits[:, PROMPT - 1]).max()
-  np.testing.assert_allclose(np.asarray(result.logits)[:, 0], f32_logits[:, PROMPT - 1],
-                             atol=0.05 * scale)
+  np.testing.assert_allclose(
+    np.asarray(result.logits)[:, 0], f32_logits[:, PROMPT - 1], atol=0.05 * scale
+  )
 
 
 def test_torch_parity_with_hugging_face_llama_layout():
@@ -214,7 +243,6 @@ def test_torch_parity_with_hugging_face_llama_layout():
   head_dim = width // num_heads
 
   class RMSNorm(nn.Module):
-
     def __init__(self):
       super().__init__()
       self.weight = nn.Parameter(torch.empty(width).uniform_(0.5, 1.5))
@@ -227,7 +255,6 @@ def test_torch_parity_with_hugging_face_llama_layout():
     return torch.cat([-second, first], dim=-1)
 
   class Attention(nn.Module):
-
     def __init__(self):
       super().__init__()
       self.q_proj = nn.Linear(width, num_heads * head_dim, bias=False)
@@ -249,7 +276,6 @@ def test_torch_parity_with_hugging_face_llama_layout():
       return self.o_proj((weights @ value).transpose(1, 2).reshape(batch, length, -1))
 
   class Mlp(nn.Module):
-
     def __init__(self):
       super().__init__()
       self.gate_proj = nn.Linear(width, mlp_dim, bias=False)
@@ -260,7 +286,6 @@ def test_torch_parity_with_hugging_face_llama_layout():
       return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
   class DecoderLayer(nn.Module):
-
     def __init__(self):
       super().__init__()
       self.input_layernorm, self.post_attention_layernorm = RMSNorm(), RMSNorm()
@@ -271,7 +296,6 @@ def test_torch_parity_with_hugging_face_llama_layout():
       return x + self.mlp(self.post_attention_layernorm(x))
 
   class LlamaModel(nn.Module):
-
     def __init__(self):
       super().__init__()
       self.embed_tokens = nn.Embedding(VOCAB, width)
@@ -288,7 +312,6 @@ def test_torch_parity_with_hugging_face_llama_layout():
       return self.norm(hidden)
 
   class LlamaForCausalLM(nn.Module):
-
     def __init__(self):
       super().__init__()
       self.model = LlamaModel()
@@ -302,10 +325,12 @@ def test_torch_parity_with_hugging_face_llama_layout():
   tokens = _prompt(length=PROMPT + NEW)
   with torch.no_grad():
     expected = reference(torch.from_numpy(tokens)).numpy()
-  model = torch_import.load_torch_model("lm_tiny", reference.state_dict(),
-                                        num_kv_heads=num_kv_heads)  # num_classes read: VOCAB
+  model = torch_import.load_torch_model(
+    "lm_tiny", reference.state_dict(), num_kv_heads=num_kv_heads
+  )  # num_classes read: VOCAB
   logits = np.asarray(_forward(model, tokens)[0])
   scale = np.abs(expected).max()
-  print(f"LLaMA parity: max |Δlogits| {np.abs(logits - expected).max():.1e} "
-        f"(logit scale {scale:.2f})")
+  print(
+    f"LLaMA parity: max |Δlogits| {np.abs(logits - expected).max():.1e} (logit scale {scale:.2f})"
+  )
   np.testing.assert_allclose(logits, expected, atol=1e-5 * scale)

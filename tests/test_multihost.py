@@ -6,6 +6,7 @@ JAX_NUM_PROCESSES / JAX_PROCESS_ID environment, feeds only its half of every glo
 (`host_to_global`), and trains 3 steps on a ('data'=4, 'fsdp'=2) mesh spanning both processes.
 Losses and parameters must equal the single-process 8-device run of the same steps.
 """
+
 import os
 import subprocess
 import sys
@@ -28,38 +29,45 @@ def _train():
   import tiny_models
   from jaxkd import distill, parallel, step as kd_step
 
-  mesh = parallel.make_mesh({'data': 4, 'fsdp': 2})
+  mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
   student, teacher = tiny_models.tiny_cnn(width=8, seed=1), tiny_models.tiny_cnn(width=8, seed=2)
-  method = distill.build({'losses': {'ce': 0.1, 'kd': 0.9}}, student=student, teacher=teacher,
-                         input_shape=(2, 8, 8, 3))
+  method = distill.build(
+    {"losses": {"ce": 0.1, "kd": 0.9}}, student=student, teacher=teacher, input_shape=(2, 8, 8, 3)
+  )
   optimizer = optax.sgd(0.1, momentum=0.9)
   state = kd_step.init_state(student, method, optimizer, mesh=mesh)
   teacher_state = kd_step.teacher_state(teacher, mesh)
-  train_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
-                                       optimizer=optimizer, mesh=mesh)
+  train_step = kd_step.make_train_step(
+    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh
+  )
   rows_per_process = GLOBAL_BATCH // jax.process_count()
   first_row = jax.process_index() * rows_per_process
   losses = []
   for step in range(NUM_STEPS):
     full_batch = tiny_models.batch(GLOBAL_BATCH, seed=step)
-    local_batch = {key: value[first_row:first_row + rows_per_process]
-                   for key, value in full_batch.items()}
+    local_batch = {
+      key: value[first_row : first_row + rows_per_process] for key, value in full_batch.items()
+    }
     global_batch = parallel.host_to_global(mesh, local_batch)
     # The processes' slices assemble into the global batch in order.
-    gathered_index = multihost_utils.process_allgather(global_batch['index'], tiled=True)
-    np.testing.assert_array_equal(gathered_index, full_batch['index'])
+    gathered_index = multihost_utils.process_allgather(global_batch["index"], tiled=True)
+    np.testing.assert_array_equal(gathered_index, full_batch["index"])
     state, metrics = train_step(state, teacher_state, global_batch)
-    losses.append(float(metrics['loss']))
+    losses.append(float(metrics["loss"]))
   student_state = multihost_utils.process_allgather(state.student, tiled=True)
-  flat = {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(student_state)[0]}
+  flat = {
+    jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(student_state)[0]
+  }
   return np.asarray(losses), flat
 
 
 def _worker(output_path: str) -> None:
   from jaxkd import parallel
+
   assert parallel.maybe_initialize_distributed(None)
   import jax
+
   assert jax.process_count() == NUM_PROCESSES and jax.device_count() == 8
   losses, flat = _train()
   if jax.process_index() == 0:
@@ -67,19 +75,29 @@ def _worker(output_path: str) -> None:
 
 
 def test_two_processes_match_one_process(tmp_path):
-  portpicker = pytest.importorskip('portpicker')
+  portpicker = pytest.importorskip("portpicker")
   port = portpicker.pick_unused_port()
-  output_path = str(tmp_path / 'multihost.npz')
-  env_base = {key: value for key, value in os.environ.items() if not key.startswith('JAX_')}
-  env_base.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4',
-                  JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
-                  JAX_NUM_PROCESSES=str(NUM_PROCESSES),
-                  PYTHONPATH=os.pathsep.join([TESTS_DIR, os.path.dirname(TESTS_DIR),
-                                              os.environ.get('PYTHONPATH', '')]))
-  workers = [subprocess.Popen([sys.executable, __file__, output_path],
-                              env={**env_base, 'JAX_PROCESS_ID': str(process_id)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for process_id in range(NUM_PROCESSES)]
+  output_path = str(tmp_path / "multihost.npz")
+  env_base = {key: value for key, value in os.environ.items() if not key.startswith("JAX_")}
+  env_base.update(
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+    JAX_NUM_PROCESSES=str(NUM_PROCESSES),
+    PYTHONPATH=os.pathsep.join(
+      [TESTS_DIR, os.path.dirname(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
+    ),
+  )
+  workers = [
+    subprocess.Popen(
+      [sys.executable, __file__, output_path],
+      env={**env_base, "JAX_PROCESS_ID": str(process_id)},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for process_id in range(NUM_PROCESSES)
+  ]
   try:
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
   finally:
@@ -91,10 +109,10 @@ def test_two_processes_match_one_process(tmp_path):
 
   losses, flat = _train()  # this process: 8 simulated devices (tests/conftest.py)
   result = np.load(output_path)
-  np.testing.assert_allclose(result['losses'], losses, rtol=1e-5)
+  np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
   for name, value in flat.items():
     np.testing.assert_allclose(result[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   _worker(sys.argv[1])

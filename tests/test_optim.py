@@ -1,4 +1,5 @@
 """Optimiser: the RepDistiller step schedule in steps, and SGD = torch.optim.SGD with L2 decay."""
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -19,8 +20,15 @@ def test_step_schedule_matches_repdistiller():
   steps_per_epoch = 10
   schedule = optim.learning_rate_schedule(config, steps_per_epoch, 240 * steps_per_epoch)
   # The update of step s (0-based) belongs to epoch s // steps_per_epoch.
-  for epoch, expected in [(0, 0.05), (149, 0.05), (150, 0.005), (179, 0.005), (180, 5e-4),
-                          (210, 5e-5), (239, 5e-5)]:
+  for epoch, expected in [
+    (0, 0.05),
+    (149, 0.05),
+    (150, 0.005),
+    (179, 0.005),
+    (180, 5e-4),
+    (210, 5e-5),
+    (239, 5e-5),
+  ]:
     np.testing.assert_allclose(schedule(epoch * steps_per_epoch), expected, rtol=1e-6)
     np.testing.assert_allclose(schedule(epoch * steps_per_epoch + 9), expected, rtol=1e-6)
 
@@ -28,8 +36,11 @@ def test_step_schedule_matches_repdistiller():
 def test_warmup_then_cosine():
   config = _optimizer_config(schedule="cosine", lr=0.1, warmup_epochs=1.0)
   schedule = optim.learning_rate_schedule(config, 10, 110)
-  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
-                             [0.0, 0.05, 0.1, 0.05, 0.0], atol=1e-7)
+  np.testing.assert_allclose(
+    [schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
+    [0.0, 0.05, 0.1, 0.05, 0.0],
+    atol=1e-7,
+  )
 
 
 def test_sgd_matches_torch_sgd_with_weight_decay():

@@ -1,5 +1,6 @@
 """The jitted distillation step: sharded == single device, teacher in eval mode,
 one augmented view for both models, eval sums with padding (8 simulated CPU devices)."""
+
 import functools
 
 import jax
@@ -13,7 +14,7 @@ import tiny_models
 from jaxkd import distill, parallel, step as kd_step
 from jaxkd.losses import logit
 
-KD_CONFIG = {'losses': {'ce': 0.1, 'kd': 0.9}, 'kd': {'temperature': 4.0}}
+KD_CONFIG = {"losses": {"ce": 0.1, "kd": 0.9}, "kd": {"temperature": 4.0}}
 IMAGE_SHAPE = (2, 8, 8, 3)
 
 
@@ -30,38 +31,45 @@ def _setup(mesh_config, width=8, devices=None, config=KD_CONFIG, teacher=True):
 
 def _run(mesh_config, devices=None, num_steps=3, **kwargs):
   student, teacher, method, mesh, optimizer, state, teacher_state = _setup(
-      mesh_config, devices=devices, **kwargs)
-  train_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
-                                       optimizer=optimizer, mesh=mesh)
+    mesh_config, devices=devices, **kwargs
+  )
+  train_step = kd_step.make_train_step(
+    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh
+  )
   losses = []
   for i in range(num_steps):
-    state, metrics = train_step(state, teacher_state, parallel.host_to_global(
-        mesh, tiny_models.batch(16, seed=i)))
-    losses.append(metrics['loss'])
+    state, metrics = train_step(
+      state, teacher_state, parallel.host_to_global(mesh, tiny_models.batch(16, seed=i))
+    )
+    losses.append(metrics["loss"])
   return np.asarray(losses), jax.device_get(state)
 
 
 @functools.cache
 def _single_device_run():
-  return _run({'data': 1}, devices=jax.devices()[:1])
+  return _run({"data": 1}, devices=jax.devices()[:1])
 
 
-@pytest.mark.parametrize('mesh_config', [{'data': 8, 'fsdp': 1}, {'data': 4, 'fsdp': 2},
-                                         {'data': 1, 'fsdp': 8}])
+@pytest.mark.parametrize(
+  "mesh_config", [{"data": 8, "fsdp": 1}, {"data": 4, "fsdp": 2}, {"data": 1, "fsdp": 8}]
+)
 def test_sharded_step_matches_single_device(mesh_config):
   single_losses, single_state = _single_device_run()
   losses, state = _run(mesh_config)
   np.testing.assert_allclose(losses, single_losses, rtol=1e-5, atol=1e-5)
   # Parameters and BatchNorm statistics (over the global batch) agree.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-               state.student, single_state.student)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+    state.student,
+    single_state.student,
+  )
   assert int(state.step) == 3
 
 
 def test_fsdp_shards_large_state_arrays():
-  _, _, _, mesh, _, state, _ = _setup({'data': 4, 'fsdp': 2})
+  _, _, _, mesh, _, state, _ = _setup({"data": 4, "fsdp": 2})
   kernel = state.student["conv2"]["kernel"][...]  # 3x3x8x16
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, 'fsdp')
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
   # The optimiser's momentum of that kernel is sharded the same way.
   assert kernel.sharding.spec in {leaf.sharding.spec for leaf in jax.tree.leaves(state.opt_state)}
 
@@ -82,7 +90,7 @@ def _flip(rng, images):
 
 
 def test_loss_uses_eval_mode_teacher_and_one_augmented_view():
-  student, teacher, method, mesh, optimizer, state, teacher_state = _setup({'data': 8})
+  student, teacher, method, mesh, optimizer, state, teacher_state = _setup({"data": 8})
   # A teacher whose running statistics differ from batch statistics, so train mode would show.
   teacher.stem_bn.mean[...] = teacher.stem_bn.mean[...] + 0.5
   teacher_state = kd_step.teacher_state(teacher, mesh)
@@ -92,62 +100,72 @@ def test_loss_uses_eval_mode_teacher_and_one_augmented_view():
     augment_calls.append(rng)
     return _flip(rng, images)
 
-  train_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
-                                       optimizer=optimizer, mesh=mesh, augment=augment)
+  train_step = kd_step.make_train_step(
+    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh, augment=augment
+  )
   host_batch = tiny_models.batch(16)
   teacher_before = jax.device_get(teacher_state)
   _, metrics = train_step(state, teacher_state, parallel.host_to_global(mesh, host_batch))
   assert len(augment_calls) == 1  # traced once: one view for both models
-  expected = _reference_loss(student, teacher, _flip(None, jnp.asarray(host_batch['image'])),
-                             host_batch['label'])
-  np.testing.assert_allclose(metrics['loss'], expected, rtol=1e-5)
+  expected = _reference_loss(
+    student, teacher, _flip(None, jnp.asarray(host_batch["image"])), host_batch["label"]
+  )
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
   # The teacher's state is an input, never updated (eval mode keeps its statistics).
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(teacher_state), teacher_before)
 
 
 def test_supervised_training_without_teacher():
   student, _, method, mesh, optimizer, state, _ = _setup(
-      {'data': 4, 'fsdp': 2}, config={'losses': {'ce': 1.0}}, teacher=False)
-  train_step = kd_step.make_train_step(student=student, teacher=None, method=method,
-                                       optimizer=optimizer, mesh=mesh)
+    {"data": 4, "fsdp": 2}, config={"losses": {"ce": 1.0}}, teacher=False
+  )
+  train_step = kd_step.make_train_step(
+    student=student, teacher=None, method=method, optimizer=optimizer, mesh=mesh
+  )
   batch = parallel.host_to_global(mesh, tiny_models.batch(16))
   # A trainer may pass the (FSDP-sharded) state of the teacher it evaluates with: ignored.
   unused_teacher_state = kd_step.teacher_state(tiny_models.tiny_cnn(width=8, seed=2), mesh)
   losses = []
   for _ in range(5):
     state, metrics = train_step(state, unused_teacher_state, batch)
-    losses.append(float(metrics['loss']))
-    assert set(metrics) == {'loss', 'ce', 'accuracy'}
+    losses.append(float(metrics["loss"]))
+    assert set(metrics) == {"loss", "ce", "accuracy"}
   assert losses[-1] < losses[0]
 
 
 def test_method_needing_a_teacher_without_one_is_an_error():
   student = tiny_models.tiny_cnn()
-  with pytest.raises(ValueError, match='needs a teacher'):
+  with pytest.raises(ValueError, match="needs a teacher"):
     distill.build(KD_CONFIG, student=student, teacher=None, input_shape=IMAGE_SHAPE)
 
 
 def test_eval_step_sums_skip_padding():
-  student, teacher, _, mesh, _, state, teacher_state = _setup({'data': 8})
+  student, teacher, _, mesh, _, state, teacher_state = _setup({"data": 8})
   eval_step = kd_step.make_eval_step(student=student, teacher=teacher, mesh=mesh)
   host_batch = tiny_models.batch(16)
-  host_batch['mask'] = np.arange(16) < 11
+  host_batch["mask"] = np.arange(16) < 11
   sums = jax.device_get(eval_step(state, teacher_state, parallel.host_to_global(mesh, host_batch)))
-  student_logits, _ = student(jnp.asarray(host_batch['image'][:11]), train=False)
-  teacher_logits, _ = teacher(jnp.asarray(host_batch['image'][:11]), train=False)
+  student_logits, _ = student(jnp.asarray(host_batch["image"][:11]), train=False)
+  teacher_logits, _ = teacher(jnp.asarray(host_batch["image"][:11]), train=False)
   predictions = np.argmax(student_logits, -1)
-  assert sums['count'] == 11
-  assert sums['correct'] == np.sum(predictions == host_batch['label'][:11])
-  assert sums['agree'] == np.sum(predictions == np.argmax(teacher_logits, -1))
-  expected_kl = logit.kd(student_logits, teacher_logits, temperature=1.0,
-                         scale_by_temperature_squared=False, reduction='sum')
-  np.testing.assert_allclose(sums['kl'], expected_kl, rtol=1e-5)
+  assert sums["count"] == 11
+  assert sums["correct"] == np.sum(predictions == host_batch["label"][:11])
+  assert sums["agree"] == np.sum(predictions == np.argmax(teacher_logits, -1))
+  expected_kl = logit.kd(
+    student_logits,
+    teacher_logits,
+    temperature=1.0,
+    scale_by_temperature_squared=False,
+    reduction="sum",
+  )
+  np.testing.assert_allclose(sums["kl"], expected_kl, rtol=1e-5)
 
 
 def test_student_model_carries_trained_weights():
-  student, teacher, method, mesh, optimizer, state, teacher_state = _setup({'data': 8})
-  train_step = kd_step.make_train_step(student=student, teacher=teacher, method=method,
-                                       optimizer=optimizer, mesh=mesh)
+  student, teacher, method, mesh, optimizer, state, teacher_state = _setup({"data": 8})
+  train_step = kd_step.make_train_step(
+    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh
+  )
   state, _ = train_step(state, teacher_state, parallel.host_to_global(mesh, tiny_models.batch(16)))
   exported = kd_step.student_model(student, state)
   np.testing.assert_array_equal(exported.head.kernel[...], state.student["head"]["kernel"][...])

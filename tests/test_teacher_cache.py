@@ -1,5 +1,6 @@
 """Cached teacher: write once keyed by example index, read by memory map, train without running
 the teacher (same loss as the live teacher), refuse mismatched data or teacher."""
+
 import jax
 import numpy as np
 import optax
@@ -16,29 +17,38 @@ IMAGE_SHAPE = (2, 8, 8, 3)
 
 def _dataset():
   data = tiny_models.batch(NUM_EXAMPLES, seed=7)
-  return data, teacher_cache.fingerprint({'image': data['image'], 'label': data['label']})
+  return data, teacher_cache.fingerprint({"image": data["image"], "label": data["label"]})
 
 
 def _batches(data, size=8, seed=0):
   """Shuffled batches: the cache must be keyed by index, not by order."""
   order = np.random.default_rng(seed).permutation(NUM_EXAMPLES)
   for start in range(0, NUM_EXAMPLES, size):
-    rows = order[start:start + size]
+    rows = order[start : start + size]
     yield {key: value[rows] for key, value in data.items()}
 
 
 def _write(tmp_path, teacher, **kwargs):
   data, data_fingerprint = _dataset()
-  return teacher_cache.write_cache(str(tmp_path), teacher=teacher, batches=_batches(data),
-                                   dataset='tiny', num_examples=NUM_EXAMPLES,
-                                   data_fingerprint=data_fingerprint, **kwargs)
+  return teacher_cache.write_cache(
+    str(tmp_path),
+    teacher=teacher,
+    batches=_batches(data),
+    dataset="tiny",
+    num_examples=NUM_EXAMPLES,
+    data_fingerprint=data_fingerprint,
+    **kwargs,
+  )
 
 
 def _open(tmp_path, teacher=None, **overrides):
   _, data_fingerprint = _dataset()
-  kwargs = dict(dataset='tiny', num_examples=NUM_EXAMPLES, data_fingerprint=data_fingerprint,
-                teacher_fingerprint=(teacher_cache.fingerprint(nnx.state(teacher)) if teacher
-                                     else None))
+  kwargs = dict(
+    dataset="tiny",
+    num_examples=NUM_EXAMPLES,
+    data_fingerprint=data_fingerprint,
+    teacher_fingerprint=(teacher_cache.fingerprint(nnx.state(teacher)) if teacher else None),
+  )
   kwargs.update(overrides)
   return teacher_cache.open_cache(str(tmp_path), **kwargs)
 
@@ -46,45 +56,54 @@ def _open(tmp_path, teacher=None, **overrides):
 def test_dense_cache_round_trip(tmp_path):
   teacher = tiny_models.tiny_cnn(width=8, seed=2)
   manifest = _write(tmp_path, teacher)
-  assert manifest.kind == 'dense' and manifest.num_classes == 10
+  assert manifest.kind == "dense" and manifest.num_classes == 10
   cache = _open(tmp_path, teacher)
-  assert isinstance(cache.arrays['logits'], np.memmap)
+  assert isinstance(cache.arrays["logits"], np.memmap)
   data, _ = _dataset()
   index = np.array([5, 0, 23, 11])
-  expected, _ = tiny_models.forward(teacher, data['image'][index])
-  np.testing.assert_allclose(cache.lookup(index)['teacher_logits'], expected, rtol=1e-5, atol=1e-6)
+  expected, _ = tiny_models.forward(teacher, data["image"][index])
+  np.testing.assert_allclose(cache.lookup(index)["teacher_logits"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_topk_cache_keeps_the_largest_log_probabilities(tmp_path):
   teacher = tiny_models.tiny_cnn(width=8, seed=2)
-  _write(tmp_path, teacher, kind='topk', k=3, dtype='float16')
+  _write(tmp_path, teacher, kind="topk", k=3, dtype="float16")
   entries = _open(tmp_path, teacher).lookup(np.arange(4))
   data, _ = _dataset()
-  logits, _ = tiny_models.forward(teacher, data['image'][:4])
+  logits, _ = tiny_models.forward(teacher, data["image"][:4])
   log_probs = jax.nn.log_softmax(logits)
   expected_ids = np.argsort(-np.asarray(log_probs), axis=-1)[:, :3]
-  np.testing.assert_array_equal(entries['teacher_topk_ids'], expected_ids)
-  np.testing.assert_allclose(entries['teacher_topk_logprobs'],
-                             np.take_along_axis(np.asarray(log_probs), expected_ids, -1), atol=2e-3)
-  dense = teacher_cache.dense_logits(entries['teacher_topk_ids'],
-                                     entries['teacher_topk_logprobs'], 10)
+  np.testing.assert_array_equal(entries["teacher_topk_ids"], expected_ids)
+  np.testing.assert_allclose(
+    entries["teacher_topk_logprobs"],
+    np.take_along_axis(np.asarray(log_probs), expected_ids, -1),
+    atol=2e-3,
+  )
+  dense = teacher_cache.dense_logits(
+    entries["teacher_topk_ids"], entries["teacher_topk_logprobs"], 10
+  )
   assert np.sum(np.isfinite(dense)) == 12
   # KD against the top-k teacher is finite and equals KD against the renormalised top-k.
   student_logits = jax.random.normal(jax.random.key(0), (4, 10))
-  value = logit.kd(student_logits, dense, temperature=1.0, reduction='none')
+  value = logit.kd(student_logits, dense, temperature=1.0, reduction="none")
   assert np.all(np.isfinite(value))
 
 
 def _train_losses(mesh, student, teacher, method, batches, cached):
   optimizer = optax.sgd(0.1, momentum=0.9)
   state = kd_step.init_state(student, method, optimizer, mesh=mesh)
-  train_step = kd_step.make_train_step(student=student, teacher=None if cached else teacher,
-                                       method=method, optimizer=optimizer, mesh=mesh)
+  train_step = kd_step.make_train_step(
+    student=student,
+    teacher=None if cached else teacher,
+    method=method,
+    optimizer=optimizer,
+    mesh=mesh,
+  )
   teacher_state = None if cached else kd_step.teacher_state(teacher, mesh)
   losses = []
   for batch in batches:
     state, metrics = train_step(state, teacher_state, parallel.host_to_global(mesh, batch))
-    losses.append(float(metrics['loss']))
+    losses.append(float(metrics["loss"]))
   return losses
 
 
@@ -92,61 +111,82 @@ def test_training_from_the_cache_matches_the_live_teacher(tmp_path):
   student, teacher = tiny_models.tiny_cnn(width=4, seed=1), tiny_models.tiny_cnn(width=8, seed=2)
   _write(tmp_path, teacher)
   cache = _open(tmp_path, teacher)
-  method = distill.build({'losses': {'ce': 0.1, 'kd': 0.9}}, student=student, teacher=teacher,
-                         input_shape=IMAGE_SHAPE)
-  mesh = parallel.make_mesh({'data': 8})
+  method = distill.build(
+    {"losses": {"ce": 0.1, "kd": 0.9}}, student=student, teacher=teacher, input_shape=IMAGE_SHAPE
+  )
+  mesh = parallel.make_mesh({"data": 8})
   data, _ = _dataset()
   batches = list(_batches(data, size=8, seed=1))[:2]
   live = _train_losses(mesh, student, teacher, method, batches, cached=False)
-  cached = _train_losses(mesh, student, teacher, method,
-                         [cache.add_to_batch(batch) for batch in batches], cached=True)
+  cached = _train_losses(
+    mesh, student, teacher, method, [cache.add_to_batch(batch) for batch in batches], cached=True
+  )
   np.testing.assert_allclose(cached, live, rtol=1e-5)
 
 
 def test_cached_step_without_cache_entries_is_an_error():
   student, teacher = tiny_models.tiny_cnn(width=4, seed=1), tiny_models.tiny_cnn(width=8, seed=2)
-  method = distill.build({'losses': {'kd': 1.0}}, student=student, teacher=teacher,
-                         input_shape=IMAGE_SHAPE)
-  mesh = parallel.make_mesh({'data': 8})
-  with pytest.raises(ValueError, match='cached teacher'):
+  method = distill.build(
+    {"losses": {"kd": 1.0}}, student=student, teacher=teacher, input_shape=IMAGE_SHAPE
+  )
+  mesh = parallel.make_mesh({"data": 8})
+  with pytest.raises(ValueError, match="cached teacher"):
     _train_losses(mesh, student, teacher, method, [tiny_models.batch(8)], cached=True)
 
 
-@pytest.mark.parametrize('field, value', [
-    ('dataset', 'cifar100'), ('num_examples', 25), ('data_fingerprint', 'abc'),
-])
+@pytest.mark.parametrize(
+  "field, value",
+  [
+    ("dataset", "cifar100"),
+    ("num_examples", 25),
+    ("data_fingerprint", "abc"),
+  ],
+)
 def test_mismatched_data_is_refused(tmp_path, field, value):
   _write(tmp_path, tiny_models.tiny_cnn(width=8, seed=2))
-  with pytest.raises(ValueError, match=f'{field} is'):
+  with pytest.raises(ValueError, match=f"{field} is"):
     _open(tmp_path, **{field: value})
 
 
 def test_mismatched_teacher_is_refused(tmp_path):
   _write(tmp_path, tiny_models.tiny_cnn(width=8, seed=2))
-  with pytest.raises(ValueError, match='teacher_fingerprint'):
+  with pytest.raises(ValueError, match="teacher_fingerprint"):
     _open(tmp_path, teacher=tiny_models.tiny_cnn(width=8, seed=3))
 
 
 def test_missing_cache_and_incomplete_batches(tmp_path):
   with pytest.raises(FileNotFoundError):
-    _open(tmp_path / 'nothing')
+    _open(tmp_path / "nothing")
   data, data_fingerprint = _dataset()
-  with pytest.raises(ValueError, match='cover 8 of 24'):
-    teacher_cache.write_cache(str(tmp_path), teacher=tiny_models.tiny_cnn(width=8, seed=2),
-                              batches=list(_batches(data))[:1], dataset='tiny',
-                              num_examples=NUM_EXAMPLES, data_fingerprint=data_fingerprint)
+  with pytest.raises(ValueError, match="cover 8 of 24"):
+    teacher_cache.write_cache(
+      str(tmp_path),
+      teacher=tiny_models.tiny_cnn(width=8, seed=2),
+      batches=list(_batches(data))[:1],
+      dataset="tiny",
+      num_examples=NUM_EXAMPLES,
+      data_fingerprint=data_fingerprint,
+    )
 
 
 def test_training_from_a_full_topk_cache_matches_the_dense_cache(tmp_path):
   """k = C keeps the whole distribution: the sparse path gives the dense loss."""
   student, teacher = tiny_models.tiny_cnn(width=4, seed=1), tiny_models.tiny_cnn(width=8, seed=2)
-  _write(tmp_path / 'dense', teacher)
-  _write(tmp_path / 'topk', teacher, kind='topk', k=10)
-  method = distill.build({'losses': {'ce': 0.1, 'kd': 0.9}}, student=student, teacher=teacher)
-  mesh = parallel.make_mesh({'data': 8})
+  _write(tmp_path / "dense", teacher)
+  _write(tmp_path / "topk", teacher, kind="topk", k=10)
+  method = distill.build({"losses": {"ce": 0.1, "kd": 0.9}}, student=student, teacher=teacher)
+  mesh = parallel.make_mesh({"data": 8})
   data, _ = _dataset()
   batches = list(_batches(data, size=8, seed=1))[:1]
-  losses = [_train_losses(mesh, student, teacher, method,
-                          [_open(tmp_path / kind).add_to_batch(b) for b in batches], cached=True)
-            for kind in ('dense', 'topk')]
+  losses = [
+    _train_losses(
+      mesh,
+      student,
+      teacher,
+      method,
+      [_open(tmp_path / kind).add_to_batch(b) for b in batches],
+      cached=True,
+    )
+    for kind in ("dense", "topk")
+  ]
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

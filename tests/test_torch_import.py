@@ -4,6 +4,7 @@ The torch modules below are written from RepDistiller's `models/*.py` layouts (m
 Sequential indices, forward order, `is_feat` / `preact` features); converting their random weights
 with randomised BatchNorm statistics must reproduce their eval-mode logits and features.
 """
+
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------- torch references (NCHW)
 # Every forward returns (logits, feats, preact_feats, pooled), feats = [f0, f1, …] as RepDistiller.
 
+
 class TorchResBlock(nn.Module):
   """resnet.py BasicBlock (shortcut 'downsample') / resnetv2.py Bottleneck (shortcut 'shortcut')."""
 
@@ -50,8 +52,10 @@ class TorchResBlock(nn.Module):
     self.shortcut_name = shortcut_name
     projection = None
     if stride != 1 or inplanes != planes * expansion:
-      projection = nn.Sequential(nn.Conv2d(inplanes, planes * expansion, 1, stride, bias=False),
-                                 nn.BatchNorm2d(planes * expansion))
+      projection = nn.Sequential(
+        nn.Conv2d(inplanes, planes * expansion, 1, stride, bias=False),
+        nn.BatchNorm2d(planes * expansion),
+      )
     setattr(self, shortcut_name, projection)
 
   def forward(self, x):
@@ -69,8 +73,17 @@ class TorchResBlock(nn.Module):
 class TorchResNet(nn.Module):
   """resnet.py ResNet (head 'fc', AvgPool2d(8)) and resnetv2.py ResNet (head 'linear')."""
 
-  def __init__(self, stem, planes, blocks, *, bottleneck=False, head="fc",
-               shortcut_name="downsample", num_classes=100):
+  def __init__(
+    self,
+    stem,
+    planes,
+    blocks,
+    *,
+    bottleneck=False,
+    head="fc",
+    shortcut_name="downsample",
+    num_classes=100,
+  ):
     super().__init__()
     self.conv1 = nn.Conv2d(3, stem, 3, padding=1, bias=False)
     self.bn1 = nn.BatchNorm2d(stem)
@@ -78,8 +91,9 @@ class TorchResNet(nn.Module):
     for index, (width, count) in enumerate(zip(planes, blocks)):
       stage = []
       for block in range(count):
-        stage.append(TorchResBlock(inplanes, width, 2 if index and not block else 1, bottleneck,
-                                   shortcut_name))
+        stage.append(
+          TorchResBlock(inplanes, width, 2 if index and not block else 1, bottleneck, shortcut_name)
+        )
         inplanes = width * (4 if bottleneck else 1)
       setattr(self, f"layer{index + 1}", nn.Sequential(*stage))
     setattr(self, head, nn.Linear(inplanes, num_classes))
@@ -109,8 +123,9 @@ class TorchWideBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(out_planes)
     self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
     self.equal_in_out = in_planes == out_planes
-    self.convShortcut = (None if self.equal_in_out else
-                         nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False))
+    self.convShortcut = (
+      None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+    )
 
   def forward(self, x):
     if self.equal_in_out:
@@ -123,19 +138,20 @@ class TorchWideBlock(nn.Module):
 
 
 class TorchNetworkBlock(nn.Module):
-
   def __init__(self, count, in_planes, out_planes, stride):
     super().__init__()
-    self.layer = nn.Sequential(*[
+    self.layer = nn.Sequential(
+      *[
         TorchWideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
-        for i in range(count)])
+        for i in range(count)
+      ]
+    )
 
   def forward(self, x):
     return self.layer(x)
 
 
 class TorchWRN(nn.Module):
-
   def __init__(self, depth, widen, num_classes=100):
     super().__init__()
     n = (depth - 4) // 6
@@ -166,8 +182,11 @@ class TorchVGG(nn.Module):
     for index, widths in enumerate(cfg):
       block = []
       for width in widths:
-        block += [nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width),
-                  nn.ReLU(inplace=True)]
+        block += [
+          nn.Conv2d(in_channels, width, 3, padding=1),
+          nn.BatchNorm2d(width),
+          nn.ReLU(inplace=True),
+        ]
         in_channels = width
       setattr(self, f"block{index}", nn.Sequential(*block[:-1]))
     self.classifier = nn.Linear(512, num_classes)
@@ -188,16 +207,20 @@ class TorchVGG(nn.Module):
 
 
 class TorchInvertedResidual(nn.Module):
-
   def __init__(self, inp, oup, stride, t):
     super().__init__()
     self.use_res_connect = stride == 1 and inp == oup
     hidden = inp * t
     self.conv = nn.Sequential(
-        nn.Conv2d(inp, hidden, 1, 1, 0, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-        nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup))
+      nn.Conv2d(inp, hidden, 1, 1, 0, bias=False),
+      nn.BatchNorm2d(hidden),
+      nn.ReLU(inplace=True),
+      nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+      nn.BatchNorm2d(hidden),
+      nn.ReLU(inplace=True),
+      nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+      nn.BatchNorm2d(oup),
+    )
 
   def forward(self, x):
     return x + self.conv(x) if self.use_res_connect else self.conv(x)
@@ -208,11 +231,19 @@ class TorchMobileNetV2(nn.Module):
 
   def __init__(self, num_classes=100, T=6, width=0.5):
     super().__init__()
-    setting = [[1, 16, 1, 1], [T, 24, 2, 1], [T, 32, 3, 2], [T, 64, 4, 2], [T, 96, 3, 1],
-               [T, 160, 3, 2], [T, 320, 1, 1]]
+    setting = [
+      [1, 16, 1, 1],
+      [T, 24, 2, 1],
+      [T, 32, 3, 2],
+      [T, 64, 4, 2],
+      [T, 96, 3, 1],
+      [T, 160, 3, 2],
+      [T, 320, 1, 1],
+    ]
     channels = int(32 * width)
-    self.conv1 = nn.Sequential(nn.Conv2d(3, channels, 3, 2, 1, bias=False),
-                               nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+    self.conv1 = nn.Sequential(
+      nn.Conv2d(3, channels, 3, 2, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)
+    )
     self.blocks = nn.ModuleList([])
     for t, c, n, s in setting:
       out = int(c * width)
@@ -221,8 +252,9 @@ class TorchMobileNetV2(nn.Module):
         group.append(TorchInvertedResidual(channels, out, stride, t))
         channels = out
       self.blocks.append(nn.Sequential(*group))
-    self.conv2 = nn.Sequential(nn.Conv2d(channels, 1280, 1, 1, 0, bias=False),
-                               nn.BatchNorm2d(1280), nn.ReLU(inplace=True))
+    self.conv2 = nn.Sequential(
+      nn.Conv2d(channels, 1280, 1, 1, 0, bias=False), nn.BatchNorm2d(1280), nn.ReLU(inplace=True)
+    )
     self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
     self.avgpool = nn.AvgPool2d(2, ceil_mode=True)
 
@@ -243,7 +275,6 @@ def _torch_shuffle(x, groups):
 
 
 class TorchShuffleV1Block(nn.Module):
-
   def __init__(self, in_planes, out_planes, stride, groups):
     super().__init__()
     self.stride = stride
@@ -267,7 +298,6 @@ class TorchShuffleV1Block(nn.Module):
 
 
 class TorchShuffleV1(nn.Module):
-
   def __init__(self, num_classes=100, out_planes=(240, 480, 960), blocks=(4, 8, 4), groups=3):
     super().__init__()
     self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
@@ -276,8 +306,11 @@ class TorchShuffleV1(nn.Module):
     for stage, (planes, count) in enumerate(zip(out_planes, blocks), start=1):
       units = []
       for i in range(count):
-        units.append(TorchShuffleV1Block(in_planes, planes - (in_planes if i == 0 else 0),
-                                         2 if i == 0 else 1, groups))
+        units.append(
+          TorchShuffleV1Block(
+            in_planes, planes - (in_planes if i == 0 else 0), 2 if i == 0 else 1, groups
+          )
+        )
         in_planes = planes
       setattr(self, f"layer{stage}", nn.Sequential(*units))
     self.linear = nn.Linear(out_planes[2], num_classes)
@@ -295,7 +328,6 @@ class TorchShuffleV1(nn.Module):
 
 
 class TorchShuffleV2Block(nn.Module):
-
   def __init__(self, in_channels):
     super().__init__()
     c = self.c = int(in_channels * 0.5)
@@ -307,7 +339,7 @@ class TorchShuffleV2Block(nn.Module):
     self.bn3 = nn.BatchNorm2d(c)
 
   def forward(self, x):
-    x1, x2 = x[:, :self.c], x[:, self.c:]
+    x1, x2 = x[:, : self.c], x[:, self.c :]
     out = F.relu(self.bn1(self.conv1(x2)))
     out = self.bn2(self.conv2(out))
     preact = self.bn3(self.conv3(out))
@@ -316,7 +348,6 @@ class TorchShuffleV2Block(nn.Module):
 
 
 class TorchShuffleV2Down(nn.Module):
-
   def __init__(self, in_channels, out_channels):
     super().__init__()
     mid = out_channels // 2
@@ -339,7 +370,6 @@ class TorchShuffleV2Down(nn.Module):
 
 
 class TorchShuffleV2(nn.Module):
-
   def __init__(self, num_classes=100, channels=(116, 232, 464, 1024), blocks=(3, 7, 3)):
     super().__init__()
     self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
@@ -368,17 +398,24 @@ class TorchShuffleV2(nn.Module):
 
 
 TORCH_MODELS = {
-    "resnet8": lambda: TorchResNet(16, (16, 32, 64), (1, 1, 1)),
-    "resnet8x4": lambda: TorchResNet(32, (64, 128, 256), (1, 1, 1)),
-    "wrn_16_1": lambda: TorchWRN(16, 1),
-    "vgg8": lambda: TorchVGG([[64], [128], [256], [512], [512]]),
-    "mobile_half": TorchMobileNetV2,
-    "ShuffleV1": TorchShuffleV1,
-    "ShuffleV2": TorchShuffleV2,
+  "resnet8": lambda: TorchResNet(16, (16, 32, 64), (1, 1, 1)),
+  "resnet8x4": lambda: TorchResNet(32, (64, 128, 256), (1, 1, 1)),
+  "wrn_16_1": lambda: TorchWRN(16, 1),
+  "vgg8": lambda: TorchVGG([[64], [128], [256], [512], [512]]),
+  "mobile_half": TorchMobileNetV2,
+  "ShuffleV1": TorchShuffleV1,
+  "ShuffleV2": TorchShuffleV2,
 }
 # Stages with a `stage{k}` / `preact_stage{k}` output.
-NUM_STAGES = {"resnet8": 3, "resnet8x4": 3, "wrn_16_1": 3, "vgg8": 4, "mobile_half": 4,
-              "ShuffleV1": 3, "ShuffleV2": 3}
+NUM_STAGES = {
+  "resnet8": 3,
+  "resnet8x4": 3,
+  "wrn_16_1": 3,
+  "vgg8": 4,
+  "mobile_half": 4,
+  "ShuffleV1": 3,
+  "ShuffleV2": 3,
+}
 
 
 def _randomized(torch_model):
@@ -428,21 +465,35 @@ def test_converted_model_matches_torch(name):
   np.testing.assert_allclose(features["stem"], feats[0], rtol=1e-4, atol=1e-4)
   for stage in range(1, NUM_STAGES[name] + 1):
     np.testing.assert_allclose(features[f"stage{stage}"], feats[stage], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(features[f"preact_stage{stage}"], preacts[stage], rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+      features[f"preact_stage{stage}"], preacts[stage], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_bottleneck_resnetv2_layout_matches_torch():
   """resnetv2.py naming ('shortcut', 'linear') and the Bottleneck block, on a narrow network."""
   torch.manual_seed(0)
-  torch_model = _randomized(TorchResNet(8, (4, 8, 8, 8), (2, 1, 1, 1), bottleneck=True,
-                                        head="linear", shortcut_name="shortcut"))
+  torch_model = _randomized(
+    TorchResNet(
+      8, (4, 8, 8, 8), (2, 1, 1, 1), bottleneck=True, head="linear", shortcut_name="shortcut"
+    )
+  )
   images = _images()
   logits, feats, preacts, _ = _torch_outputs(torch_model, images)
-  model = nnx.eval_shape(lambda: cifar_resnet.CifarResNet(
-      layers.Bottleneck, 8, (4, 8, 8, 8), (2, 1, 1, 1), classifier_name="linear",
-      shortcut_name="shortcut", num_classes=100, dtype=jnp.float32, param_dtype=jnp.float32,
-      rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: cifar_resnet.CifarResNet(
+      layers.Bottleneck,
+      8,
+      (4, 8, 8, 8),
+      (2, 1, 1, 1),
+      classifier_name="linear",
+      shortcut_name="shortcut",
+      num_classes=100,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs=nnx.Rngs(0),
+    )
+  )
   nnx.update(model, torch_import.convert_state_dict(model, torch_model.state_dict()))
   jax_logits, features = _forward(model, images)
   np.testing.assert_allclose(jax_logits, logits, rtol=1e-4, atol=1e-4)
@@ -451,8 +502,15 @@ def test_bottleneck_resnetv2_layout_matches_torch():
 
 
 def test_resnet50_keys_and_shapes_match_reference():
-  torch_model = TorchResNet(64, (64, 128, 256, 512), (3, 4, 6, 3), bottleneck=True,
-                            head="linear", shortcut_name="shortcut", num_classes=100)
+  torch_model = TorchResNet(
+    64,
+    (64, 128, 256, 512),
+    (3, 4, 6, 3),
+    bottleneck=True,
+    head="linear",
+    shortcut_name="shortcut",
+    num_classes=100,
+  )
   state = models.load_torch_state_dict("ResNet50", torch_model.state_dict())
   assert state["linear"]["kernel"].shape == (2048, 100)
   assert state["layer4"][0]["shortcut"][0]["kernel"].shape == (1, 1, 1024, 2048)
@@ -477,18 +535,22 @@ def test_checkpoint_wrappers_are_accepted():
   np.testing.assert_array_equal(converted["fc"]["kernel"][...], reference["fc"]["kernel"][...])
   numpy_state = {key: value.numpy() for key, value in state_dict.items()}
   converted = models.load_torch_state_dict("resnet8", numpy_state, num_classes=10)
-  np.testing.assert_array_equal(converted["layer1"][0]["bn1"]["var"][...],
-                                reference["layer1"][0]["bn1"]["var"][...])
+  np.testing.assert_array_equal(
+    converted["layer1"][0]["bn1"]["var"][...], reference["layer1"][0]["bn1"]["var"][...]
+  )
 
 
 def test_layouts_are_transposed():
   state_dict = TORCH_MODELS["resnet8"]().state_dict()
   state = models.load_torch_state_dict("resnet8", state_dict)
-  np.testing.assert_array_equal(state["conv1"]["kernel"][...],
-                                state_dict["conv1.weight"].numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    state["conv1"]["kernel"][...], state_dict["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+  )
   np.testing.assert_array_equal(state["fc"]["kernel"][...], state_dict["fc.weight"].numpy().T)
-  np.testing.assert_array_equal(state["layer2"][0]["downsample"][1]["mean"][...],
-                                state_dict["layer2.0.downsample.1.running_mean"].numpy())
+  np.testing.assert_array_equal(
+    state["layer2"][0]["downsample"][1]["mean"][...],
+    state_dict["layer2.0.downsample.1.running_mean"].numpy(),
+  )
 
 
 def test_mismatch_error_lists_every_offending_key():
@@ -501,8 +563,7 @@ def test_mismatch_error_lists_every_offending_key():
   message = str(error.value)
   assert "missing keys: layer3.0.bn2.running_var" in message
   assert "unexpected keys: extra.weight" in message
-  assert ("layer1.0.conv1.weight: checkpoint (16, 16, 1, 1), model expects (16, 16, 3, 3)"
-          in message)
+  assert "layer1.0.conv1.weight: checkpoint (16, 16, 1, 1), model expects (16, 16, 3, 3)" in message
 
 
 def test_wrong_architecture_is_reported():
@@ -519,40 +580,74 @@ def test_cli_end_to_end(tmp_path):
   torch.save({"epoch": 240, "model": torch_model.state_dict()}, checkpoint)
   out_dir = tmp_path / "resnet8"
   result = subprocess.run(
-      [sys.executable, "-m", "jaxkd.tools.import_torch", "--model", "resnet8",
-       "--checkpoint", str(checkpoint), "--out", str(out_dir)],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    [
+      sys.executable,
+      "-m",
+      "jaxkd.tools.import_torch",
+      "--model",
+      "resnet8",
+      "--checkpoint",
+      str(checkpoint),
+      "--out",
+      str(out_dir),
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert result.returncode == 0, result.stderr
 
-  assert io.read_metadata(str(out_dir)) == {"name": "resnet8",
-                                            "create_kwargs": {"num_classes": 100}}
+  assert io.read_metadata(str(out_dir)) == {
+    "name": "resnet8",
+    "create_kwargs": {"num_classes": 100},
+  }
   # The saved model is the converted one, weight for weight; the converted model's logits and
   # features match torch's (test_converted_model_matches_torch).
   saved = nnx.to_pure_dict(nnx.state(io.load(str(out_dir))))
-  converted = nnx.to_pure_dict(nnx.state(
-      torch_import.load_torch_model("resnet8", torch_model.state_dict())))
+  converted = nnx.to_pure_dict(
+    nnx.state(torch_import.load_torch_model("resnet8", torch_model.state_dict()))
+  )
   jax.tree.map(np.testing.assert_array_equal, saved, converted)
 
 
-@pytest.mark.parametrize("model_name, checkpoint_name, expected", [
+@pytest.mark.parametrize(
+  "model_name, checkpoint_name, expected",
+  [
     ("resnet8", "absent.pth", "checkpoint not found"),
     ("resnet9", "absent.pth", "unknown model 'resnet9'; known models: "),
-])
+  ],
+)
 def test_cli_errors(tmp_path, model_name, checkpoint_name, expected):
   from jaxkd.tools import import_torch  # pylint: disable=import-outside-toplevel
 
   with pytest.raises((ValueError, FileNotFoundError), match=expected):
-    import_torch.import_checkpoint(model_name, str(tmp_path / checkpoint_name),
-                                   str(tmp_path / "out"))
+    import_torch.import_checkpoint(
+      model_name, str(tmp_path / checkpoint_name), str(tmp_path / "out")
+    )
 
 
 def test_cli_reports_one_line_error(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "jaxkd.tools.import_torch", "--model", "resnet8",
-       "--checkpoint", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "out")],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    [
+      sys.executable,
+      "-m",
+      "jaxkd.tools.import_torch",
+      "--model",
+      "resnet8",
+      "--checkpoint",
+      str(tmp_path / "absent.pth"),
+      "--out",
+      str(tmp_path / "out"),
+    ],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
-      f"import_torch: error: checkpoint not found: {tmp_path / 'absent.pth'}")
+    f"import_torch: error: checkpoint not found: {tmp_path / 'absent.pth'}"
+  )

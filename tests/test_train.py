@@ -1,4 +1,5 @@
 """Training runs end to end on a tiny IDX dataset: the quickstart comparison, resume, exports."""
+
 import glob
 import json
 import os
@@ -13,8 +14,8 @@ from jaxkd import checkpoint, compare, train
 from jaxkd.models import io as model_io
 
 import testing_utils
-from testing_utils import compilation_cache, idx_dir  # noqa: F401  (fixtures)
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +69,13 @@ def test_quickstart_comparison_end_to_end(comparison):
 
 def test_results_table_mean_and_std():
   runs = lambda accuracies: [{"accuracy": a, "agreement": a, "kl": 1.0} for a in accuracies]
-  table = compare.results_table({
+  table = compare.results_table(
+    {
       "teacher": {"model": "t", "parameters": 1000, "accuracy": 0.9},
       "student": {"model": "s", "parameters": 10},
-      "runs": {"scratch": runs([0.80, 0.82]), "kd": runs([0.83, 0.84])}})
+      "runs": {"scratch": runs([0.80, 0.82]), "kd": runs([0.83, 0.84])},
+    }
+  )
   assert "| 81.00 ± 1.41 |" in table  # sample std (ddof = 1) of 80 and 82
   assert "| KD − scratch, paired by seed | | +2.50 ± 0.71 |" in table
 
@@ -82,8 +86,9 @@ def test_resume_matches_an_uninterrupted_run(idx_dir, comparison, tmp_path):
   KD from the comparison's exported teacher with random crop+flip, so the restored RNG and
   the data position both matter.
   """
-  config = compare.student_config(_smoke_config(idx_dir), "kd", seed=0,
-                                  teacher_dir=str(comparison[0] / "teacher" / "model"))
+  config = compare.student_config(
+    _smoke_config(idx_dir), "kd", seed=0, teacher_dir=str(comparison[0] / "teacher" / "model")
+  )
   config.num_epochs = 2  # 64 examples / batch 16 → 8 steps.
   config.data.augment = "crop_flip"
   config.log_every_steps = 1
@@ -98,8 +103,11 @@ def test_resume_matches_an_uninterrupted_run(idx_dir, comparison, tmp_path):
   resumed = train.train_and_evaluate(config, workdir)
   assert _train_steps(workdir) == list(range(1, 9))
   assert resumed == pytest.approx(uninterrupted, rel=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               _params(workdir), _params(str(tmp_path / "uninterrupted")))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    _params(workdir),
+    _params(str(tmp_path / "uninterrupted")),
+  )
 
   # A finished run does not train again; it re-evaluates.
   assert train.train_and_evaluate(config, workdir) == pytest.approx(resumed)
@@ -113,11 +121,15 @@ def test_resume_matches_an_uninterrupted_run(idx_dir, comparison, tmp_path):
 def test_crd_with_other_class_negatives_reads_the_training_labels(idx_dir, comparison, tmp_path):
   """RepDistiller's CRD recipe ('other_class' negatives) through the trainer: the labels come
   from the training source, the memory banks cover the training examples."""
-  config = compare.student_config(_smoke_config(idx_dir), "kd", seed=0,
-                                  teacher_dir=str(comparison[0] / "teacher" / "model"))
+  config = compare.student_config(
+    _smoke_config(idx_dir), "kd", seed=0, teacher_dir=str(comparison[0] / "teacher" / "model")
+  )
   config.num_epochs = 1
-  config.distill = ml_collections.ConfigDict({
+  config.distill = ml_collections.ConfigDict(
+    {
       "losses": {"ce": 1.0, "crd": 0.8},
-      "crd": {"num_negatives": 8, "feat_dim": 16, "negatives": "other_class"}})
+      "crd": {"num_negatives": 8, "feat_dim": 16, "negatives": "other_class"},
+    }
+  )
   evaluation = train.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= evaluation["accuracy"] <= 1.0

@@ -1,4 +1,5 @@
 """The trainer with a student population and with a cached teacher, on a tiny IDX dataset."""
+
 import json
 import os
 
@@ -11,11 +12,11 @@ from jaxkd import configlib, models, train
 from jaxkd.models import io as model_io
 
 import testing_utils
-from testing_utils import compilation_cache, idx_dir  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 TEMPERATURES = (2.0, 8.0)
 MEMBER_NAMES = [f"kd.temperature={t}" for t in TEMPERATURES]
-
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,13 @@ def teacher_dir(tmp_path_factory):
   """An untrained teacher: KD only needs fixed, non-uniform targets here."""
   directory = str(tmp_path_factory.mktemp("teacher") / "model")
   kwargs = {"widths": (8, 16, 16), "depth": 1, "flatten": True}
-  model_io.save(directory, models.create("small_cnn", num_classes=10, seed=7, **kwargs),
-                "small_cnn", num_classes=10, **kwargs)
+  model_io.save(
+    directory,
+    models.create("small_cnn", num_classes=10, seed=7, **kwargs),
+    "small_cnn",
+    num_classes=10,
+    **kwargs,
+  )
   return directory
 
 
@@ -79,8 +85,9 @@ def test_population_members_match_single_runs(idx_dir, teacher_dir, tmp_path):
     single = train.train_and_evaluate(single_config, single_dir)
 
     assert results["members"][name] == pytest.approx(single, rel=1e-5)
-    _assert_close(_params(os.path.join(member_dir, "model")),
-                  _params(os.path.join(single_dir, "model")))
+    _assert_close(
+      _params(os.path.join(member_dir, "model")), _params(os.path.join(single_dir, "model"))
+    )
     member_train, single_train = _records(member_dir, "train"), _records(single_dir, "train")
     assert [r["step"] for r in member_train] == [r["step"] for r in single_train] == [2, 4]
     for member_record, single_record in zip(member_train, single_train):
@@ -118,8 +125,9 @@ def test_cached_teacher_matches_online_teacher(idx_dir, teacher_dir, tmp_path):
   cached = train.train_and_evaluate(config, str(tmp_path / "cached"))
   # Evaluation still runs the real teacher: agreement and KL are comparable.
   assert cached == pytest.approx(online, rel=1e-5)
-  _assert_close(_params(str(tmp_path / "cached" / "model")), _params(os.path.join(online_dir,
-                                                                                  "model")))
+  _assert_close(
+    _params(str(tmp_path / "cached" / "model")), _params(os.path.join(online_dir, "model"))
+  )
 
   # A second run reuses the cache instead of writing it again.
   manifest = os.path.join(cache_dir, "manifest.json")

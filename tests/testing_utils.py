@@ -1,11 +1,10 @@
 """Shared by the data, config and training tests: config loading and small IDX datasets."""
+
 import gzip
 import importlib.util
 import os
 
-import jax
 import numpy as np
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +35,7 @@ def write_split(directory, stem: str, num_examples: int, *, compress: bool, seed
   images = rng.integers(0, 64, (num_examples, 28, 28)).astype(np.uint8)
   for image, label in zip(images, labels):
     row, col = divmod(int(label), 5)
-    image[4 + 10 * row:10 + 10 * row, 1 + 5 * col:5 + 5 * col] = 255
+    image[4 + 10 * row : 10 + 10 * row, 1 + 5 * col : 5 + 5 * col] = 255
   suffix = ".gz" if compress else ""
   for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
     write_idx(os.path.join(directory, f"{stem}-{kind}-ubyte{suffix}"), array, compress=compress)
@@ -48,21 +47,3 @@ def write_dataset(directory, num_train: int, num_test: int) -> str:
   write_split(directory, "train", num_train, compress=False, seed=0)
   write_split(directory, "t10k", num_test, compress=True, seed=1)
   return str(directory)
-
-
-# Fixtures shared by the trainer tests (imported by name into each test module).
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The trainer runs compile the same few programs again and again, as `jaxkd.main` would."""
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  yield
-  jax.config.update("jax_compilation_cache_dir", previous)
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-  """A fake Fashion-MNIST IDX directory: 128 training and 96 test images."""
-  return write_dataset(tmp_path_factory.mktemp("fashion_mnist"), 128, 96)

@@ -5,6 +5,7 @@
 convolutions are the zoo's `layers.Conv2d`, so the sharding, population and multi-host tests
 run its fusion barrier too.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -35,8 +36,14 @@ class TinyCNN(nnx.Module):
     logits = self.head(pooled)
     if not return_features:
       return logits, {}
-    return logits, {'stem': stem, 'stage1': stage1, 'stage2': stage2, 'preact_stage1': preact1,
-                    'preact_stage2': preact2, 'pooled': pooled}
+    return logits, {
+      "stem": stem,
+      "stage1": stage1,
+      "stage2": stage2,
+      "preact_stage1": preact1,
+      "preact_stage2": preact2,
+      "pooled": pooled,
+    }
 
 
 def tiny_cnn(num_classes: int = 10, width: int = 4, seed: int = 0) -> TinyCNN:
@@ -48,9 +55,12 @@ def batch(size: int = 16, num_classes: int = 10, image_size: int = 8, seed: int 
   rng = jax.random.key(seed)
   image_rng, label_rng = jax.random.split(rng)
   import numpy as np
-  return {'image': np.asarray(jax.random.normal(image_rng, (size, image_size, image_size, 3))),
-          'label': np.asarray(jax.random.randint(label_rng, (size,), 0, num_classes), np.int32),
-          'index': np.arange(size, dtype=np.int32)}
+
+  return {
+    "image": np.asarray(jax.random.normal(image_rng, (size, image_size, image_size, 3))),
+    "label": np.asarray(jax.random.randint(label_rng, (size,), 0, num_classes), np.int32),
+    "index": np.arange(size, dtype=np.int32),
+  }
 
 
 def forward(model, images, train: bool = False, return_features: bool = False):
@@ -59,7 +69,8 @@ def forward(model, images, train: bool = False, return_features: bool = False):
 
   @jax.jit
   def run(state, images):
-    return nnx.merge(graphdef, state, copy=True)(images, train=train,
-                                                  return_features=return_features)
+    return nnx.merge(graphdef, state, copy=True)(
+      images, train=train, return_features=return_features
+    )
 
   return run(state, jnp.asarray(images))

@@ -5,6 +5,7 @@ the same view (Beyer et al. 2022, "Knowledge distillation: a good teacher is pat
 consistent"), and the view is a pure function of (seed, step): resuming reproduces it.
 Images arrive normalised (pipeline.normalize).
 """
+
 import functools
 from typing import Callable
 
@@ -17,8 +18,9 @@ from jaxkd.data.sources import DatasetSpec
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def crop_flip(rng: jax.Array, images: jax.Array, *, padding: int,
-              pad_value: jax.Array) -> jax.Array:
+def crop_flip(
+  rng: jax.Array, images: jax.Array, *, padding: int, pad_value: jax.Array
+) -> jax.Array:
   """torchvision `RandomCrop(size, padding)` then `RandomHorizontalFlip()`, per example.
 
   Each image is padded by `padding` pixels of `pad_value` (per channel) on every side, then an

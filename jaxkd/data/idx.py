@@ -8,6 +8,7 @@ optionally gzip'd, the layout Debian's `dataset-fashion-mnist` installs under
     train-images-idx3-ubyte[.gz]  train-labels-idx1-ubyte[.gz]
     t10k-images-idx3-ubyte[.gz]   t10k-labels-idx1-ubyte[.gz]
 """
+
 import gzip
 import os
 
@@ -33,8 +34,9 @@ def read_idx(path: str) -> np.ndarray:
   offset = 4 + 4 * num_dims
   expected_bytes = int(np.prod(shape)) * dtype.itemsize
   if len(data) - offset != expected_bytes:
-    raise ValueError(f"{path}: header says shape {shape} ({expected_bytes} bytes), "
-                     f"file holds {len(data) - offset}")
+    raise ValueError(
+      f"{path}: header says shape {shape} ({expected_bytes} bytes), file holds {len(data) - offset}"
+    )
   return np.frombuffer(data, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -54,8 +56,10 @@ def load_split(directory: str, split: str) -> dict[str, np.ndarray]:
   """
   stem = _SPLIT_STEMS[split]
   paths = {}
-  for key, file_stem in (("image", f"{stem}-images-idx3-ubyte"),
-                         ("label", f"{stem}-labels-idx1-ubyte")):
+  for key, file_stem in (
+    ("image", f"{stem}-images-idx3-ubyte"),
+    ("label", f"{stem}-labels-idx1-ubyte"),
+  ):
     paths[key] = find_file(directory, file_stem)
     if paths[key] is None:
       raise FileNotFoundError(f"{os.path.join(directory, file_stem)}[.gz] does not exist")

@@ -10,6 +10,7 @@ Each process reads only its own `B / process_count` slice of every global batch;
 host_to_global` assembles the slices into one global array. grain runs the reads in threads
 and prefetches ahead of the accelerator.
 """
+
 import functools
 from typing import Iterator
 
@@ -25,22 +26,25 @@ def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def global_batch_indices(seed: int, step: int, num_examples: int,
-                         global_batch_size: int) -> np.ndarray:
+def global_batch_indices(
+  seed: int, step: int, num_examples: int, global_batch_size: int
+) -> np.ndarray:
   """Example indices of global batch `step` (see the module docstring)."""
   positions = np.arange(step * global_batch_size, (step + 1) * global_batch_size)
   epochs, offsets = np.divmod(positions, num_examples)
-  return np.concatenate([
+  return np.concatenate(
+    [
       _epoch_permutation(seed, int(epoch), num_examples)[offsets[epochs == epoch]]
       for epoch in np.unique(epochs)
-  ])
+    ]
+  )
 
 
 def host_slice(global_indices: np.ndarray) -> np.ndarray:
   """The contiguous part of a global batch that this process reads."""
   per_process = len(global_indices) // jax.process_count()
   start = jax.process_index() * per_process
-  return global_indices[start:start + per_process]
+  return global_indices[start : start + per_process]
 
 
 def normalize(images: np.ndarray, spec: DatasetSpec) -> np.ndarray:
@@ -52,18 +56,33 @@ def normalize(images: np.ndarray, spec: DatasetSpec) -> np.ndarray:
 
 def _read(source, indices: np.ndarray, spec: DatasetSpec) -> dict[str, np.ndarray]:
   examples = source.read(indices)
-  return {"image": normalize(examples["image"], spec), "label": examples["label"],
-          "index": indices.astype(np.int32)}
+  return {
+    "image": normalize(examples["image"], spec),
+    "label": examples["label"],
+    "index": indices.astype(np.int32),
+  }
 
 
 def _threaded(batches: grain.MapDataset, num_threads: int, prefetch: int) -> Iterator[dict]:
-  return iter(batches.to_iter_dataset(
-      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+  return iter(
+    batches.to_iter_dataset(
+      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    )
+  )
 
 
-def train_batches(source, spec: DatasetSpec, *, seed: int, start_step: int, num_steps: int,
-                  global_batch_size: int, num_examples: int, num_threads: int = 2,
-                  prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+  source,
+  spec: DatasetSpec,
+  *,
+  seed: int,
+  start_step: int,
+  num_steps: int,
+  global_batch_size: int,
+  num_examples: int,
+  num_threads: int = 2,
+  prefetch: int = 4,
+) -> Iterator[dict[str, np.ndarray]]:
   """Host-local batches `start_step … num_steps − 1` over the first `num_examples` examples.
 
   Each batch: 'image' float32 [b, H, W, C] normalised, 'label' int32 [b], 'index' int32 [b]
@@ -74,12 +93,14 @@ def train_batches(source, spec: DatasetSpec, *, seed: int, start_step: int, num_
     indices = global_batch_indices(seed, step, num_examples, global_batch_size)
     return _read(source, host_slice(indices), spec)
 
-  return _threaded(grain.MapDataset.range(start_step, num_steps).map(host_batch), num_threads,
-                   prefetch)
+  return _threaded(
+    grain.MapDataset.range(start_step, num_steps).map(host_batch), num_threads, prefetch
+  )
 
 
-def eval_batches(source, spec: DatasetSpec, *, global_batch_size: int, num_threads: int = 2,
-                 prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  source, spec: DatasetSpec, *, global_batch_size: int, num_threads: int = 2, prefetch: int = 4
+) -> Iterator[dict[str, np.ndarray]]:
   """The whole split in order, in host-local batches with a boolean 'mask'.
 
   The last global batch is padded (by repeating example 0) to the full size so that every
@@ -89,8 +110,9 @@ def eval_batches(source, spec: DatasetSpec, *, global_batch_size: int, num_threa
   num_batches = -(-num_examples // global_batch_size)
 
   def host_batch(batch_index: int) -> dict[str, np.ndarray]:
-    positions = host_slice(np.arange(batch_index * global_batch_size,
-                                     (batch_index + 1) * global_batch_size))
+    positions = host_slice(
+      np.arange(batch_index * global_batch_size, (batch_index + 1) * global_batch_size)
+    )
     mask = positions < num_examples
     batch = _read(source, np.where(mask, positions, 0), spec)
     batch["mask"] = mask

@@ -27,6 +27,7 @@ Every term also accepts ``warmup_epochs`` (an option): its weight ramps up as
 Adding a method = one module that calls `register` with a `LossDef` + its tests; the module is
 imported at the bottom of this file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,6 +74,7 @@ class LossInputs:
     state: this term's method state (``None`` if it has none).
     train: whether this is a training step (adapters with BatchNorm use it).
   """
+
   student_logits: jax.Array
   student_features: Features
   teacher_logits: jax.Array | None
@@ -96,6 +98,7 @@ class FeatureInfo:
   """Shapes of the features both models return (for a batch of `input_shape`), given to a
   `LossDef`'s feature selectors and adapter factory at build time. Empty (and `num_classes`
   None) for methods whose terms read no features."""
+
   student: FeatureShapes
   teacher: FeatureShapes
   num_classes: int | None
@@ -120,6 +123,7 @@ class LossDef:
     needs_train_labels: ``fn(options) -> bool``, whether the term reads every training label
       (`LossInputs.train_labels`; CRD's other-class negatives), or ``None`` (never).
   """
+
   name: str
   compute: Callable[[LossInputs], Any]
   hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
@@ -134,13 +138,13 @@ class LossDef:
 
 _REGISTRY: dict[str, LossDef] = {}
 # Options every term accepts, handled here rather than by the term.
-_COMMON_OPTIONS = {'warmup_epochs': 0}
+_COMMON_OPTIONS = {"warmup_epochs": 0}
 
 
 def register(loss_def: LossDef) -> LossDef:
   """Adds a loss term to the registry (one call per method module)."""
   if loss_def.name in _REGISTRY:
-    raise ValueError(f'loss {loss_def.name!r} is registered twice')
+    raise ValueError(f"loss {loss_def.name!r} is registered twice")
   _REGISTRY[loss_def.name] = loss_def
   return loss_def
 
@@ -152,7 +156,7 @@ def names() -> list[str]:
 
 def get(name: str) -> LossDef:
   if name not in _REGISTRY:
-    raise ValueError(f'unknown loss {name!r}; known losses: {", ".join(names())}')
+    raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(names())}")
   return _REGISTRY[name]
 
 
@@ -165,6 +169,7 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Term:
   """A `LossDef` with the settings of one config."""
+
   loss: LossDef
   options: Mapping[str, Any]
 
@@ -189,6 +194,7 @@ class Method:
     train_labels: ``[num_train_examples]`` labels by dataset index, when a term reads them.
     steps_per_epoch: for epoch-based schedules (``None`` if no term has one).
   """
+
   terms: tuple[Term, ...]
   hparams: Mapping[str, Any]
   adapters: nnx.Dict
@@ -208,20 +214,36 @@ class Method:
   def init_state(self) -> dict[str, Any]:
     """The initial method state: ``{loss name: state}`` for stateful terms."""
     rngs = jax.random.split(self.init_rng, len(self.terms))
-    return {term.name: term.loss.init_state(term.options, self.info, self.num_train_examples, rng)
-            for term, rng in zip(self.terms, rngs) if term.loss.init_state is not None}
+    return {
+      term.name: term.loss.init_state(term.options, self.info, self.num_train_examples, rng)
+      for term, rng in zip(self.terms, rngs)
+      if term.loss.init_state is not None
+    }
 
   def schedule(self, term: Term, step: jax.Array) -> jax.Array:
     """Weight multiplier of `term` at `step`: the linear warm-up over epochs, 1 without."""
-    warmup_epochs = term.options['warmup_epochs']
+    warmup_epochs = term.options["warmup_epochs"]
     if not warmup_epochs:
       return jnp.float32(1.0)
     epoch = step // self.steps_per_epoch + 1  # 1-based, as mdistiller's kwargs["epoch"]
     return jnp.minimum(epoch.astype(jnp.float32) / warmup_epochs, 1.0)
 
-  def loss(self, *, hparams, adapters: nnx.Dict | None, method_state, student_logits,
-           student_features, teacher_logits, teacher_features, batch, step, rng,
-           teacher_axis: bool = False, train: bool = True):
+  def loss(
+    self,
+    *,
+    hparams,
+    adapters: nnx.Dict | None,
+    method_state,
+    student_logits,
+    student_features,
+    teacher_logits,
+    teacher_features,
+    batch,
+    step,
+    rng,
+    teacher_axis: bool = False,
+    train: bool = True,
+  ):
     """Σ weightᵢ · scheduleᵢ(step) · termᵢ.
 
     Args:
@@ -237,32 +259,47 @@ class Method:
     Returns:
       ``(loss, metrics, new_method_state)``; metrics hold each term's unweighted value.
     """
-    labels = batch['label']
-    mask = (batch['mask'].astype(jnp.float32) if 'mask' in batch
-            else jnp.ones(labels.shape, jnp.float32))
-    train_labels = (None if self.train_labels is None
-                    else jnp.asarray(self.train_labels, jnp.int32))  # a constant of the step
-    teacher_topk = (SparseTeacher(ids=batch['teacher_topk_ids'],
-                                  logprobs=batch['teacher_topk_logprobs'])
-                    if 'teacher_topk_ids' in batch else None)
+    labels = batch["label"]
+    mask = (
+      batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(labels.shape, jnp.float32)
+    )
+    train_labels = (
+      None if self.train_labels is None else jnp.asarray(self.train_labels, jnp.int32)
+    )  # a constant of the step
+    teacher_topk = (
+      SparseTeacher(ids=batch["teacher_topk_ids"], logprobs=batch["teacher_topk_logprobs"])
+      if "teacher_topk_ids" in batch
+      else None
+    )
     total = jnp.float32(0.0)
     metrics = {}
     new_state = dict(method_state)
     for term, term_rng in zip(self.terms, jax.random.split(rng, len(self.terms))):
       adapter = adapters[term.name] if adapters is not None and term.name in adapters else None
 
-      def evaluate(term_teacher_logits, term_teacher_features, term=term, adapter=adapter,
-                   term_rng=term_rng):
+      def evaluate(
+        term_teacher_logits, term_teacher_features, term=term, adapter=adapter, term_rng=term_rng
+      ):
         inputs = LossInputs(
-            student_logits=student_logits.astype(jnp.float32),
-            student_features=student_features,
-            teacher_logits=(None if term_teacher_logits is None
-                            else term_teacher_logits.astype(jnp.float32)),
-            teacher_topk=teacher_topk,
-            teacher_features=term_teacher_features, labels=labels, mask=mask,
-            index=batch.get('index'), train_labels=train_labels, step=step, rng=term_rng,
-            hparams=hparams.get(term.name, {}),
-            options=term.options, adapter=adapter, state=method_state.get(term.name), train=train)
+          student_logits=student_logits.astype(jnp.float32),
+          student_features=student_features,
+          teacher_logits=(
+            None if term_teacher_logits is None else term_teacher_logits.astype(jnp.float32)
+          ),
+          teacher_topk=teacher_topk,
+          teacher_features=term_teacher_features,
+          labels=labels,
+          mask=mask,
+          index=batch.get("index"),
+          train_labels=train_labels,
+          step=step,
+          rng=term_rng,
+          hparams=hparams.get(term.name, {}),
+          options=term.options,
+          adapter=adapter,
+          state=method_state.get(term.name),
+          train=train,
+        )
         result = term.loss.compute(inputs)
         return result if term.loss.init_state is not None else (result, None)
 
@@ -273,10 +310,10 @@ class Method:
         value, term_state = evaluate(teacher_logits, teacher_features)
         if term.loss.init_state is not None:
           new_state[term.name] = term_state
-      weight = hparams['losses'][term.name] * self.schedule(term, step)
+      weight = hparams["losses"][term.name] * self.schedule(term, step)
       total = total + weight * value
       metrics[term.name] = value
-    metrics['loss'] = total
+    metrics["loss"] = total
     return total, metrics, new_state
 
 
@@ -289,8 +326,10 @@ def _split_settings(loss_def: LossDef, settings: Mapping[str, Any]):
     elif key in options:
       options[key] = value
     else:
-      raise ValueError(f'unknown setting {loss_def.name}.{key}; {loss_def.name} takes '
-                       f'{", ".join(sorted([*hparams, *options]))}')
+      raise ValueError(
+        f"unknown setting {loss_def.name}.{key}; {loss_def.name} takes "
+        f"{', '.join(sorted([*hparams, *options]))}"
+      )
   return hparams, options
 
 
@@ -302,15 +341,22 @@ def feature_shapes(model: nnx.Module, input_shape: Sequence[int]) -> tuple[Featu
     return nnx.merge(graphdef, state)(images, train=False, return_features=True)
 
   logits, features = jax.eval_shape(
-      forward, state, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    forward, state, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+  )
   return dict(features), logits.shape[-1]
 
 
-def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module | None = None,
-          num_train_examples: int | None = None,
-          train_labels: Callable[[], np.ndarray] | np.ndarray | None = None,
-          rngs: nnx.Rngs | None = None, steps_per_epoch: int | None = None,
-          input_shape: Sequence[int] = (2, 32, 32, 3)) -> Method:
+def build(
+  config: Mapping[str, Any],
+  *,
+  student: nnx.Module,
+  teacher: nnx.Module | None = None,
+  num_train_examples: int | None = None,
+  train_labels: Callable[[], np.ndarray] | np.ndarray | None = None,
+  rngs: nnx.Rngs | None = None,
+  steps_per_epoch: int | None = None,
+  input_shape: Sequence[int] = (2, 32, 32, 3),
+) -> Method:
   """Builds the method a `config.distill` describes.
 
   Args:
@@ -328,14 +374,15 @@ def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module
       by terms that read features (default: CIFAR, 32×32×3).
   """
   config = dict(config)
-  weights = dict(config.pop('losses', None) or {})
+  weights = dict(config.pop("losses", None) or {})
   if not weights:
-    raise ValueError(f'config.distill.losses is empty; name at least one of: {", ".join(names())}')
+    raise ValueError(f"config.distill.losses is empty; name at least one of: {', '.join(names())}")
   loss_defs = [get(name) for name in weights]
   stray = set(config) - set(weights)
   if stray:
-    raise ValueError(f'config.distill has settings for {sorted(stray)} which are not in losses '
-                     f'{sorted(weights)}')
+    raise ValueError(
+      f"config.distill has settings for {sorted(stray)} which are not in losses {sorted(weights)}"
+    )
   rngs = rngs if rngs is not None else nnx.Rngs(0)
 
   # Feature shapes are probed (abstractly) only for terms that read features or build
@@ -345,53 +392,71 @@ def build(config: Mapping[str, Any], *, student: nnx.Module, teacher: nnx.Module
       student_shapes, num_classes = feature_shapes(student, input_shape)
       teacher_shapes = feature_shapes(teacher, input_shape)[0] if teacher is not None else {}
     except Exception as error:
-      raise ValueError(f'probing the models\' features with input_shape={tuple(input_shape)} '
-                       'failed; pass distill.build(..., input_shape=) matching the data '
-                       f'(NHWC): {error}') from error
+      raise ValueError(
+        f"probing the models' features with input_shape={tuple(input_shape)} "
+        "failed; pass distill.build(..., input_shape=) matching the data "
+        f"(NHWC): {error}"
+      ) from error
     info = FeatureInfo(student=student_shapes, teacher=teacher_shapes, num_classes=num_classes)
   else:
     info = FeatureInfo(student={}, teacher={}, num_classes=None)
 
-  terms, hparams, adapters = [], {'losses': {}}, {}
+  terms, hparams, adapters = [], {"losses": {}}, {}
   student_features, teacher_features = [], []
   for loss_def in loss_defs:
     term_hparams, options = _split_settings(loss_def, dict(config.get(loss_def.name) or {}))
     if loss_def.needs_teacher and teacher is None:
-      raise ValueError(f'loss {loss_def.name!r} needs a teacher, and none is given')
-    if options['warmup_epochs'] and not steps_per_epoch:
-      raise ValueError(f'{loss_def.name}.warmup_epochs needs steps_per_epoch in distill.build')
+      raise ValueError(f"loss {loss_def.name!r} needs a teacher, and none is given")
+    if options["warmup_epochs"] and not steps_per_epoch:
+      raise ValueError(f"{loss_def.name}.warmup_epochs needs steps_per_epoch in distill.build")
     terms.append(Term(loss_def, options))
-    hparams['losses'][loss_def.name] = float(weights[loss_def.name])
+    hparams["losses"][loss_def.name] = float(weights[loss_def.name])
     if term_hparams:
       hparams[loss_def.name] = term_hparams
-    sides = ((loss_def.student_features, student_features, info.student),
-             (loss_def.teacher_features, teacher_features, info.teacher))
+    sides = (
+      (loss_def.student_features, student_features, info.student),
+      (loss_def.teacher_features, teacher_features, info.teacher),
+    )
     for selector, chosen, available in sides:
-      for name in (selector(options, info) if selector else ()):
+      for name in selector(options, info) if selector else ():
         if name not in available:
-          raise ValueError(f'{loss_def.name} needs feature {name!r}; the model returns '
-                           f'{sorted(available)}')
+          raise ValueError(
+            f"{loss_def.name} needs feature {name!r}; the model returns {sorted(available)}"
+          )
         if name not in chosen:
           chosen.append(name)
     if loss_def.adapter is not None:
       adapters[loss_def.name] = loss_def.adapter(options, info, rngs)
-  readers = [term.name for term in terms
-             if term.loss.needs_train_labels and term.loss.needs_train_labels(term.options)]
+  readers = [
+    term.name
+    for term in terms
+    if term.loss.needs_train_labels and term.loss.needs_train_labels(term.options)
+  ]
   labels = None
   if readers:
     if train_labels is None:
-      raise ValueError(f'{readers[0]} reads every training label: pass train_labels to '
-                       'distill.build')
+      raise ValueError(
+        f"{readers[0]} reads every training label: pass train_labels to distill.build"
+      )
     labels = np.asarray(train_labels() if callable(train_labels) else train_labels)
     if labels.shape != (num_train_examples,):
-      raise ValueError(f'{readers[0]}: train_labels has shape {labels.shape}, expected '
-                       f'({num_train_examples},), one label per training example')
+      raise ValueError(
+        f"{readers[0]}: train_labels has shape {labels.shape}, expected "
+        f"({num_train_examples},), one label per training example"
+      )
   return Method(
-      terms=tuple(terms), hparams=hparams, adapters=nnx.Dict(adapters),
-      student_features=tuple(student_features), teacher_features=tuple(teacher_features),
-      needs_teacher=any(term.loss.needs_teacher for term in terms), info=info,
-      num_train_examples=num_train_examples, train_labels=labels,
-      steps_per_epoch=steps_per_epoch, init_rng=rngs.params())
+    terms=tuple(terms),
+    hparams=hparams,
+    adapters=nnx.Dict(adapters),
+    student_features=tuple(student_features),
+    teacher_features=tuple(teacher_features),
+    needs_teacher=any(term.loss.needs_teacher for term in terms),
+    info=info,
+    num_train_examples=num_train_examples,
+    train_labels=labels,
+    steps_per_epoch=steps_per_epoch,
+    init_rng=rngs.params(),
+  )
 
 
 # One import per method module: importing registers its losses.

@@ -14,6 +14,7 @@ Each variable's nnx path is the reference module's state-dict key, as for the mo
 (`('abfs', 0, 'conv1', 1, 'var')` ↔ `'abfs.0.conv1.1.running_var'`), so reference weights load
 with `jaxkd.models.torch_import.convert_state_dict(adapter, torch_module.state_dict())`.
 """
+
 from collections.abc import Sequence
 
 import jax
@@ -25,7 +26,7 @@ from jaxkd.losses.feature import adaptive_avg_pool2d, l2_normalize
 from jaxkd.models import layers
 
 # kaiming_uniform_(a=1), used by ReviewKD's ABF: gain² = 2 / (1 + a²) = 1, bound √(3/fan_in).
-_kaiming_uniform_a1 = nnx.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
+_kaiming_uniform_a1 = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
 class ConvReg(nnx.Module):
@@ -42,8 +43,14 @@ class ConvReg(nnx.Module):
     use_relu: ReLU after BN (True for FitNet; False in RepDistiller's AB Connector).
   """
 
-  def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], *,
-               use_relu: bool = True, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    student_shape: Sequence[int],
+    teacher_shape: Sequence[int],
+    *,
+    use_relu: bool = True,
+    rngs: nnx.Rngs,
+  ):
     student_h, student_w, student_c = student_shape[-3:]
     teacher_h, teacher_w, teacher_c = teacher_shape[-3:]
     if student_h == 2 * teacher_h:
@@ -52,20 +59,33 @@ class ConvReg(nnx.Module):
       # torch ConvTranspose2d(k=4, s=2, p=1) pads the dilated input by k − 1 − p = 2 per side;
       # its fan_in (torch counts weight.size(1) = out channels) is the Flax kernel's axis −2.
       self.conv = nnx.ConvTranspose(
-          student_c, teacher_c, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-          transpose_kernel=True, kernel_init=layers.torch_default_kernel_init,
-          bias_init=layers.torch_default_bias_init(teacher_c * 16), rngs=rngs)
+        student_c,
+        teacher_c,
+        (4, 4),
+        strides=(2, 2),
+        padding=((2, 2), (2, 2)),
+        transpose_kernel=True,
+        kernel_init=layers.torch_default_kernel_init,
+        bias_init=layers.torch_default_bias_init(teacher_c * 16),
+        rngs=rngs,
+      )
     elif student_h >= teacher_h:
       # Rectangular when the height and width gaps differ, which `layers.conv2d` does not take.
       kernel_size = (1 + student_h - teacher_h, 1 + student_w - teacher_w)
       self.conv = nnx.Conv(
-          student_c, teacher_c, kernel_size, padding='VALID',
-          kernel_init=layers.torch_default_kernel_init,
-          bias_init=layers.torch_default_bias_init(student_c * kernel_size[0] * kernel_size[1]),
-          rngs=rngs)
+        student_c,
+        teacher_c,
+        kernel_size,
+        padding="VALID",
+        kernel_init=layers.torch_default_kernel_init,
+        bias_init=layers.torch_default_bias_init(student_c * kernel_size[0] * kernel_size[1]),
+        rngs=rngs,
+      )
     else:
-      raise ValueError(f'ConvReg: no regressor from student size {student_h} to teacher size '
-                       f'{teacher_h} (as RepDistiller).')
+      raise ValueError(
+        f"ConvReg: no regressor from student size {student_h} to teacher size "
+        f"{teacher_h} (as RepDistiller)."
+      )
     self.bn = layers.BatchNorm2d(teacher_c)
     self.use_relu = use_relu
 
@@ -117,12 +137,25 @@ class VIDRegressor(nnx.Module):
   `(self(x), target, self.log_scale)` to `jaxkd.losses.feature.vid`.
   """
 
-  def __init__(self, in_channels: int, mid_channels: int, out_channels: int, *,
-               init_pred_var: float = 5.0, eps: float = 1e-5, rngs: nnx.Rngs):
-    self.regressor = nnx.List([
-        layers.conv2d(in_channels, mid_channels, 1, bias=False, rngs=rngs), nnx.relu,
-        layers.conv2d(mid_channels, mid_channels, 1, bias=False, rngs=rngs), nnx.relu,
-        layers.conv2d(mid_channels, out_channels, 1, bias=False, rngs=rngs)])
+  def __init__(
+    self,
+    in_channels: int,
+    mid_channels: int,
+    out_channels: int,
+    *,
+    init_pred_var: float = 5.0,
+    eps: float = 1e-5,
+    rngs: nnx.Rngs,
+  ):
+    self.regressor = nnx.List(
+      [
+        layers.conv2d(in_channels, mid_channels, 1, bias=False, rngs=rngs),
+        nnx.relu,
+        layers.conv2d(mid_channels, mid_channels, 1, bias=False, rngs=rngs),
+        nnx.relu,
+        layers.conv2d(mid_channels, out_channels, 1, bias=False, rngs=rngs),
+      ]
+    )
     inverse_softplus = float(np.log(np.expm1(init_pred_var - eps)))
     self.log_scale = nnx.Param(jnp.full((out_channels,), inverse_softplus, jnp.float32))
 
@@ -153,24 +186,37 @@ class ABF(nnx.Module):
   `att_conv` = [conv, sigmoid] (None without `fuse`).
   """
 
-  def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool, *,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool, *, rngs: nnx.Rngs
+  ):
     conv_args = dict(bias=False, kernel_init=_kaiming_uniform_a1, rngs=rngs)
-    self.conv1 = nnx.List([layers.conv2d(in_channels, mid_channels, 1, **conv_args),
-                           layers.BatchNorm2d(mid_channels)])
-    self.conv2 = nnx.List([layers.conv2d(mid_channels, out_channels, 3, padding=1, **conv_args),
-                           layers.BatchNorm2d(out_channels)])
-    self.att_conv = (nnx.List([layers.conv2d(2 * mid_channels, 2, 1, rngs=rngs), nnx.sigmoid])
-                     if fuse else None)
+    self.conv1 = nnx.List(
+      [layers.conv2d(in_channels, mid_channels, 1, **conv_args), layers.BatchNorm2d(mid_channels)]
+    )
+    self.conv2 = nnx.List(
+      [
+        layers.conv2d(mid_channels, out_channels, 3, padding=1, **conv_args),
+        layers.BatchNorm2d(out_channels),
+      ]
+    )
+    self.att_conv = (
+      nnx.List([layers.conv2d(2 * mid_channels, 2, 1, rngs=rngs), nnx.sigmoid]) if fuse else None
+    )
 
-  def __call__(self, x: jax.Array, residual: jax.Array | None = None,
-               out_size: tuple[int, int] | None = None, *,
-               train: bool) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self,
+    x: jax.Array,
+    residual: jax.Array | None = None,
+    out_size: tuple[int, int] | None = None,
+    *,
+    train: bool,
+  ) -> tuple[jax.Array, jax.Array]:
     x = layers.sequential(self.conv1, x, train=train)
     if self.att_conv is not None:
       residual = _resize_nearest(residual, x.shape[1:3])
-      attention = layers.sequential(self.att_conv, jnp.concatenate([x, residual], axis=-1),
-                                    train=train)
+      attention = layers.sequential(
+        self.att_conv, jnp.concatenate([x, residual], axis=-1), train=train
+      )
       x = x * attention[..., 0:1] + residual * attention[..., 1:2]
     if out_size is not None and tuple(x.shape[1:3]) != tuple(out_size):
       x = _resize_nearest(x, out_size)
@@ -193,23 +239,33 @@ class ReviewKDFusion(nnx.Module):
     out_sizes: teacher spatial size per level (OUT_SHAPES reversed), int (square) or (H, W).
   """
 
-  def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int],
-               out_sizes: Sequence[int | tuple[int, int]], *, max_mid_channels: int = 512,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: Sequence[int],
+    out_channels: Sequence[int],
+    out_sizes: Sequence[int | tuple[int, int]],
+    *,
+    max_mid_channels: int = 512,
+    rngs: nnx.Rngs,
+  ):
     if not len(in_channels) == len(out_channels) == len(out_sizes):
-      raise ValueError('ReviewKDFusion: in_channels, out_channels and out_sizes need one entry '
-                       'per level.')
+      raise ValueError(
+        "ReviewKDFusion: in_channels, out_channels and out_sizes need one entry per level."
+      )
     mid_channels = min(max_mid_channels, in_channels[-1])
-    blocks = [ABF(c_in, mid_channels, c_out, level < len(in_channels) - 1, rngs=rngs)
-              for level, (c_in, c_out) in enumerate(zip(in_channels, out_channels))]
+    blocks = [
+      ABF(c_in, mid_channels, c_out, level < len(in_channels) - 1, rngs=rngs)
+      for level, (c_in, c_out) in enumerate(zip(in_channels, out_channels))
+    ]
     self.abfs = nnx.List(blocks[::-1])
     self.out_sizes = [(s, s) if isinstance(s, int) else tuple(s) for s in out_sizes]
 
   def __call__(self, student_features: Sequence[jax.Array], train: bool) -> list[jax.Array]:
     """Student features shallow → deep; returns the fused maps shallow → deep (for `review_hcl`)."""
     outputs, residual = [], None
-    for abf, student_feature, out_size in zip(self.abfs, student_features[::-1],
-                                              self.out_sizes[::-1]):
+    for abf, student_feature, out_size in zip(
+      self.abfs, student_features[::-1], self.out_sizes[::-1]
+    ):
       output, residual = abf(student_feature, residual, out_size, train=train)
       outputs.insert(0, output)
     return outputs

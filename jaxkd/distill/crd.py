@@ -15,6 +15,7 @@ classes, RepDistiller's CIFAR-100 loader (`CIFAR100InstanceSample`, mode 'exact'
 results use). The latter reads every training label (`distill.build(train_labels=...)`, which
 `jaxkd.train` supplies) and draws a [B, N] uniform matrix and its top-K per step.
 """
+
 from jaxkd.distill import LossDef, LossInputs, register
 from jaxkd.distill.feature import embed_heads, feature_pairs, pooled_feature, selectors
 from jaxkd.losses import relation
@@ -26,34 +27,58 @@ def _crd(inputs: LossInputs):
   (student,), (teacher,) = feature_pairs(inputs, pooled_feature)
   memory = inputs.state
   contrast_index = relation.crd_sample_contrast_index(
-      inputs.rng, inputs.index, memory.student_bank.shape[0], inputs.options['num_negatives'],
-      dataset_labels=inputs.train_labels if _other_class(inputs.options) else None)
-  return relation.crd(inputs.adapter['student'](student), inputs.adapter['teacher'](teacher),
-                      memory, inputs.index, contrast_index,
-                      temperature=inputs.hparams['temperature'],
-                      momentum=inputs.hparams['momentum'], eps=inputs.options['eps'])
+    inputs.rng,
+    inputs.index,
+    memory.student_bank.shape[0],
+    inputs.options["num_negatives"],
+    dataset_labels=inputs.train_labels if _other_class(inputs.options) else None,
+  )
+  return relation.crd(
+    inputs.adapter["student"](student),
+    inputs.adapter["teacher"](teacher),
+    memory,
+    inputs.index,
+    contrast_index,
+    temperature=inputs.hparams["temperature"],
+    momentum=inputs.hparams["momentum"],
+    eps=inputs.options["eps"],
+  )
 
 
 def _init_memory(options, info, num_train_examples, rng):
   del info
   if num_train_examples is None:
-    raise ValueError('crd keeps one memory row per training example: pass num_train_examples '
-                     'to distill.build')
-  return relation.crd_memory_init(rng, num_train_examples, options['feat_dim'])
+    raise ValueError(
+      "crd keeps one memory row per training example: pass num_train_examples to distill.build"
+    )
+  return relation.crd_memory_init(rng, num_train_examples, options["feat_dim"])
 
 
 def _other_class(options) -> bool:
-  if options['negatives'] not in ('uniform', 'other_class'):
-    raise ValueError(f"crd.negatives must be 'uniform' or 'other_class', got "
-                     f"{options['negatives']!r}")
-  return options['negatives'] == 'other_class'
+  if options["negatives"] not in ("uniform", "other_class"):
+    raise ValueError(
+      f"crd.negatives must be 'uniform' or 'other_class', got {options['negatives']!r}"
+    )
+  return options["negatives"] == "other_class"
 
 
 _student_selector, _teacher_selector = selectors(pooled_feature)
-register(LossDef(
-    name='crd', compute=_crd, hparams={'temperature': 0.07, 'momentum': 0.5},
-    options={'features': None, 'feat_dim': 128, 'num_negatives': 16384, 'eps': 1e-7,
-             'negatives': 'uniform'},
-    student_features=_student_selector, teacher_features=_teacher_selector,
+register(
+  LossDef(
+    name="crd",
+    compute=_crd,
+    hparams={"temperature": 0.07, "momentum": 0.5},
+    options={
+      "features": None,
+      "feat_dim": 128,
+      "num_negatives": 16384,
+      "eps": 1e-7,
+      "negatives": "uniform",
+    },
+    student_features=_student_selector,
+    teacher_features=_teacher_selector,
     adapter=lambda options, info, rngs: embed_heads(options, info, rngs, pooled_feature, True),
-    init_state=_init_memory, needs_train_labels=_other_class))
+    init_state=_init_memory,
+    needs_train_labels=_other_class,
+  )
+)

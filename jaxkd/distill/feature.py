@@ -23,6 +23,7 @@ Stage lists are per model: ``stage1..N`` is every stage the model returns (3 for
 ResNets, 4 for WRN/VGG/ResNet50), so the pairs of the zoo line up stage by stage. The feature
 selections are options (``features=...``) for other pairings.
 """
+
 import math
 import re
 from collections.abc import Mapping
@@ -35,32 +36,36 @@ from jaxkd.distill import adapters
 from jaxkd.losses import feature, relation
 
 
-def stage_names(shapes: Mapping[str, object], prefix: str = 'stage') -> list[str]:
+def stage_names(shapes: Mapping[str, object], prefix: str = "stage") -> list[str]:
   """``prefix1..prefixN`` present in a model's features, in stage order."""
-  pattern = re.compile(rf'{prefix}(\d+)$')
+  pattern = re.compile(rf"{prefix}(\d+)$")
   stages = sorted((int(m.group(1)), name) for name in shapes if (m := pattern.match(name)))
   return [name for _, name in stages]
 
 
 def _chosen(options, info: FeatureInfo, default) -> tuple[list[str], list[str]]:
   """(student names, teacher names): the ``features`` option, else ``default(info)``."""
-  if options['features'] is not None:
-    names = options['features']
+  if options["features"] is not None:
+    names = options["features"]
     student, teacher = (names, names) if isinstance(names[0], str) else names
     return list(student), list(teacher)
   return default(info)
 
 
 def selectors(default):
-  return (lambda options, info: _chosen(options, info, default)[0],
-          lambda options, info: _chosen(options, info, default)[1])
+  return (
+    lambda options, info: _chosen(options, info, default)[0],
+    lambda options, info: _chosen(options, info, default)[1],
+  )
 
 
 def _all_stages(info):
   student, teacher = stage_names(info.student), stage_names(info.teacher)
   if len(student) != len(teacher):
-    raise ValueError(f'student stages {student} and teacher stages {teacher} do not pair up; '
-                     'set the features option')
+    raise ValueError(
+      f"student stages {student} and teacher stages {teacher} do not pair up; "
+      "set the features option"
+    )
   return student, teacher
 
 
@@ -70,41 +75,56 @@ def _last_stage(info):
 
 def pooled_feature(info):
   del info
-  return ['pooled'], ['pooled']
+  return ["pooled"], ["pooled"]
 
 
 def _hint(info):
   del info
-  return ['stage2'], ['stage2']
+  return ["stage2"], ["stage2"]
 
 
 def feature_pairs(inputs: LossInputs, default) -> tuple[list, list]:
   """The student and teacher feature arrays a term reads, in pairing order."""
   student_names, teacher_names = _chosen(inputs.options, _info_of(inputs), default)
-  return ([inputs.student_features[name] for name in student_names],
-          [inputs.teacher_features[name] for name in teacher_names])
+  return (
+    [inputs.student_features[name] for name in student_names],
+    [inputs.teacher_features[name] for name in teacher_names],
+  )
 
 
 def _info_of(inputs: LossInputs) -> FeatureInfo:
   # At trace time the requested arrays stand in for the build-time shapes: the default
   # selectors pick the same names from them.
-  return FeatureInfo(student=inputs.student_features, teacher=inputs.teacher_features,
-                     num_classes=inputs.student_logits.shape[-1])
+  return FeatureInfo(
+    student=inputs.student_features,
+    teacher=inputs.teacher_features,
+    num_classes=inputs.student_logits.shape[-1],
+  )
 
 
-def _register_feature_term(name, compute, default, *, hparams=None, options=None, adapter=None,
-                           term_options=None):
+def _register_feature_term(
+  name, compute, default, *, hparams=None, options=None, adapter=None, term_options=None
+):
   student_selector, teacher_selector = selectors(default)
-  return register(LossDef(
-      name=name, compute=compute, hparams=hparams or {},
-      options={'features': None, **(options or {}), **(term_options or {})},
-      student_features=student_selector, teacher_features=teacher_selector, adapter=adapter))
+  return register(
+    LossDef(
+      name=name,
+      compute=compute,
+      hparams=hparams or {},
+      options={"features": None, **(options or {}), **(term_options or {})},
+      student_features=student_selector,
+      teacher_features=teacher_selector,
+      adapter=adapter,
+    )
+  )
 
 
 def _shapes(info: FeatureInfo, options, default):
   student_names, teacher_names = _chosen(options, info, default)
-  return ([info.student[name].shape for name in student_names],
-          [info.teacher[name].shape for name in teacher_names])
+  return (
+    [info.student[name].shape for name in student_names],
+    [info.teacher[name].shape for name in teacher_names],
+  )
 
 
 # --- FitNet: MSE between the regressed student hint and the teacher hint. ---
@@ -120,25 +140,28 @@ def _fitnet_adapter(options, info, rngs):
   return adapters.ConvReg(student_shape, teacher_shape, rngs=rngs)
 
 
-_register_feature_term('fitnet', _fitnet, _hint, adapter=_fitnet_adapter)
+_register_feature_term("fitnet", _fitnet, _hint, adapter=_fitnet_adapter)
 
 
 # --- Attention transfer and NST over every stage. ---
 
 
 def _attention_transfer(inputs: LossInputs):
-  return feature.attention_transfer(*feature_pairs(inputs, _all_stages), p=inputs.options['p'])
+  return feature.attention_transfer(*feature_pairs(inputs, _all_stages), p=inputs.options["p"])
 
 
-_register_feature_term('attention_transfer', _attention_transfer, _all_stages, options={'p': 2})
+_register_feature_term("attention_transfer", _attention_transfer, _all_stages, options={"p": 2})
 
 
 def _nst(inputs: LossInputs):
-  return feature.nst(*feature_pairs(inputs, _all_stages), degree=inputs.options['degree'],
-                     offset=inputs.hparams['offset'])
+  return feature.nst(
+    *feature_pairs(inputs, _all_stages),
+    degree=inputs.options["degree"],
+    offset=inputs.hparams["offset"],
+  )
 
 
-_register_feature_term('nst', _nst, _all_stages, hparams={'offset': 0.0}, options={'degree': 2})
+_register_feature_term("nst", _nst, _all_stages, hparams={"offset": 0.0}, options={"degree": 2})
 
 
 # --- Relations between the examples of the batch (batch-level scalars). ---
@@ -148,7 +171,7 @@ def _similarity_preserving(inputs: LossInputs):
   return relation.similarity_preserving(*feature_pairs(inputs, _last_stage))
 
 
-_register_feature_term('similarity_preserving', _similarity_preserving, _last_stage)
+_register_feature_term("similarity_preserving", _similarity_preserving, _last_stage)
 
 
 def _rkd(inputs: LossInputs):
@@ -156,8 +179,9 @@ def _rkd(inputs: LossInputs):
   return relation.rkd(student, teacher, **inputs.hparams)
 
 
-_register_feature_term('rkd', _rkd, pooled_feature,
-                       hparams={'distance_weight': 25.0, 'angle_weight': 50.0})
+_register_feature_term(
+  "rkd", _rkd, pooled_feature, hparams={"distance_weight": 25.0, "angle_weight": 50.0}
+)
 
 
 def _pkt(inputs: LossInputs):
@@ -165,29 +189,33 @@ def _pkt(inputs: LossInputs):
   return relation.pkt(student, teacher)
 
 
-_register_feature_term('pkt', _pkt, pooled_feature)
+_register_feature_term("pkt", _pkt, pooled_feature)
 
 
 def embed_heads(options, info, rngs, default, normalize):
   """Trainable embedding heads for both sides (RepDistiller trains ``embed_s`` and ``embed_t``)."""
   (student_shape,), (teacher_shape,) = _shapes(info, options, default)
-  dim = options['feat_dim']
+  dim = options["feat_dim"]
   return nnx.Dict(
-      student=adapters.Embed(math.prod(student_shape[1:]), dim,
-                             normalize=normalize, rngs=rngs),
-      teacher=adapters.Embed(math.prod(teacher_shape[1:]), dim,
-                             normalize=normalize, rngs=rngs))
+    student=adapters.Embed(math.prod(student_shape[1:]), dim, normalize=normalize, rngs=rngs),
+    teacher=adapters.Embed(math.prod(teacher_shape[1:]), dim, normalize=normalize, rngs=rngs),
+  )
 
 
 def _correlation_congruence(inputs: LossInputs):
   (student,), (teacher,) = feature_pairs(inputs, pooled_feature)
-  return relation.correlation_congruence(inputs.adapter['student'](student),
-                                         inputs.adapter['teacher'](teacher))
+  return relation.correlation_congruence(
+    inputs.adapter["student"](student), inputs.adapter["teacher"](teacher)
+  )
 
 
 _register_feature_term(
-    'correlation_congruence', _correlation_congruence, pooled_feature, options={'feat_dim': 128},
-    adapter=lambda options, info, rngs: embed_heads(options, info, rngs, pooled_feature, False))
+  "correlation_congruence",
+  _correlation_congruence,
+  pooled_feature,
+  options={"feat_dim": 128},
+  adapter=lambda options, info, rngs: embed_heads(options, info, rngs, pooled_feature, False),
+)
 
 
 # --- VID: Gaussian likelihood of each teacher stage under a regressor of the student's. ---
@@ -197,21 +225,26 @@ def _vid(inputs: LossInputs):
   total = jnp.float32(0.0)
   for regressor, student, teacher in zip(inputs.adapter, *feature_pairs(inputs, _all_stages)):
     mean = regressor(student, output_size=teacher.shape[1:3])
-    total += feature.vid(mean, teacher, regressor.log_scale[...], eps=inputs.options['eps'])
+    total += feature.vid(mean, teacher, regressor.log_scale[...], eps=inputs.options["eps"])
   return total
 
 
 def _vid_adapter(options, info, rngs):
   student_shapes, teacher_shapes = _shapes(info, options, _all_stages)
   # RepDistiller: VIDLoss(s_channels, t_channels, t_channels) per stage.
-  return nnx.List([adapters.VIDRegressor(s[-1], t[-1], t[-1],
-                                         init_pred_var=options['init_pred_var'],
-                                         eps=options['eps'], rngs=rngs)
-                   for s, t in zip(student_shapes, teacher_shapes)])
+  return nnx.List(
+    [
+      adapters.VIDRegressor(
+        s[-1], t[-1], t[-1], init_pred_var=options["init_pred_var"], eps=options["eps"], rngs=rngs
+      )
+      for s, t in zip(student_shapes, teacher_shapes)
+    ]
+  )
 
 
-_register_feature_term('vid', _vid, _all_stages, options={'init_pred_var': 5.0, 'eps': 1e-5},
-                       adapter=_vid_adapter)
+_register_feature_term(
+  "vid", _vid, _all_stages, options={"init_pred_var": 5.0, "eps": 1e-5}, adapter=_vid_adapter
+)
 
 
 # --- ReviewKD (mdistiller): ABF fusion of student levels, hierarchical context loss. ---
@@ -219,8 +252,10 @@ _register_feature_term('vid', _vid, _all_stages, options={'init_pred_var': 5.0, 
 
 def _review_levels(info):
   """Student ``stage1..N, pooled``; teacher ``preact_stage1..N, pooled`` (mdistiller)."""
-  return (stage_names(info.student) + ['pooled'],
-          stage_names(info.teacher, 'preact_stage') + ['pooled'])
+  return (
+    stage_names(info.student) + ["pooled"],
+    stage_names(info.teacher, "preact_stage") + ["pooled"],
+  )
 
 
 def _as_map(x):
@@ -237,40 +272,56 @@ def _review_kd(inputs: LossInputs):
 def _review_kd_adapter(options, info, rngs):
   student_shapes, teacher_shapes = _shapes(info, options, _review_levels)
   return adapters.ReviewKDFusion(
-      [s[-1] for s in student_shapes], [t[-1] for t in teacher_shapes],
-      [tuple(t[1:3]) if len(t) == 4 else (1, 1) for t in teacher_shapes],
-      max_mid_channels=options['max_mid_channels'], rngs=rngs)
+    [s[-1] for s in student_shapes],
+    [t[-1] for t in teacher_shapes],
+    [tuple(t[1:3]) if len(t) == 4 else (1, 1) for t in teacher_shapes],
+    max_mid_channels=options["max_mid_channels"],
+    rngs=rngs,
+  )
 
 
 # mdistiller CFG.REVIEWKD: CE 1, REVIEWKD_WEIGHT 1, WARMUP_EPOCHS 20, MAX_MID_CHANNEL 512.
-_register_feature_term('review_kd', _review_kd, _review_levels,
-                       options={'max_mid_channels': 512}, adapter=_review_kd_adapter,
-                       term_options={'warmup_epochs': 20})
+_register_feature_term(
+  "review_kd",
+  _review_kd,
+  _review_levels,
+  options={"max_mid_channels": 512},
+  adapter=_review_kd_adapter,
+  term_options={"warmup_epochs": 20},
+)
 
 
 # --- Hidden states (transformers): MSE / cosine per paired layer, projected if widths differ. ---
 
 
 def _layers(info):
-  student, teacher = stage_names(info.student, 'block'), stage_names(info.teacher, 'block')
+  student, teacher = stage_names(info.student, "block"), stage_names(info.teacher, "block")
   return student[-1:], teacher[-1:]
 
 
 def _hidden(loss_fn):
   def compute(inputs: LossInputs):
     students, teachers = feature_pairs(inputs, _layers)
-    projected = [projection(student) if projection is not None else student
-                 for projection, student in zip(inputs.adapter, students)]
+    projected = [
+      projection(student) if projection is not None else student
+      for projection, student in zip(inputs.adapter, students)
+    ]
     return loss_fn(projected, teachers)
+
   return compute
 
 
 def _projections(options, info, rngs):
   student_shapes, teacher_shapes = _shapes(info, options, _layers)
-  return nnx.List([adapters.LinearProjection(s[-1], t[-1], rngs=rngs) if s[-1] != t[-1] else None
-                   for s, t in zip(student_shapes, teacher_shapes)])
+  return nnx.List(
+    [
+      adapters.LinearProjection(s[-1], t[-1], rngs=rngs) if s[-1] != t[-1] else None
+      for s, t in zip(student_shapes, teacher_shapes)
+    ]
+  )
 
 
-_register_feature_term('hidden_mse', _hidden(feature.hidden_mse), _layers, adapter=_projections)
-_register_feature_term('hidden_cosine', _hidden(feature.hidden_cosine), _layers,
-                       adapter=_projections)
+_register_feature_term("hidden_mse", _hidden(feature.hidden_mse), _layers, adapter=_projections)
+_register_feature_term(
+  "hidden_cosine", _hidden(feature.hidden_cosine), _layers, adapter=_projections
+)

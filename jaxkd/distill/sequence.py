@@ -13,6 +13,7 @@ inside the step (all classes when ``k`` exceeds the vocabulary). ``teacher_tempe
 temperature the log-probabilities were taken at (1 for a live teacher, whose logits the term
 reads untempered).
 """
+
 from jaxkd.distill import LossDef, LossInputs, masked_mean, register
 from jaxkd.losses import sequence
 
@@ -20,19 +21,26 @@ from jaxkd.losses import sequence
 def _sparse_topk_kd(inputs: LossInputs):
   teacher = inputs.teacher_topk
   if teacher is None:
-    k = min(inputs.options['k'], inputs.teacher_logits.shape[-1])
+    k = min(inputs.options["k"], inputs.teacher_logits.shape[-1])
     teacher = sequence.sparse_teacher_from_logits(inputs.teacher_logits, k)
   values = sequence.sparse_topk_kd(
-      inputs.student_logits, teacher, missing=inputs.options['missing'],
-      temperature=inputs.hparams['temperature'],
-      teacher_temperature=inputs.hparams['teacher_temperature'],
-      scale_by_temperature_squared=inputs.options['scale_by_temperature_squared'],
-      eps=inputs.options['eps'], reduction='none')
+    inputs.student_logits,
+    teacher,
+    missing=inputs.options["missing"],
+    temperature=inputs.hparams["temperature"],
+    teacher_temperature=inputs.hparams["teacher_temperature"],
+    scale_by_temperature_squared=inputs.options["scale_by_temperature_squared"],
+    eps=inputs.options["eps"],
+    reduction="none",
+  )
   return masked_mean(values, inputs.mask)
 
 
-register(LossDef(
-    name='sparse_topk_kd', compute=_sparse_topk_kd,
-    hparams={'temperature': 1.0, 'teacher_temperature': 1.0},
-    options={'k': 64, 'missing': 'renormalize', 'scale_by_temperature_squared': True,
-             'eps': 1e-6}))
+register(
+  LossDef(
+    name="sparse_topk_kd",
+    compute=_sparse_topk_kd,
+    hparams={"temperature": 1.0, "teacher_temperature": 1.0},
+    options={"k": 64, "missing": "renormalize", "scale_by_temperature_squared": True, "eps": 1e-6},
+  )
+)

@@ -8,6 +8,7 @@ logits at a time; only the per-token values [B, S] leave the scan. The result is
 `sequence_loss(divergence, h_s @ W_s, h_t @ W_t, mask)`, value and gradient (EasyDeL's chunked
 distillation and Liger's fused linear JSD follow the same idea).
 """
+
 import math
 
 import jax
@@ -21,15 +22,15 @@ from jaxkd.losses.sequence import token_mean
 
 
 def chunked_per_token_divergence(
-    student_hidden: jax.Array,
-    student_unembed: jax.Array,
-    teacher_hidden: jax.Array,
-    teacher_unembed: jax.Array,
-    mask: jax.Array,
-    *,
-    divergence: Divergence = kd,
-    chunk_size: int = 256,
-    **divergence_kwargs,
+  student_hidden: jax.Array,
+  student_unembed: jax.Array,
+  teacher_hidden: jax.Array,
+  teacher_unembed: jax.Array,
+  mask: jax.Array,
+  *,
+  divergence: Divergence = kd,
+  chunk_size: int = 256,
+  **divergence_kwargs,
 ) -> jax.Array:
   """Per-token divergence between the logits `h_s @ W_s` and `h_t @ W_t`, one sequence chunk at a time.
 
@@ -53,13 +54,16 @@ def chunked_per_token_divergence(
   check_vocab_sizes(student_unembed.shape[-1], teacher_unembed.shape[-1])
   if student_unembed.shape[0] != student_width or teacher_unembed.shape[0] != teacher_width:
     raise ValueError(
-        f'hidden widths (student {student_width}, teacher {teacher_width}) do not match the unembedding '
-        f'input widths (student {student_unembed.shape[0]}, teacher {teacher_unembed.shape[0]})')
+      f"hidden widths (student {student_width}, teacher {teacher_width}) do not match the unembedding "
+      f"input widths (student {student_unembed.shape[0]}, teacher {teacher_unembed.shape[0]})"
+    )
   if teacher_hidden.shape[:2] != (batch, seq_len) or mask.shape != (batch, seq_len):
-    raise ValueError(f'student hidden {student_hidden.shape[:2]}, teacher hidden {teacher_hidden.shape[:2]} '
-                     f'and mask {mask.shape} must share [batch, sequence]')
+    raise ValueError(
+      f"student hidden {student_hidden.shape[:2]}, teacher hidden {teacher_hidden.shape[:2]} "
+      f"and mask {mask.shape} must share [batch, sequence]"
+    )
   if chunk_size < 1:
-    raise ValueError(f'chunk_size must be positive, got {chunk_size}')
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
 
   chunk_size = min(chunk_size, seq_len)
   num_chunks = math.ceil(seq_len / chunk_size)
@@ -73,11 +77,15 @@ def chunked_per_token_divergence(
 
   def chunk_divergence(student_chunk, teacher_chunk, mask_chunk):
     # float32 accumulation of the unembedding even for bfloat16 hidden states and weights.
-    student_logits = jnp.einsum('bcd,dv->bcv', student_chunk, student_unembed,
-                                preferred_element_type=jnp.float32)
-    teacher_logits = jnp.einsum('bcd,dv->bcv', teacher_chunk, teacher_unembed,
-                                preferred_element_type=jnp.float32)
-    return per_token_divergence(divergence, student_logits, teacher_logits, mask_chunk, **divergence_kwargs)
+    student_logits = jnp.einsum(
+      "bcd,dv->bcv", student_chunk, student_unembed, preferred_element_type=jnp.float32
+    )
+    teacher_logits = jnp.einsum(
+      "bcd,dv->bcv", teacher_chunk, teacher_unembed, preferred_element_type=jnp.float32
+    )
+    return per_token_divergence(
+      divergence, student_logits, teacher_logits, mask_chunk, **divergence_kwargs
+    )
 
   # Without rematerialisation the scan would save every chunk's logits for the backward pass, which is
   # the dense memory again; prevent_cse=False is safe (and faster) inside a scan.
@@ -92,16 +100,16 @@ def chunked_per_token_divergence(
 
 
 def chunked_kd(
-    student_hidden: jax.Array,
-    student_unembed: jax.Array,
-    teacher_hidden: jax.Array,
-    teacher_unembed: jax.Array,
-    mask: jax.Array,
-    *,
-    divergence: Divergence = kd,
-    chunk_size: int = 256,
-    num_tokens: jax.Array | float | None = None,
-    **divergence_kwargs,
+  student_hidden: jax.Array,
+  student_unembed: jax.Array,
+  teacher_hidden: jax.Array,
+  teacher_unembed: jax.Array,
+  mask: jax.Array,
+  *,
+  divergence: Divergence = kd,
+  chunk_size: int = 256,
+  num_tokens: jax.Array | float | None = None,
+  **divergence_kwargs,
 ) -> jax.Array:
   """Per-token mean of a divergence between student and teacher LM heads, never building [B, S, V].
 
@@ -120,6 +128,13 @@ def chunked_kd(
     A float32 scalar.
   """
   per_token = chunked_per_token_divergence(
-      student_hidden, student_unembed, teacher_hidden, teacher_unembed, mask,
-      divergence=divergence, chunk_size=chunk_size, **divergence_kwargs)
+    student_hidden,
+    student_unembed,
+    teacher_hidden,
+    teacher_unembed,
+    mask,
+    divergence=divergence,
+    chunk_size=chunk_size,
+    **divergence_kwargs,
+  )
   return token_mean(per_token, mask, num_tokens=num_tokens)

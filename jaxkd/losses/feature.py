@@ -11,6 +11,7 @@ NCHW transpose.
 Matrix products and pooling run at `Precision.HIGHEST` so that the float32 values match the
 references on accelerators too, where the default precision would round operands to bfloat16/TF32.
 """
+
 from collections.abc import Sequence
 
 import jax
@@ -73,8 +74,13 @@ def adaptive_avg_pool2d(features: jax.Array, output_size: int | tuple[int, int])
   in_h, in_w = features.shape[1:3]
   if (in_h, in_w) == (out_h, out_w):
     return features
-  return jnp.einsum('ih,bhwc,jw->bijc', _adaptive_pool_matrix(in_h, out_h), features,
-                    _adaptive_pool_matrix(in_w, out_w), precision=_HIGHEST)
+  return jnp.einsum(
+    "ih,bhwc,jw->bijc",
+    _adaptive_pool_matrix(in_h, out_h),
+    features,
+    _adaptive_pool_matrix(in_w, out_w),
+    precision=_HIGHEST,
+  )
 
 
 def match_spatial(student: jax.Array, teacher: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -111,8 +117,10 @@ def fitnet(student_hint: jax.Array, teacher_hint: jax.Array) -> jax.Array:
   """
   student_hint, teacher_hint = _as_float32(student_hint), _as_float32(teacher_hint)
   if student_hint.shape != teacher_hint.shape:
-    raise ValueError(f'fitnet: student hint {student_hint.shape} and teacher hint '
-                     f'{teacher_hint.shape} differ; regress the student with ConvReg first.')
+    raise ValueError(
+      f"fitnet: student hint {student_hint.shape} and teacher hint "
+      f"{teacher_hint.shape} differ; regress the student with ConvReg first."
+    )
   return _mse(student_hint, teacher_hint)
 
 
@@ -126,8 +134,9 @@ def attention_map(features: jax.Array, *, p: int = 2, eps: float = _NORMALIZE_EP
   return l2_normalize(channel_mean.reshape(channel_mean.shape[0], -1), axis=-1, eps=eps)
 
 
-def attention_transfer(student_features, teacher_features, *, p: int = 2,
-                       eps: float = _NORMALIZE_EPS) -> jax.Array:
+def attention_transfer(
+  student_features, teacher_features, *, p: int = 2, eps: float = _NORMALIZE_EPS
+) -> jax.Array:
   """Attention transfer: `Σ_stages mean_{b,hw}((at(f_s) − at(f_t))²)`.
 
   Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017. Reproduces RepDistiller
@@ -154,12 +163,18 @@ def attention_transfer(student_features, teacher_features, *, p: int = 2,
 
 def _polynomial_kernel_mean(a: jax.Array, b: jax.Array, degree: int, offset: float) -> jax.Array:
   """mean over (batch, i, j) of `(a_i·b_j + offset)^degree` for channel vectors a_i, b_j."""
-  gram = jnp.einsum('bsi,bsj->bij', a, b, precision=_HIGHEST)
+  gram = jnp.einsum("bsi,bsj->bij", a, b, precision=_HIGHEST)
   return jnp.mean((gram + offset) ** degree)
 
 
-def nst(student_features, teacher_features, *, degree: int = 2, offset: float = 0.0,
-        eps: float = _NORMALIZE_EPS) -> jax.Array:
+def nst(
+  student_features,
+  teacher_features,
+  *,
+  degree: int = 2,
+  offset: float = 0.0,
+  eps: float = _NORMALIZE_EPS,
+) -> jax.Array:
   """Neural selectivity transfer: squared MMD between channel activation patterns.
 
   Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer", 2017.
@@ -179,16 +194,21 @@ def nst(student_features, teacher_features, *, degree: int = 2, offset: float = 
   total = jnp.zeros((), jnp.float32)
   for student, teacher in zip(_as_list(student_features), _as_list(teacher_features), strict=True):
     student, teacher = match_spatial(student, teacher)
-    student, teacher = (l2_normalize(f.reshape(f.shape[0], -1, f.shape[-1]), axis=1, eps=eps)
-                        for f in (student, teacher))
-    total += (jax.lax.stop_gradient(_polynomial_kernel_mean(teacher, teacher, degree, offset))
-              + _polynomial_kernel_mean(student, student, degree, offset)
-              - 2.0 * _polynomial_kernel_mean(student, teacher, degree, offset))
+    student, teacher = (
+      l2_normalize(f.reshape(f.shape[0], -1, f.shape[-1]), axis=1, eps=eps)
+      for f in (student, teacher)
+    )
+    total += (
+      jax.lax.stop_gradient(_polynomial_kernel_mean(teacher, teacher, degree, offset))
+      + _polynomial_kernel_mean(student, student, degree, offset)
+      - 2.0 * _polynomial_kernel_mean(student, teacher, degree, offset)
+    )
   return total
 
 
-def vid(predicted_mean: jax.Array, target: jax.Array, log_scale: jax.Array, *,
-        eps: float = 1e-5) -> jax.Array:
+def vid(
+  predicted_mean: jax.Array, target: jax.Array, log_scale: jax.Array, *, eps: float = 1e-5
+) -> jax.Array:
   """Variational information distillation: Gaussian negative log-likelihood of the teacher.
 
   Ahn et al., "Variational Information Distillation for Knowledge Transfer", CVPR 2019.
@@ -212,15 +232,22 @@ def vid(predicted_mean: jax.Array, target: jax.Array, log_scale: jax.Array, *,
   """
   predicted_mean, target = _as_float32(predicted_mean), _as_float32(target)
   if predicted_mean.shape[1] > target.shape[1]:
-    raise ValueError(f'vid: predicted mean {predicted_mean.shape} is larger than the target '
-                     f'{target.shape}; pool the student feature before the regressor.')
+    raise ValueError(
+      f"vid: predicted mean {predicted_mean.shape} is larger than the target "
+      f"{target.shape}; pool the student feature before the regressor."
+    )
   _, target = match_spatial(predicted_mean, target)
   variance = jax.nn.softplus(_as_float32(log_scale)) + eps
   return jnp.mean(0.5 * (jnp.square(predicted_mean - target) / variance + jnp.log(variance)))
 
 
-def review_hcl(student_features, teacher_features, *, pool_sizes: Sequence[int] = (4, 2, 1),
-               level_decay: float = 0.5) -> jax.Array:
+def review_hcl(
+  student_features,
+  teacher_features,
+  *,
+  pool_sizes: Sequence[int] = (4, 2, 1),
+  level_decay: float = 0.5,
+) -> jax.Array:
   """ReviewKD hierarchical context loss.
 
   Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021. Reproduces mdistiller
@@ -245,8 +272,9 @@ def review_hcl(student_features, teacher_features, *, pool_sizes: Sequence[int] 
       if size >= height:
         continue
       weight *= level_decay
-      stage_loss += weight * _mse(adaptive_avg_pool2d(student, size),
-                                  adaptive_avg_pool2d(teacher, size))
+      stage_loss += weight * _mse(
+        adaptive_avg_pool2d(student, size), adaptive_avg_pool2d(teacher, size)
+      )
       total_weight += weight
     total += stage_loss / total_weight
   return total
@@ -281,15 +309,18 @@ def hidden_mse(student_hidden, teacher_hidden, mask: jax.Array | None = None) ->
   Returns:
     float32 scalar; 0 when no token is valid.
   """
+
   def layer_loss(student, teacher):
     token_mask = _token_mask(mask, student)
     squared_error = jnp.sum(jnp.square(student - teacher) * token_mask[..., None])
     return squared_error / jnp.maximum(jnp.sum(token_mask) * student.shape[-1], 1.0)
+
   return _mean_over_layers(layer_loss, student_hidden, teacher_hidden)
 
 
-def hidden_cosine(student_hidden, teacher_hidden, mask: jax.Array | None = None, *,
-                  eps: float = 1e-8) -> jax.Array:
+def hidden_cosine(
+  student_hidden, teacher_hidden, mask: jax.Array | None = None, *, eps: float = 1e-8
+) -> jax.Array:
   """Hidden-state cosine distance: mean over valid tokens of `1 − cos(h_s, h_t)`.
 
   Reproduces DistillKit `compute_hs_loss` kind "cosine", with torch's
@@ -304,10 +335,13 @@ def hidden_cosine(student_hidden, teacher_hidden, mask: jax.Array | None = None,
   Returns:
     float32 scalar; 0 when no token is valid.
   """
+
   def layer_loss(student, teacher):
     token_mask = _token_mask(mask, student)
     cosine = jnp.sum(student * teacher, axis=-1) / (
-        jnp.maximum(l2_norm(student, keepdims=False), eps)
-        * jnp.maximum(l2_norm(teacher, keepdims=False), eps))
+      jnp.maximum(l2_norm(student, keepdims=False), eps)
+      * jnp.maximum(l2_norm(teacher, keepdims=False), eps)
+    )
     return jnp.sum((1.0 - cosine) * token_mask) / jnp.maximum(jnp.sum(token_mask), 1.0)
+
   return _mean_over_layers(layer_loss, student_hidden, teacher_hidden)

@@ -23,6 +23,7 @@ Shared conventions, stated once:
 * Teacher gradients are not stopped: wrap ``teacher_logits`` in ``jax.lax.stop_gradient`` (or
   compute them outside ``jax.grad``) as the training step does.
 """
+
 from typing import Literal
 
 import jax
@@ -44,10 +45,10 @@ ArrayLike = jax.typing.ArrayLike
 
 
 def _log_softmax(
-    logits: ArrayLike,
-    temperature: ArrayLike,
-    axis: int,
-    where: ArrayLike | None,
+  logits: ArrayLike,
+  temperature: ArrayLike,
+  axis: int,
+  where: ArrayLike | None,
 ) -> Array:
   """float32 ``log_softmax(logits / temperature)``; excluded and ``-inf`` classes get ``-inf``."""
   scaled = jnp.asarray(logits, jnp.float32) / temperature
@@ -58,7 +59,8 @@ def _log_softmax(
   # over all (zeroed) classes instead and mask the result, keeping values and grads finite.
   any_included = jnp.any(included, axis=axis, keepdims=True)
   log_probs = jax.nn.log_softmax(
-      jnp.where(included, scaled, 0.0), axis=axis, where=included | ~any_included)
+    jnp.where(included, scaled, 0.0), axis=axis, where=included | ~any_included
+  )
   return jnp.where(included, log_probs, -jnp.inf)
 
 
@@ -70,7 +72,8 @@ def _kl(log_p: Array, log_q: Array, axis: int) -> Array:
   """
   kept = (log_p > -jnp.inf) & (log_q > -jnp.inf)
   return optax.losses.kl_divergence_with_log_targets(
-      jnp.where(kept, log_q, 0.0), jnp.where(kept, log_p, 0.0), axis=axis, where=kept)
+    jnp.where(kept, log_q, 0.0), jnp.where(kept, log_p, 0.0), axis=axis, where=kept
+  )
 
 
 def _cross_entropy(log_p: Array, log_q: Array, axis: int) -> Array:
@@ -92,18 +95,22 @@ def _log_mixture(log_p: Array, log_q: Array, weight_p: ArrayLike) -> Array:
 
 
 def _reduce(
-    per_example: Array,
-    reduction: Reduction,
-    where: ArrayLike | None,
-    logits_shape: tuple[int, ...],
-    axis: int,
-    *,
-    per_class_sum: bool = True,
+  per_example: Array,
+  reduction: Reduction,
+  where: ArrayLike | None,
+  logits_shape: tuple[int, ...],
+  axis: int,
+  *,
+  per_class_sum: bool = True,
 ) -> Array:
   """Applies :func:`reduce_loss` with the positions and class counts implied by ``where``."""
   positions, class_counts = position_mask_and_class_counts(where, logits_shape, axis)
-  return reduce_loss(per_example, reduction, positions=positions,
-                     class_counts=class_counts if per_class_sum else None)
+  return reduce_loss(
+    per_example,
+    reduction,
+    positions=positions,
+    class_counts=class_counts if per_class_sum else None,
+  )
 
 
 def _temperature_factor(temperature: ArrayLike, scale_by_temperature_squared: bool) -> Array:
@@ -119,8 +126,16 @@ def _is_concrete_scalar(value) -> bool:
 # ----------------------------------------------------------------------------------------
 
 
-def _tempered_divergence(divergence, student_logits, teacher_logits, temperature,
-                         scale_by_temperature_squared, axis, where, reduction):
+def _tempered_divergence(
+  divergence,
+  student_logits,
+  teacher_logits,
+  temperature,
+  scale_by_temperature_squared,
+  axis,
+  where,
+  reduction,
+):
   """`divergence(log_q, log_p)` of the tempered distributions, × T² if asked, reduced.
 
   The shared body of kd, reverse_kl and soft_cross_entropy, which differ only in the divergence.
@@ -128,19 +143,20 @@ def _tempered_divergence(divergence, student_logits, teacher_logits, temperature
   log_q = _log_softmax(student_logits, temperature, axis, where)
   log_p = _log_softmax(teacher_logits, temperature, axis, where)
   per_example = divergence(log_q, log_p) * _temperature_factor(
-      temperature, scale_by_temperature_squared)
+    temperature, scale_by_temperature_squared
+  )
   return _reduce(per_example, reduction, where, log_q.shape, axis)
 
 
 def kd(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    temperature: ArrayLike = 4.0,
-    scale_by_temperature_squared: bool = True,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    reduction: Reduction = 'batchmean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  temperature: ArrayLike = 4.0,
+  scale_by_temperature_squared: bool = True,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  reduction: Reduction = "batchmean",
 ) -> Array:
   r"""Hinton knowledge distillation: :math:`T^2 \, KL(p \| q)` with tempered softmaxes.
 
@@ -166,20 +182,27 @@ def kd(
   Returns:
     float32 scalar, or ``[...]`` per-position values for ``reduction='none'``.
   """
-  return _tempered_divergence(lambda log_q, log_p: _kl(log_p, log_q, axis), student_logits,
-                              teacher_logits, temperature, scale_by_temperature_squared, axis,
-                              where, reduction)
+  return _tempered_divergence(
+    lambda log_q, log_p: _kl(log_p, log_q, axis),
+    student_logits,
+    teacher_logits,
+    temperature,
+    scale_by_temperature_squared,
+    axis,
+    where,
+    reduction,
+  )
 
 
 def reverse_kl(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    temperature: ArrayLike = 1.0,
-    scale_by_temperature_squared: bool = False,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    reduction: Reduction = 'batchmean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  temperature: ArrayLike = 1.0,
+  scale_by_temperature_squared: bool = False,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  reduction: Reduction = "batchmean",
 ) -> Array:
   r"""Reverse KL, :math:`KL(q \| p) = \sum_c q_c (\log q_c - \log p_c)` (mode seeking).
 
@@ -201,20 +224,27 @@ def reverse_kl(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
-  return _tempered_divergence(lambda log_q, log_p: _kl(log_q, log_p, axis), student_logits,
-                              teacher_logits, temperature, scale_by_temperature_squared, axis,
-                              where, reduction)
+  return _tempered_divergence(
+    lambda log_q, log_p: _kl(log_q, log_p, axis),
+    student_logits,
+    teacher_logits,
+    temperature,
+    scale_by_temperature_squared,
+    axis,
+    where,
+    reduction,
+  )
 
 
 def jsd(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    beta: ArrayLike = 0.5,
-    temperature: ArrayLike = 1.0,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    reduction: Reduction = 'batchmean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  beta: ArrayLike = 0.5,
+  temperature: ArrayLike = 1.0,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  reduction: Reduction = "batchmean",
 ) -> Array:
   r"""Generalized Jensen-Shannon divergence of GKD, exactly as TRL computes it.
 
@@ -266,21 +296,23 @@ def jsd(
   else:
     beta = jnp.asarray(beta, jnp.float32)
     per_example = jnp.where(
-        beta == 0, _kl(log_p, log_q, axis),
-        jnp.where(beta == 1, _kl(log_q, log_p, axis), interior(beta)))
+      beta == 0,
+      _kl(log_p, log_q, axis),
+      jnp.where(beta == 1, _kl(log_q, log_p, axis), interior(beta)),
+    )
   return _reduce(per_example, reduction, where, log_q.shape, axis)
 
 
 def skew_kl(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    alpha: ArrayLike = 0.1,
-    temperature: ArrayLike = 1.0,
-    form: Literal['cross_entropy', 'kl'] = 'cross_entropy',
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    reduction: Reduction = 'batchmean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  alpha: ArrayLike = 0.1,
+  temperature: ArrayLike = 1.0,
+  form: Literal["cross_entropy", "kl"] = "cross_entropy",
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  reduction: Reduction = "batchmean",
 ) -> Array:
   r"""DistiLLM skew KL: the teacher against a student skewed towards the teacher.
 
@@ -312,9 +344,9 @@ def skew_kl(
   log_q = _log_softmax(student_logits, temperature, axis, where)
   log_p = _log_softmax(teacher_logits, temperature, axis, where)
   log_m = _log_mixture(log_p, log_q, alpha)
-  if form == 'cross_entropy':
+  if form == "cross_entropy":
     per_example = _cross_entropy(log_p, log_m, axis)
-  elif form == 'kl':
+  elif form == "kl":
     per_example = _kl(log_p, log_m, axis)
   else:
     raise ValueError(f"form must be 'cross_entropy' or 'kl', got {form!r}")
@@ -322,14 +354,14 @@ def skew_kl(
 
 
 def skew_reverse_kl(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    alpha: ArrayLike = 0.1,
-    temperature: ArrayLike = 1.0,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    reduction: Reduction = 'batchmean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  alpha: ArrayLike = 0.1,
+  temperature: ArrayLike = 1.0,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  reduction: Reduction = "batchmean",
 ) -> Array:
   r"""DistiLLM skew reverse KL: the student against a teacher skewed towards the student.
 
@@ -363,13 +395,13 @@ def skew_reverse_kl(
 
 
 def tvd(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    temperature: ArrayLike = 1.0,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    reduction: Reduction = 'batchmean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  temperature: ArrayLike = 1.0,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  reduction: Reduction = "batchmean",
 ) -> Array:
   r"""Total variation distance :math:`\tfrac12 \sum_c |p_c - q_c|`, in [0, 1] per position.
 
@@ -395,14 +427,14 @@ def tvd(
 
 
 def soft_cross_entropy(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    temperature: ArrayLike = 1.0,
-    scale_by_temperature_squared: bool = False,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    reduction: Reduction = 'batchmean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  temperature: ArrayLike = 1.0,
+  scale_by_temperature_squared: bool = False,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  reduction: Reduction = "batchmean",
 ) -> Array:
   r"""Cross-entropy to the teacher's soft labels, :math:`-\sum_c p_c \log q_c`.
 
@@ -423,20 +455,27 @@ def soft_cross_entropy(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
-  return _tempered_divergence(lambda log_q, log_p: _cross_entropy(log_p, log_q, axis),
-                              student_logits, teacher_logits, temperature,
-                              scale_by_temperature_squared, axis, where, reduction)
+  return _tempered_divergence(
+    lambda log_q, log_p: _cross_entropy(log_p, log_q, axis),
+    student_logits,
+    teacher_logits,
+    temperature,
+    scale_by_temperature_squared,
+    axis,
+    where,
+    reduction,
+  )
 
 
 def akl(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    head_threshold: ArrayLike = 0.5,
-    temperature: ArrayLike = 1.0,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    reduction: Reduction = 'batchmean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  head_threshold: ArrayLike = 0.5,
+  temperature: ArrayLike = 1.0,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  reduction: Reduction = "batchmean",
 ) -> Array:
   r"""Adaptive KL: forward and reverse KL weighted by where the student misses the teacher.
 
@@ -495,17 +534,17 @@ def akl(
 
 
 def dkd(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    labels: ArrayLike,
-    *,
-    alpha: ArrayLike = 1.0,
-    beta: ArrayLike = 8.0,
-    temperature: ArrayLike = 4.0,
-    gt_logit_offset: float = 1000.0,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    reduction: Reduction = 'batchmean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  labels: ArrayLike,
+  *,
+  alpha: ArrayLike = 1.0,
+  beta: ArrayLike = 8.0,
+  temperature: ArrayLike = 4.0,
+  gt_logit_offset: float = 1000.0,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  reduction: Reduction = "batchmean",
 ) -> Array:
   r"""Decoupled knowledge distillation: target-class KD (TCKD) + non-target-class KD (NCKD).
 
@@ -601,15 +640,15 @@ def _probabilities_2d(logits: ArrayLike, temperature: ArrayLike, axis: int) -> A
 
 
 def dist(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    beta: ArrayLike = 1.0,
-    gamma: ArrayLike = 1.0,
-    temperature: ArrayLike = 1.0,
-    scale_by_temperature_squared: bool = True,
-    epsilon: float = 1e-8,
-    axis: int = -1,
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  beta: ArrayLike = 1.0,
+  gamma: ArrayLike = 1.0,
+  temperature: ArrayLike = 1.0,
+  scale_by_temperature_squared: bool = True,
+  epsilon: float = 1e-8,
+  axis: int = -1,
 ) -> Array:
   r"""DIST: match inter-class and intra-class Pearson correlations of the predictions.
 
@@ -652,7 +691,8 @@ def dist(
   inter = 1.0 - jnp.mean(_pearson(student_probs, teacher_probs, -1, epsilon))
   intra = 1.0 - jnp.mean(_pearson(student_probs, teacher_probs, 0, epsilon))
   return (beta * inter + gamma * intra) * _temperature_factor(
-      temperature, scale_by_temperature_squared)
+    temperature, scale_by_temperature_squared
+  )
 
 
 def _isotonic_decreasing_solution(y: Array) -> Array:
@@ -687,15 +727,15 @@ def _isotonic_decreasing_jvp(primals, tangents):
   solution = _isotonic_decreasing(y)
   # Equal values belong to one block: the solution is monotone and blocks differ.
   same_block = (solution[..., :, None] == solution[..., None, :]).astype(jnp.float32)
-  block_mean = jnp.einsum('...ij,...j->...i', same_block, y_dot) / jnp.sum(same_block, axis=-1)
+  block_mean = jnp.einsum("...ij,...j->...i", same_block, y_dot) / jnp.sum(same_block, axis=-1)
   return solution, block_mean
 
 
 def soft_rank(
-    values: ArrayLike,
-    *,
-    regularization_strength: ArrayLike = 1.0,
-    axis: int = -1,
+  values: ArrayLike,
+  *,
+  regularization_strength: ArrayLike = 1.0,
+  axis: int = -1,
 ) -> Array:
   r"""Differentiable ascending ranks: l2-regularised projection onto the permutahedron.
 
@@ -746,17 +786,17 @@ def _rankable(log_probs: Array, axis: int) -> Array:
 
 
 def correlation_kd(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    pearson_weight: ArrayLike = 1.0,
-    spearman_weight: ArrayLike = 1.0,
-    temperature: ArrayLike = 1.0,
-    scale_by_temperature_squared: bool = True,
-    regularization_strength: ArrayLike = 1.0,
-    epsilon: float = 1e-8,
-    axis: int = -1,
-    reduction: Reduction = 'batchmean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  pearson_weight: ArrayLike = 1.0,
+  spearman_weight: ArrayLike = 1.0,
+  temperature: ArrayLike = 1.0,
+  scale_by_temperature_squared: bool = True,
+  regularization_strength: ArrayLike = 1.0,
+  epsilon: float = 1e-8,
+  axis: int = -1,
+  reduction: Reduction = "batchmean",
 ) -> Array:
   r"""Correlation matching KD: Pearson plus soft-Spearman correlation over classes.
 
@@ -808,13 +848,14 @@ def correlation_kd(
   log_p = _log_softmax(teacher_logits, temperature, axis, None)
   pearson = _pearson(jnp.exp(log_q), jnp.exp(log_p), axis, epsilon)
   spearman = _pearson(
-      soft_rank(_rankable(log_q, axis), regularization_strength=regularization_strength,
-                axis=axis),
-      soft_rank(_rankable(log_p, axis), regularization_strength=regularization_strength,
-                axis=axis),
-      axis, epsilon)
+    soft_rank(_rankable(log_q, axis), regularization_strength=regularization_strength, axis=axis),
+    soft_rank(_rankable(log_p, axis), regularization_strength=regularization_strength, axis=axis),
+    axis,
+    epsilon,
+  )
   per_example = (pearson_weight * (1.0 - pearson) + spearman_weight * (1.0 - spearman)) * (
-      _temperature_factor(temperature, scale_by_temperature_squared))
+    _temperature_factor(temperature, scale_by_temperature_squared)
+  )
   return _reduce(per_example, reduction, None, log_q.shape, axis, per_class_sum=False)
 
 
@@ -824,12 +865,12 @@ def correlation_kd(
 
 
 def standardize(
-    logits: ArrayLike,
-    *,
-    ddof: int = 1,
-    epsilon: float = 1e-7,
-    axis: int = -1,
-    where: ArrayLike | None = None,
+  logits: ArrayLike,
+  *,
+  ddof: int = 1,
+  epsilon: float = 1e-7,
+  axis: int = -1,
+  where: ArrayLike | None = None,
 ) -> Array:
   r"""Logit standardisation: z-score each logit vector, ``(z - mean) / (std + eps)``.
 
@@ -873,12 +914,12 @@ def standardize(
 
 
 def mse_logits(
-    student_logits: ArrayLike,
-    teacher_logits: ArrayLike,
-    *,
-    axis: int = -1,
-    where: ArrayLike | None = None,
-    reduction: Reduction = 'mean',
+  student_logits: ArrayLike,
+  teacher_logits: ArrayLike,
+  *,
+  axis: int = -1,
+  where: ArrayLike | None = None,
+  reduction: Reduction = "mean",
 ) -> Array:
   r"""Mean squared error between logits, :math:`(z_s - z_t)^2` averaged over every element.
 

@@ -11,19 +11,20 @@ choice changes the loss scale by a factor of the number of classes. The four red
 * ``'sum'``: sum over everything.
 * ``'none'``: the per-example values (class axis summed), leading dimensions kept.
 """
+
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-Reduction = Literal['batchmean', 'mean', 'sum', 'none']
-REDUCTIONS = ('batchmean', 'mean', 'sum', 'none')
+Reduction = Literal["batchmean", "mean", "sum", "none"]
+REDUCTIONS = ("batchmean", "mean", "sum", "none")
 
 
 def position_mask_and_class_counts(
-    where: jax.typing.ArrayLike | None,
-    shape: tuple[int, ...],
-    axis: int = -1,
+  where: jax.typing.ArrayLike | None,
+  shape: tuple[int, ...],
+  axis: int = -1,
 ) -> tuple[jax.Array | None, jax.Array | int]:
   """Splits an element mask into the positions that count and their class counts.
 
@@ -55,11 +56,11 @@ def expand_class_mask(where: jax.typing.ArrayLike, ndim: int, axis: int) -> jax.
 
 
 def reduce_loss(
-    per_example: jax.Array,
-    reduction: Reduction,
-    *,
-    positions: jax.Array | None = None,
-    class_counts: jax.Array | int | None = None,
+  per_example: jax.Array,
+  reduction: Reduction,
+  *,
+  positions: jax.Array | None = None,
+  class_counts: jax.Array | int | None = None,
 ) -> jax.Array:
   """Reduces per-example loss values (class axis already summed) to the requested form.
 
@@ -76,19 +77,21 @@ def reduce_loss(
     With no counted position, 'batchmean' and 'mean' return 0 rather than 0/0.
   """
   if reduction not in REDUCTIONS:
-    raise ValueError(f'reduction must be one of {REDUCTIONS}, got {reduction!r}')
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
   per_example = jnp.asarray(per_example, jnp.float32)
   if positions is not None:
     per_example = jnp.where(positions, per_example, 0.0)
-  if reduction == 'none':
+  if reduction == "none":
     return per_example
   total = jnp.sum(per_example)
-  if reduction == 'sum':
+  if reduction == "sum":
     return total
-  if reduction == 'mean':
+  if reduction == "mean":
     if class_counts is None:
-      raise ValueError("reduction='mean' averages over the class axis, which this loss does not "
-                       "have as a sum of per-class terms; use 'batchmean', 'sum' or 'none'.")
+      raise ValueError(
+        "reduction='mean' averages over the class axis, which this loss does not "
+        "have as a sum of per-class terms; use 'batchmean', 'sum' or 'none'."
+      )
     counts = jnp.broadcast_to(jnp.asarray(class_counts, jnp.float32), per_example.shape)
   else:
     counts = jnp.ones(per_example.shape, jnp.float32)

@@ -7,6 +7,7 @@ memory bank is explicit state: `crd` takes a `CRDMemory` and returns the updated
 Flattening order does not matter for these losses (Gram matrices, pairwise distances and angles are
 invariant to a permutation of the feature axis), so NHWC and NCHW features give the same value.
 """
+
 from typing import NamedTuple
 
 import jax
@@ -26,8 +27,9 @@ def _gram(x: jax.Array) -> jax.Array:
   return jnp.matmul(x, x.T, precision=_HIGHEST)
 
 
-def similarity_preserving(student_features, teacher_features, *,
-                          eps: float = _NORMALIZE_EPS) -> jax.Array:
+def similarity_preserving(
+  student_features, teacher_features, *, eps: float = _NORMALIZE_EPS
+) -> jax.Array:
   """Similarity-preserving KD: `Σ_stages ‖normalize(G_s) − normalize(G_t)‖²_F / B²`.
 
   Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019. Reproduces RepDistiller
@@ -58,8 +60,7 @@ def pairwise_distances(embed: jax.Array, *, squared: bool = False, eps: float = 
   square root's gradient finite; identical samples thus sit at distance √eps (1e-6), not 0.
   """
   squared_norms = jnp.sum(jnp.square(embed), axis=1)
-  distances = jnp.maximum(squared_norms[:, None] + squared_norms[None, :]
-                          - 2.0 * _gram(embed), eps)
+  distances = jnp.maximum(squared_norms[:, None] + squared_norms[None, :] - 2.0 * _gram(embed), eps)
   if not squared:
     distances = jnp.sqrt(distances)
   return jnp.where(jnp.eye(embed.shape[0], dtype=bool), 0.0, distances)
@@ -75,7 +76,7 @@ def _normalize_by_mean_positive(distances: jax.Array) -> jax.Array:
 def _angles(embed: jax.Array, eps: float) -> jax.Array:
   """[B, B, B] cosines of the angle at vertex i between e_j − e_i and e_k − e_i."""
   differences = l2_normalize(embed[None, :, :] - embed[:, None, :], axis=2, eps=eps)
-  return jnp.einsum('ijd,ikd->ijk', differences, differences, precision=_HIGHEST)
+  return jnp.einsum("ijd,ikd->ijk", differences, differences, precision=_HIGHEST)
 
 
 def _smooth_l1(predictions: jax.Array, targets: jax.Array, beta: float) -> jax.Array:
@@ -83,8 +84,15 @@ def _smooth_l1(predictions: jax.Array, targets: jax.Array, beta: float) -> jax.A
   return jnp.mean(optax.losses.huber_loss(predictions, targets, delta=beta)) / beta
 
 
-def rkd(student_embed: jax.Array, teacher_embed: jax.Array, *, distance_weight: float = 25.0,
-        angle_weight: float = 50.0, smooth_l1_beta: float = 1.0, eps: float = 1e-12) -> jax.Array:
+def rkd(
+  student_embed: jax.Array,
+  teacher_embed: jax.Array,
+  *,
+  distance_weight: float = 25.0,
+  angle_weight: float = 50.0,
+  smooth_l1_beta: float = 1.0,
+  eps: float = 1e-12,
+) -> jax.Array:
   """Relational KD: distance-wise plus angle-wise smooth-L1 between relation structures.
 
   Park et al., "Relational Knowledge Distillation", CVPR 2019. Reproduces RepDistiller
@@ -105,11 +113,14 @@ def rkd(student_embed: jax.Array, teacher_embed: jax.Array, *, distance_weight: 
     float32 scalar.
   """
   student, teacher = _flatten(student_embed), jax.lax.stop_gradient(_flatten(teacher_embed))
-  distance_loss = _smooth_l1(_normalize_by_mean_positive(pairwise_distances(student, eps=eps)),
-                             _normalize_by_mean_positive(pairwise_distances(teacher, eps=eps)),
-                             smooth_l1_beta)
-  angle_loss = _smooth_l1(_angles(student, _NORMALIZE_EPS), _angles(teacher, _NORMALIZE_EPS),
-                          smooth_l1_beta)
+  distance_loss = _smooth_l1(
+    _normalize_by_mean_positive(pairwise_distances(student, eps=eps)),
+    _normalize_by_mean_positive(pairwise_distances(teacher, eps=eps)),
+    smooth_l1_beta,
+  )
+  angle_loss = _smooth_l1(
+    _angles(student, _NORMALIZE_EPS), _angles(teacher, _NORMALIZE_EPS), smooth_l1_beta
+  )
   return distance_weight * distance_loss + angle_weight * angle_loss
 
 
@@ -141,8 +152,9 @@ def pkt(student_embed: jax.Array, teacher_embed: jax.Array, *, eps: float = 1e-7
   """
   student_affinity = _cosine_affinity(_flatten(student_embed), eps)
   teacher_affinity = _cosine_affinity(_flatten(teacher_embed), eps)
-  return jnp.mean(teacher_affinity
-                  * (jnp.log(teacher_affinity + eps) - jnp.log(student_affinity + eps)))
+  return jnp.mean(
+    teacher_affinity * (jnp.log(teacher_affinity + eps) - jnp.log(student_affinity + eps))
+  )
 
 
 def correlation_congruence(student_embed: jax.Array, teacher_embed: jax.Array) -> jax.Array:
@@ -178,6 +190,7 @@ class CRDMemory(NamedTuple):
       sets it, then fixed.
     teacher_normalizer: Z of the teacher-anchor scores (`Z_v2`), likewise.
   """
+
   student_bank: jax.Array
   teacher_bank: jax.Array
   student_normalizer: jax.Array
@@ -194,13 +207,21 @@ def crd_memory_init(key: jax.Array, n_data: int, feat_dim: int) -> CRDMemory:
   bank_shape = (n_data, feat_dim)
   unset = jnp.full((), -1.0, jnp.float32)
   return CRDMemory(
-      student_bank=jax.random.uniform(student_key, bank_shape, jnp.float32, -stdv, stdv),
-      teacher_bank=jax.random.uniform(teacher_key, bank_shape, jnp.float32, -stdv, stdv),
-      student_normalizer=unset, teacher_normalizer=unset)
+    student_bank=jax.random.uniform(student_key, bank_shape, jnp.float32, -stdv, stdv),
+    teacher_bank=jax.random.uniform(teacher_key, bank_shape, jnp.float32, -stdv, stdv),
+    student_normalizer=unset,
+    teacher_normalizer=unset,
+  )
 
 
-def crd_sample_contrast_index(key: jax.Array, index: jax.Array, n_data: int, num_negatives: int,
-                              *, dataset_labels: jax.Array | None = None) -> jax.Array:
+def crd_sample_contrast_index(
+  key: jax.Array,
+  index: jax.Array,
+  n_data: int,
+  num_negatives: int,
+  *,
+  dataset_labels: jax.Array | None = None,
+) -> jax.Array:
   """Contrast indices [B, 1 + K]: column 0 the positive (`index`), then K negatives.
 
   Without `dataset_labels`: negatives uniform over the dataset, with replacement, as
@@ -248,11 +269,12 @@ def _nce_loss(log_scores: jax.Array, n_data: int, eps: float) -> jax.Array:
   return -(jnp.sum(log_d1) + jnp.sum(log_d0)) / batch
 
 
-def _contrast_logits(bank: jax.Array, contrast_index: jax.Array, anchor: jax.Array,
-                     temperature: float) -> jax.Array:
+def _contrast_logits(
+  bank: jax.Array, contrast_index: jax.Array, anchor: jax.Array, temperature: float
+) -> jax.Array:
   """`bmm(bank[contrast_index], anchor) / T`: [B, 1 + K] scores, the bank detached."""
   contrast = jax.lax.stop_gradient(bank[contrast_index])
-  return jnp.einsum('bkd,bd->bk', contrast, anchor, precision=_HIGHEST) / temperature
+  return jnp.einsum("bkd,bd->bk", contrast, anchor, precision=_HIGHEST) / temperature
 
 
 def _log_normalized(logits: jax.Array, normalizer: jax.Array, n_data: int):
@@ -262,16 +284,25 @@ def _log_normalized(logits: jax.Array, normalizer: jax.Array, n_data: int):
   return logits - jnp.log(normalizer), normalizer
 
 
-def _momentum_update(bank: jax.Array, index: jax.Array, embed: jax.Array,
-                     momentum: float) -> jax.Array:
+def _momentum_update(
+  bank: jax.Array, index: jax.Array, embed: jax.Array, momentum: float
+) -> jax.Array:
   """Rows `index` ← normalize(momentum·bank[index] + (1 − momentum)·embed), without gradient."""
   updated = bank[index] * momentum + jax.lax.stop_gradient(embed) * (1.0 - momentum)
   return bank.at[index].set(l2_normalize(updated, axis=1))
 
 
-def crd(student_embed: jax.Array, teacher_embed: jax.Array, memory: CRDMemory, index: jax.Array,
-        contrast_index: jax.Array, *, temperature: float = 0.07, momentum: float = 0.5,
-        eps: float = 1e-7) -> tuple[jax.Array, CRDMemory]:
+def crd(
+  student_embed: jax.Array,
+  teacher_embed: jax.Array,
+  memory: CRDMemory,
+  index: jax.Array,
+  contrast_index: jax.Array,
+  *,
+  temperature: float = 0.07,
+  momentum: float = 0.5,
+  eps: float = 1e-7,
+) -> tuple[jax.Array, CRDMemory]:
   """Contrastive representation distillation with NCE over a momentum memory bank.
 
   Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020. Reproduces
@@ -304,14 +335,20 @@ def crd(student_embed: jax.Array, teacher_embed: jax.Array, memory: CRDMemory, i
   student_embed, teacher_embed = _as_float32(student_embed), _as_float32(teacher_embed)
   n_data = memory.student_bank.shape[0]
   log_student_scores, student_normalizer = _log_normalized(
-      _contrast_logits(memory.teacher_bank, contrast_index, student_embed, temperature),
-      memory.student_normalizer, n_data)
+    _contrast_logits(memory.teacher_bank, contrast_index, student_embed, temperature),
+    memory.student_normalizer,
+    n_data,
+  )
   log_teacher_scores, teacher_normalizer = _log_normalized(
-      _contrast_logits(memory.student_bank, contrast_index, teacher_embed, temperature),
-      memory.teacher_normalizer, n_data)
+    _contrast_logits(memory.student_bank, contrast_index, teacher_embed, temperature),
+    memory.teacher_normalizer,
+    n_data,
+  )
   loss = _nce_loss(log_student_scores, n_data, eps) + _nce_loss(log_teacher_scores, n_data, eps)
   new_memory = CRDMemory(
-      student_bank=_momentum_update(memory.student_bank, index, student_embed, momentum),
-      teacher_bank=_momentum_update(memory.teacher_bank, index, teacher_embed, momentum),
-      student_normalizer=student_normalizer, teacher_normalizer=teacher_normalizer)
+    student_bank=_momentum_update(memory.student_bank, index, student_embed, momentum),
+    teacher_bank=_momentum_update(memory.teacher_bank, index, teacher_embed, momentum),
+    student_normalizer=student_normalizer,
+    teacher_normalizer=teacher_normalizer,
+  )
   return loss, new_memory

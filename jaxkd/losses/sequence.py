@@ -21,6 +21,7 @@ response of `tokens [B, S]` with `loss_mask [B, S]` (True on response tokens) re
 
 With TRL-style labels (-100 = ignored) already shifted, `mask = labels != -100`.
 """
+
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -35,10 +36,10 @@ Divergence = Callable[..., jax.Array]
 
 
 def token_mean(
-    per_token: jax.Array,
-    mask: jax.Array,
-    *,
-    num_tokens: jax.Array | float | None = None,
+  per_token: jax.Array,
+  mask: jax.Array,
+  *,
+  num_tokens: jax.Array | float | None = None,
 ) -> jax.Array:
   r"""Mean of a per-token quantity over the valid (mask=True) positions.
 
@@ -61,7 +62,7 @@ def token_mean(
     A float32 scalar.
   """
   if per_token.shape != mask.shape:
-    raise ValueError(f'per_token shape {per_token.shape} != mask shape {mask.shape}')
+    raise ValueError(f"per_token shape {per_token.shape} != mask shape {mask.shape}")
   mask = mask.astype(bool)
   total = jnp.sum(jnp.where(mask, per_token.astype(jnp.float32), 0.0))
   if num_tokens is None:
@@ -73,16 +74,17 @@ def check_vocab_sizes(student_vocab: int, teacher_vocab: int) -> None:
   """Raises a ValueError naming both sizes when the vocabularies differ."""
   if student_vocab != teacher_vocab:
     raise ValueError(
-        f'student vocabulary size {student_vocab} != teacher vocabulary size {teacher_vocab}; '
-        'distillation over logits needs a shared vocabulary (slice or pad the unembedding first).')
+      f"student vocabulary size {student_vocab} != teacher vocabulary size {teacher_vocab}; "
+      "distillation over logits needs a shared vocabulary (slice or pad the unembedding first)."
+    )
 
 
 def per_token_divergence(
-    divergence_fn: Divergence,
-    student_logits: jax.Array,
-    teacher: Any,
-    mask: jax.Array,
-    **divergence_kwargs,
+  divergence_fn: Divergence,
+  student_logits: jax.Array,
+  teacher: Any,
+  mask: jax.Array,
+  **divergence_kwargs,
 ) -> jax.Array:
   """A per-position divergence that is exactly 0, in value and gradient, at masked positions.
 
@@ -105,28 +107,32 @@ def per_token_divergence(
   """
   lead_shape = student_logits.shape[:-1]
   if mask.shape != lead_shape:
-    raise ValueError(f'mask shape {mask.shape} != student logits leading shape {lead_shape}')
+    raise ValueError(f"mask shape {mask.shape} != student logits leading shape {lead_shape}")
   if isinstance(teacher, (jax.Array, np.ndarray)):
     check_vocab_sizes(student_logits.shape[-1], teacher.shape[-1])
   for leaf in jax.tree.leaves(teacher):
     if leaf.shape[:-1] != lead_shape:
-      raise ValueError(f'teacher leading shape {leaf.shape[:-1]} != student leading shape {lead_shape}')
+      raise ValueError(
+        f"teacher leading shape {leaf.shape[:-1]} != student leading shape {lead_shape}"
+      )
   mask = mask.astype(bool)
   keep = mask[..., None]
   safe_student = jnp.where(keep, student_logits, jnp.zeros((), student_logits.dtype))
-  safe_teacher = jax.tree.map(lambda leaf: jnp.where(keep, leaf, jnp.zeros((), leaf.dtype)), teacher)
-  per_token = divergence_fn(safe_student, safe_teacher, reduction='none', **divergence_kwargs)
+  safe_teacher = jax.tree.map(
+    lambda leaf: jnp.where(keep, leaf, jnp.zeros((), leaf.dtype)), teacher
+  )
+  per_token = divergence_fn(safe_student, safe_teacher, reduction="none", **divergence_kwargs)
   return jnp.where(mask, per_token.astype(jnp.float32), 0.0)
 
 
 def sequence_loss(
-    divergence_fn: Divergence,
-    student_logits: jax.Array,
-    teacher: Any,
-    mask: jax.Array,
-    *,
-    num_tokens: jax.Array | float | None = None,
-    **divergence_kwargs,
+  divergence_fn: Divergence,
+  student_logits: jax.Array,
+  teacher: Any,
+  mask: jax.Array,
+  *,
+  num_tokens: jax.Array | float | None = None,
+  **divergence_kwargs,
 ) -> jax.Array:
   """Per-token mean of a divergence over the valid positions: `token_mean(per_token_divergence(...))`.
 
@@ -146,7 +152,9 @@ def sequence_loss(
   Returns:
     A float32 scalar.
   """
-  per_token = per_token_divergence(divergence_fn, student_logits, teacher, mask, **divergence_kwargs)
+  per_token = per_token_divergence(
+    divergence_fn, student_logits, teacher, mask, **divergence_kwargs
+  )
   return token_mean(per_token, mask, num_tokens=num_tokens)
 
 
@@ -158,6 +166,7 @@ class SparseTeacher(NamedTuple):
     logprobs: [..., k] teacher log-probabilities of those ids (log-softmax over the full vocabulary at
       the storage temperature); -inf marks padding.
   """
+
   ids: jax.Array
   logprobs: jax.Array
 
@@ -176,7 +185,9 @@ def _log1mexp(x: jax.Array) -> jax.Array:
   return jnp.where(below, value, -jnp.inf)
 
 
-def _merge_duplicates(ids: jax.Array, logprobs: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _merge_duplicates(
+  ids: jax.Array, logprobs: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Sums the probabilities of repeated ids into their first occurrence; later copies become padding.
 
   Returns (keep [..., k] bool, merged log-probs [..., k], -inf where not kept).
@@ -185,7 +196,9 @@ def _merge_duplicates(ids: jax.Array, logprobs: jax.Array, valid: jax.Array) -> 
   same = (ids[..., :, None] == ids[..., None, :]) & valid[..., :, None] & valid[..., None, :]
   earlier = jnp.tril(jnp.ones((k, k), bool), -1)  # earlier[j, i]: i < j
   keep = valid & ~jnp.any(same & earlier, axis=-1)
-  merged = jax.nn.logsumexp(jnp.broadcast_to(logprobs[..., None, :], same.shape), axis=-1, where=same)
+  merged = jax.nn.logsumexp(
+    jnp.broadcast_to(logprobs[..., None, :], same.shape), axis=-1, where=same
+  )
   return keep, jnp.where(keep, merged, -jnp.inf)
 
 
@@ -196,21 +209,21 @@ def _outside_logprob(student_logprobs: jax.Array, ids: jax.Array, keep: jax.Arra
   flat_ids = jnp.where(keep, ids, vocab).reshape(flat_logprobs.shape[0], -1)
   rows = jnp.arange(flat_ids.shape[0])[:, None]
   # Padding ids point one past the vocabulary and are dropped by the scatter.
-  kept_vocab = jnp.zeros(flat_logprobs.shape, bool).at[rows, flat_ids].set(True, mode='drop')
+  kept_vocab = jnp.zeros(flat_logprobs.shape, bool).at[rows, flat_ids].set(True, mode="drop")
   outside = jax.nn.logsumexp(flat_logprobs, axis=-1, where=~kept_vocab)
   return outside.reshape(student_logprobs.shape[:-1])
 
 
 def sparse_topk_kd(
-    student_logits: jax.Array,
-    teacher: SparseTeacher,
-    *,
-    missing: Literal['renormalize', 'residual'] = 'renormalize',
-    temperature: float = 1.0,
-    teacher_temperature: float = 1.0,
-    scale_by_temperature_squared: bool = True,
-    eps: float = 1e-6,
-    reduction: Reduction = 'batchmean',
+  student_logits: jax.Array,
+  teacher: SparseTeacher,
+  *,
+  missing: Literal["renormalize", "residual"] = "renormalize",
+  temperature: float = 1.0,
+  teacher_temperature: float = 1.0,
+  scale_by_temperature_squared: bool = True,
+  eps: float = 1e-6,
+  reduction: Reduction = "batchmean",
 ) -> jax.Array:
   r"""Forward KL from a sparse top-k teacher to the dense student (DistillKit `sparse_kl_div`).
 
@@ -253,10 +266,12 @@ def sparse_topk_kd(
   Returns:
     A float32 scalar, or [...] per-position values for `reduction='none'`.
   """
-  if missing not in ('renormalize', 'residual'):
+  if missing not in ("renormalize", "residual"):
     raise ValueError(f"missing must be 'renormalize' or 'residual', got {missing!r}")
   if teacher.ids.shape != teacher.logprobs.shape:
-    raise ValueError(f'teacher ids shape {teacher.ids.shape} != teacher logprobs shape {teacher.logprobs.shape}')
+    raise ValueError(
+      f"teacher ids shape {teacher.ids.shape} != teacher logprobs shape {teacher.logprobs.shape}"
+    )
   vocab = student_logits.shape[-1]
   student_logprobs = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
 
@@ -267,7 +282,7 @@ def sparse_topk_kd(
   safe_ids = jnp.where(keep, ids, 0)
   alpha = teacher_temperature / temperature
 
-  if missing == 'renormalize':
+  if missing == "renormalize":
     norm = jax.nn.logsumexp(alpha * stored, axis=-1, where=keep, keepdims=True)
     teacher_logprobs = alpha * stored - norm
     bucket = 0.0
@@ -285,7 +300,9 @@ def sparse_topk_kd(
 
   student_kept = jnp.take_along_axis(student_logprobs, safe_ids, axis=-1)
   safe_teacher_logprobs = jnp.where(keep, teacher_logprobs, 0.0)
-  kept_terms = jnp.where(keep, jnp.exp(safe_teacher_logprobs) * (safe_teacher_logprobs - student_kept), 0.0)
+  kept_terms = jnp.where(
+    keep, jnp.exp(safe_teacher_logprobs) * (safe_teacher_logprobs - student_kept), 0.0
+  )
   # A position without any kept id has all its mass in the bucket on both sides: exactly 0, not rounding.
   per_token = jnp.where(jnp.any(keep, axis=-1), jnp.sum(kept_terms, axis=-1) + bucket, 0.0)
   if scale_by_temperature_squared:

@@ -5,6 +5,7 @@
 `features` is `{}` unless `return_features=True`; then it maps the names that configs and
 feature losses use (see docs/models.md) to arrays.
 """
+
 from jaxkd.models.registry import create, names, register
 
 # Importing a family module registers its models. One line per module.

@@ -11,6 +11,7 @@ Features (`return_features=True`), as RepDistiller's `is_feat` / `preact=True` l
 block's output before its ReLU; for V2 the concatenation [x1, bn3(…)] before the channel shuffle,
 as in the reference), `pooled` (classifier input).
 """
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -37,8 +38,17 @@ class ShuffleV1Bottleneck(nnx.Module):
   the input's), the stride-1 unit adds the input. Returns (relu(preact), preact).
   """
 
-  def __init__(self, in_planes: int, out_planes: int, stride: int, groups: int, *, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_planes: int,
+    out_planes: int,
+    stride: int,
+    groups: int,
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     mid_planes = int(out_planes / 4)
     # The reference does not group the first 1×1 conv after the 24-channel stem.
     self.first_groups = 1 if in_planes == 24 else groups
@@ -46,8 +56,9 @@ class ShuffleV1Bottleneck(nnx.Module):
     bn_args = dict(dtype=dtype, param_dtype=param_dtype)
     self.conv1 = layers.conv2d(in_planes, mid_planes, 1, groups=self.first_groups, **conv_args)
     self.bn1 = layers.BatchNorm2d(mid_planes, **bn_args)
-    self.conv2 = layers.conv2d(mid_planes, mid_planes, 3, stride=stride, padding=1,
-                               groups=mid_planes, **conv_args)
+    self.conv2 = layers.conv2d(
+      mid_planes, mid_planes, 3, stride=stride, padding=1, groups=mid_planes, **conv_args
+    )
     self.bn2 = layers.BatchNorm2d(mid_planes, **bn_args)
     self.conv3 = layers.conv2d(mid_planes, out_planes, 1, groups=groups, **conv_args)
     self.bn3 = layers.BatchNorm2d(out_planes, **bn_args)
@@ -60,8 +71,9 @@ class ShuffleV1Bottleneck(nnx.Module):
     out = self.bn3(self.conv3(out), train)
     if self.stride == 2:
       # torch AvgPool2d(3, stride=2, padding=1) counts the zero padding (count_include_pad=True).
-      shortcut = nnx.avg_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                              count_include_pad=True)
+      shortcut = nnx.avg_pool(
+        x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), count_include_pad=True
+      )
       preact = jnp.concatenate([out, shortcut], axis=-1)
     else:
       preact = out + x
@@ -71,8 +83,17 @@ class ShuffleV1Bottleneck(nnx.Module):
 class ShuffleNetV1(nnx.Module):
   """ShuffleNet V1 for 32×32 inputs; `out_planes` and `num_blocks` per stage, `groups` g."""
 
-  def __init__(self, out_planes: tuple[int, ...], num_blocks: tuple[int, ...], groups: int, *,
-               num_classes: int, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    out_planes: tuple[int, ...],
+    num_blocks: tuple[int, ...],
+    groups: int,
+    *,
+    num_classes: int,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv1 = layers.conv2d(3, 24, 1, bias=False, **kwargs)
     self.bn1 = layers.BatchNorm2d(24, dtype=dtype, param_dtype=param_dtype)
@@ -82,8 +103,9 @@ class ShuffleNetV1(nnx.Module):
       for index in range(stage_blocks):
         # The stride-2 unit concatenates its input: it adds only the missing channels.
         new_planes = stage_planes - in_planes if index == 0 else stage_planes
-        blocks.append(ShuffleV1Bottleneck(in_planes, new_planes, 2 if index == 0 else 1, groups,
-                                          **kwargs))
+        blocks.append(
+          ShuffleV1Bottleneck(in_planes, new_planes, 2 if index == 0 else 1, groups, **kwargs)
+        )
         in_planes = stage_planes
       setattr(self, f"layer{stage}", nnx.List(blocks))
     self.num_stages = len(out_planes)
@@ -113,14 +135,13 @@ class ShuffleV2Block(nnx.Module):
     bn_args = dict(dtype=dtype, param_dtype=param_dtype)
     self.conv1 = layers.conv2d(self.split, self.split, 1, **conv_args)
     self.bn1 = layers.BatchNorm2d(self.split, **bn_args)
-    self.conv2 = layers.conv2d(self.split, self.split, 3, padding=1, groups=self.split,
-                               **conv_args)
+    self.conv2 = layers.conv2d(self.split, self.split, 3, padding=1, groups=self.split, **conv_args)
     self.bn2 = layers.BatchNorm2d(self.split, **bn_args)
     self.conv3 = layers.conv2d(self.split, self.split, 1, **conv_args)
     self.bn3 = layers.BatchNorm2d(self.split, **bn_args)
 
   def __call__(self, x, train: bool = False):
-    x1, x2 = x[..., :self.split], x[..., self.split:]
+    x1, x2 = x[..., : self.split], x[..., self.split :]
     out = nnx.relu(self.bn1(self.conv1(x2), train))
     out = self.bn2(self.conv2(out), train)
     branch_preact = self.bn3(self.conv3(out), train)
@@ -136,13 +157,13 @@ class ShuffleV2DownBlock(nnx.Module):
   1×1-BN-ReLU; concatenate (out_channels / 2 each) and shuffle with 2 groups.
   """
 
-  def __init__(self, in_channels: int, out_channels: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, out_channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     mid = out_channels // 2
     conv_args = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     bn_args = dict(dtype=dtype, param_dtype=param_dtype)
-    self.conv1 = layers.conv2d(in_channels, in_channels, 3, stride=2, padding=1,
-                               groups=in_channels, **conv_args)
+    self.conv1 = layers.conv2d(
+      in_channels, in_channels, 3, stride=2, padding=1, groups=in_channels, **conv_args
+    )
     self.bn1 = layers.BatchNorm2d(in_channels, **bn_args)
     self.conv2 = layers.conv2d(in_channels, mid, 1, **conv_args)
     self.bn2 = layers.BatchNorm2d(mid, **bn_args)
@@ -166,8 +187,16 @@ class ShuffleV2DownBlock(nnx.Module):
 class ShuffleNetV2(nnx.Module):
   """ShuffleNet V2 for 32×32 inputs; `out_channels` = three stages + the final 1×1 conv."""
 
-  def __init__(self, out_channels: tuple[int, int, int, int], num_blocks: tuple[int, int, int],
-               *, num_classes: int, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    out_channels: tuple[int, int, int, int],
+    num_blocks: tuple[int, int, int],
+    *,
+    num_classes: int,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv1 = layers.conv2d(3, 24, 1, bias=False, **kwargs)
     self.bn1 = layers.BatchNorm2d(24, dtype=dtype, param_dtype=param_dtype)
@@ -196,16 +225,31 @@ class ShuffleNetV2(nnx.Module):
 
 
 @register("ShuffleV1")
-def shuffle_v1(*, num_classes: int = 100, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs) -> ShuffleNetV1:
+def shuffle_v1(
+  *, num_classes: int = 100, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+) -> ShuffleNetV1:
   """RepDistiller's `ShuffleV1`: out_planes (240, 480, 960), blocks (4, 8, 4), g = 3."""
-  return ShuffleNetV1((240, 480, 960), (4, 8, 4), 3, num_classes=num_classes, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+  return ShuffleNetV1(
+    (240, 480, 960),
+    (4, 8, 4),
+    3,
+    num_classes=num_classes,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )
 
 
 @register("ShuffleV2")
-def shuffle_v2(*, num_classes: int = 100, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs) -> ShuffleNetV2:
+def shuffle_v2(
+  *, num_classes: int = 100, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+) -> ShuffleNetV2:
   """RepDistiller's `ShuffleV2` (net_size 1): channels (116, 232, 464, 1024), blocks (3, 7, 3)."""
-  return ShuffleNetV2((116, 232, 464, 1024), (3, 7, 3), num_classes=num_classes, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+  return ShuffleNetV2(
+    (116, 232, 464, 1024),
+    (3, 7, 3),
+    num_classes=num_classes,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )

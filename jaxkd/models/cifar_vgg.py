@@ -12,6 +12,7 @@ Features (`return_features=True`), as RepDistiller's `is_feat` / `preact=True` l
 `stem` (relu(block0), before its pool), `stage1..4` (relu(block k), before the pool),
 `preact_stage1..4` (block k's BN output before that ReLU), `pooled` (classifier input).
 """
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -20,27 +21,41 @@ from jaxkd.models.registry import register
 
 # Conv widths per block (RepDistiller `cfg`); 'S' is vgg8.
 _CONFIGS = {
-    "vgg8": ((64,), (128,), (256,), (512,), (512,)),  # 'S'
-    "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),  # 'A'
-    "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),  # 'B'
-    "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),  # 'D'
-    "vgg19": ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512),
-              (512, 512, 512, 512)),  # 'E'
+  "vgg8": ((64,), (128,), (256,), (512,), (512,)),  # 'S'
+  "vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512)),  # 'A'
+  "vgg13": ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),  # 'B'
+  "vgg16": ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),  # 'D'
+  "vgg19": (
+    (64, 64),
+    (128, 128),
+    (256, 256, 256, 256),
+    (512, 512, 512, 512),
+    (512, 512, 512, 512),
+  ),  # 'E'
 }
 
 
-def _conv_block(widths: tuple[int, ...], in_channels: int, *, dtype, param_dtype,
-                rngs: nnx.Rngs) -> nnx.List:
+def _conv_block(
+  widths: tuple[int, ...], in_channels: int, *, dtype, param_dtype, rngs: nnx.Rngs
+) -> nnx.List:
   """RepDistiller `_make_layers(cfg, batch_norm=True)`: [conv, BN, ReLU] per width, minus the
   last ReLU."""
   block = []
   for width in widths:
     block += [
-        layers.conv2d(in_channels, width, 3, padding=1, kernel_init=layers.kaiming_normal_fan_out,
-                      bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs),
-        layers.BatchNorm2d(width, dtype=dtype, param_dtype=param_dtype),
-        nnx.relu,
+      layers.conv2d(
+        in_channels,
+        width,
+        3,
+        padding=1,
+        kernel_init=layers.kaiming_normal_fan_out,
+        bias_init=nnx.initializers.zeros,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      ),
+      layers.BatchNorm2d(width, dtype=dtype, param_dtype=param_dtype),
+      nnx.relu,
     ]
     in_channels = width
   return nnx.List(block[:-1])
@@ -53,16 +68,32 @@ def _max_pool(x):
 class VGG(nnx.Module):
   """VGG-BN for 32×32 (or 64×64) inputs."""
 
-  def __init__(self, config: tuple[tuple[int, ...], ...], *, num_classes: int, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: tuple[tuple[int, ...], ...],
+    *,
+    num_classes: int,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     in_channels = 3
     for index, widths in enumerate(config):
-      setattr(self, f"block{index}", _conv_block(widths, in_channels, dtype=dtype,
-                                                   param_dtype=param_dtype, rngs=rngs))
+      setattr(
+        self,
+        f"block{index}",
+        _conv_block(widths, in_channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+      )
       in_channels = widths[-1]
     self.classifier = layers.linear(
-        in_channels, num_classes, kernel_init=nnx.initializers.normal(0.01),
-        bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      in_channels,
+      num_classes,
+      kernel_init=nnx.initializers.normal(0.01),
+      bias_init=nnx.initializers.zeros,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, x, train: bool = False, return_features: bool = False):
     collect = layers.FeatureCollector(return_features)
@@ -86,10 +117,12 @@ class VGG(nnx.Module):
 
 def _register_vgg(name: str) -> None:
   @register(name)
-  def build(*, num_classes: int = 100, dtype=jnp.float32, param_dtype=jnp.float32,
-            rngs: nnx.Rngs) -> VGG:
-    return VGG(_CONFIGS[name], num_classes=num_classes, dtype=dtype, param_dtype=param_dtype,
-               rngs=rngs)
+  def build(
+    *, num_classes: int = 100, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ) -> VGG:
+    return VGG(
+      _CONFIGS[name], num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   build.__name__ = build.__qualname__ = name
   build.__doc__ = f"RepDistiller's `{name}` (= its `{name}_bn`)."

@@ -11,6 +11,7 @@ network is pre-activation, so this is RepDistiller's f1..f3, not a post-ReLU map
 `preact_stage1..3` (that output after the next BN, before its ReLU: `block2.layer[0].bn1(f1)`,
 `block3.layer[0].bn1(f2)`, `bn1(f3)`), `pooled` (classifier input).
 """
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -26,16 +27,26 @@ class WideBasicBlock(nnx.Module):
   RepDistiller uses as the previous stage's pre-activation feature.
   """
 
-  def __init__(self, in_planes: int, out_planes: int, stride: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
-    conv_args = dict(bias=False, kernel_init=layers.kaiming_normal_fan_out, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
+  def __init__(
+    self, in_planes: int, out_planes: int, stride: int, *, dtype, param_dtype, rngs: nnx.Rngs
+  ):
+    conv_args = dict(
+      bias=False,
+      kernel_init=layers.kaiming_normal_fan_out,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.bn1 = layers.BatchNorm2d(in_planes, dtype=dtype, param_dtype=param_dtype)
     self.conv1 = layers.conv2d(in_planes, out_planes, 3, stride=stride, padding=1, **conv_args)
     self.bn2 = layers.BatchNorm2d(out_planes, dtype=dtype, param_dtype=param_dtype)
     self.conv2 = layers.conv2d(out_planes, out_planes, 3, padding=1, **conv_args)
-    self.convShortcut = (None if in_planes == out_planes else  # pylint: disable=invalid-name
-                         layers.conv2d(in_planes, out_planes, 1, stride=stride, **conv_args))
+    self.convShortcut = (
+      None
+      if in_planes == out_planes
+      # pylint: disable=invalid-name
+      else layers.conv2d(in_planes, out_planes, 1, stride=stride, **conv_args)
+    )
 
   def __call__(self, x, train: bool = False):
     normalized = self.bn1(x, train)
@@ -49,9 +60,14 @@ class NetworkBlock(nnx.Module):
   """One stage: `layer[0]` with the stride and the width change, then `num_blocks - 1` blocks."""
 
   def __init__(self, num_blocks: int, in_planes: int, out_planes: int, stride: int, **kwargs):
-    self.layer = nnx.List([
-        WideBasicBlock(in_planes if index == 0 else out_planes, out_planes,
-                       stride if index == 0 else 1, **kwargs) for index in range(num_blocks)])
+    self.layer = nnx.List(
+      [
+        WideBasicBlock(
+          in_planes if index == 0 else out_planes, out_planes, stride if index == 0 else 1, **kwargs
+        )
+        for index in range(num_blocks)
+      ]
+    )
 
   def __call__(self, x, train: bool = False):
     """Returns (stage output, normalised input of the first block before its ReLU)."""
@@ -64,15 +80,17 @@ class NetworkBlock(nnx.Module):
 class WideResNet(nnx.Module):
   """WRN-depth-widen_factor for 32×32 inputs."""
 
-  def __init__(self, depth: int, widen_factor: int, *, num_classes: int, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, depth: int, widen_factor: int, *, num_classes: int, dtype, param_dtype, rngs: nnx.Rngs
+  ):
     if (depth - 4) % 6:
       raise ValueError(f"WRN depth must be 6n + 4, got {depth}")
     num_blocks = (depth - 4) // 6
     widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.conv1 = layers.conv2d(3, widths[0], 3, padding=1, bias=False,
-                               kernel_init=layers.kaiming_normal_fan_out, **kwargs)
+    self.conv1 = layers.conv2d(
+      3, widths[0], 3, padding=1, bias=False, kernel_init=layers.kaiming_normal_fan_out, **kwargs
+    )
     self.block1 = NetworkBlock(num_blocks, widths[0], widths[1], 1, **kwargs)
     self.block2 = NetworkBlock(num_blocks, widths[1], widths[2], 2, **kwargs)
     self.block3 = NetworkBlock(num_blocks, widths[2], widths[3], 2, **kwargs)
@@ -99,10 +117,12 @@ def _register_wrn(depth: int, widen_factor: int) -> None:
   name = f"wrn_{depth}_{widen_factor}"
 
   @register(name)
-  def build(*, num_classes: int = 100, dtype=jnp.float32, param_dtype=jnp.float32,
-            rngs: nnx.Rngs) -> WideResNet:
-    return WideResNet(depth, widen_factor, num_classes=num_classes, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+  def build(
+    *, num_classes: int = 100, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ) -> WideResNet:
+    return WideResNet(
+      depth, widen_factor, num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   build.__name__ = build.__qualname__ = name
   build.__doc__ = f"RepDistiller's `{name}`: WRN-{depth}-{widen_factor}."

@@ -10,6 +10,7 @@ with `prompt_mask` False on the padding, so that every sequence's last prompt to
 slot P-1 and generation proceeds in lock step. RoPE positions count real tokens only, so a
 left-padded prompt generates exactly what it would alone.
 """
+
 import functools
 from typing import NamedTuple
 
@@ -24,12 +25,14 @@ from jaxkd.models.transformer import TransformerLM
 class Generation(NamedTuple):
   """tokens: [B, N] sampled ids. logits: [B, N, V] float32 raw model logits that token i was
   sampled from (before temperature and filtering), or None unless `return_logits=True`."""
+
   tokens: jax.Array
   logits: jax.Array | None
 
 
-def filter_logits(logits: jax.Array, *, temperature=1.0, top_k: int | None = None,
-                  top_p=None) -> jax.Array:
+def filter_logits(
+  logits: jax.Array, *, temperature=1.0, top_k: int | None = None, top_p=None
+) -> jax.Array:
   """Logits / temperature with everything outside the top-k and the top-p nucleus set to -inf.
 
   Order as in Hugging Face's samplers: temperature, then top-k, then top-p. The nucleus
@@ -45,14 +48,22 @@ def filter_logits(logits: jax.Array, *, temperature=1.0, top_k: int | None = Non
     descending = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(descending, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    smallest_kept = jnp.min(jnp.where(mass_before < top_p, descending, jnp.inf), axis=-1,
-                            keepdims=True)
+    smallest_kept = jnp.min(
+      jnp.where(mass_before < top_p, descending, jnp.inf), axis=-1, keepdims=True
+    )
     logits = jnp.where(logits >= smallest_kept, logits, -jnp.inf)
   return logits
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0,
-                  top_k: int | None = None, top_p=None, greedy: bool = False) -> jax.Array:
+def sample_logits(
+  logits: jax.Array,
+  rng: jax.Array,
+  *,
+  temperature=1.0,
+  top_k: int | None = None,
+  top_p=None,
+  greedy: bool = False,
+) -> jax.Array:
   """One token id per row of `logits` [..., V]: argmax if `greedy`, else a filtered sample."""
   if greedy:
     return jnp.argmax(logits, axis=-1)
@@ -60,10 +71,19 @@ def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature=1.0,
   return jax.random.categorical(rng, filtered, axis=-1)
 
 
-def generate(model: TransformerLM, prompt_tokens: jax.Array, max_new_tokens: int, *,
-             rng: jax.Array, temperature=1.0, top_k: int | None = None, top_p=None,
-             greedy: bool = False, prompt_mask: jax.Array | None = None,
-             return_logits: bool = False) -> Generation:
+def generate(
+  model: TransformerLM,
+  prompt_tokens: jax.Array,
+  max_new_tokens: int,
+  *,
+  rng: jax.Array,
+  temperature=1.0,
+  top_k: int | None = None,
+  top_p=None,
+  greedy: bool = False,
+  prompt_mask: jax.Array | None = None,
+  return_logits: bool = False,
+) -> Generation:
   """Samples `max_new_tokens` continuations of `prompt_tokens` [B, P] (left-padded if ragged).
 
   The cache holds P + max_new_tokens slots. Token i is drawn from the logits at slot P-1+i,
@@ -72,26 +92,49 @@ def generate(model: TransformerLM, prompt_tokens: jax.Array, max_new_tokens: int
   graphdef, state = nnx.split(model)
   if prompt_mask is None:
     prompt_mask = np.ones(prompt_tokens.shape, bool)  # numpy: no eager device op to compile
-  return _generate(graphdef, state, prompt_tokens, prompt_mask, rng, temperature, top_p,
-                   max_new_tokens=max_new_tokens, top_k=top_k, greedy=greedy,
-                   return_logits=return_logits)
+  return _generate(
+    graphdef,
+    state,
+    prompt_tokens,
+    prompt_mask,
+    rng,
+    temperature,
+    top_p,
+    max_new_tokens=max_new_tokens,
+    top_k=top_k,
+    greedy=greedy,
+    return_logits=return_logits,
+  )
 
 
-@functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("max_new_tokens", "top_k", "greedy", "return_logits"))
-def _generate(graphdef, state, prompt_tokens, prompt_mask, rng, temperature, top_p, *,
-              max_new_tokens, top_k, greedy, return_logits):
+@functools.partial(
+  jax.jit, static_argnums=0, static_argnames=("max_new_tokens", "top_k", "greedy", "return_logits")
+)
+def _generate(
+  graphdef,
+  state,
+  prompt_tokens,
+  prompt_mask,
+  rng,
+  temperature,
+  top_p,
+  *,
+  max_new_tokens,
+  top_k,
+  greedy,
+  return_logits,
+):
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   model = nnx.merge(graphdef, state)
   prompt_mask = prompt_mask.astype(bool)
   batch, prompt_length = prompt_tokens.shape
-  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                             greedy=greedy)
+  sample = functools.partial(
+    sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+  )
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
   cache = model.init_cache(batch, prompt_length + max_new_tokens)
-  logits, _, cache = model(prompt_tokens, positions=positions, cache=cache,
-                           token_mask=prompt_mask)
+  logits, _, cache = model(prompt_tokens, positions=positions, cache=cache, token_mask=prompt_mask)
   rngs = jax.random.split(rng, max_new_tokens)
 
   def decode_step(carry, step_rng):

@@ -13,6 +13,7 @@ Features (`return_features=True`), as mdistiller's ImageNet ResNet (`feats`, `pr
 `stem` (relu(bn1(conv1)), before the max pool), `stage1..4` (each stage's output),
 `preact_stage1..4` (the last block's residual sum before its ReLU), `pooled` (fc input).
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,28 +25,52 @@ from jaxkd.models.registry import register
 class ResNet(nnx.Module):
   """torchvision `ResNet(block, stage_blocks)` on NHWC images of any size ≥ 32 px."""
 
-  def __init__(self, block, stage_blocks: tuple[int, ...], *, num_classes: int = 1000,
-               zero_init_residual: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    self.conv1 = layers.conv2d(3, 64, 7, stride=2, padding=3, bias=False,
-                               kernel_init=layers.kaiming_normal_fan_out, dtype=dtype,
-                               param_dtype=param_dtype, rngs=rngs)
+  def __init__(
+    self,
+    block,
+    stage_blocks: tuple[int, ...],
+    *,
+    num_classes: int = 1000,
+    zero_init_residual: bool = False,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.conv1 = layers.conv2d(
+      3,
+      64,
+      7,
+      stride=2,
+      padding=3,
+      bias=False,
+      kernel_init=layers.kaiming_normal_fan_out,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.bn1 = layers.BatchNorm2d(64, dtype=dtype, param_dtype=param_dtype)
     in_planes = 64
     self.num_stages = len(stage_blocks)
     for index, num_blocks in enumerate(stage_blocks):
       planes = 64 * 2**index
-      stage = layers.residual_stage(block, in_planes, planes, num_blocks,
-                                    stride=1 if index == 0 else 2, shortcut_name="downsample",
-                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      stage = layers.residual_stage(
+        block,
+        in_planes,
+        planes,
+        num_blocks,
+        stride=1 if index == 0 else 2,
+        shortcut_name="downsample",
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
       if zero_init_residual:
         for residual_block in stage:
           last_bn = residual_block.bn3 if block is layers.Bottleneck else residual_block.bn2
           last_bn.scale[...] = jnp.zeros_like(last_bn.scale[...])
       setattr(self, f"layer{index + 1}", stage)
       in_planes = planes * block.expansion
-    self.fc = layers.linear(in_planes, num_classes, dtype=dtype, param_dtype=param_dtype,
-                            rngs=rngs)
+    self.fc = layers.linear(in_planes, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x, train: bool = False, return_features: bool = False):
     collect = layers.FeatureCollector(return_features)
@@ -62,10 +87,18 @@ class ResNet(nnx.Module):
 def _register(name: str, block, stage_blocks: tuple[int, ...]) -> None:
 
   @register(name)
-  def build(*, num_classes: int = 1000, dtype=jnp.float32, param_dtype=jnp.float32,
-            rngs: nnx.Rngs, **kwargs) -> ResNet:
-    return ResNet(block, stage_blocks, num_classes=num_classes, dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs, **kwargs)
+  def build(
+    *, num_classes: int = 1000, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, **kwargs
+  ) -> ResNet:
+    return ResNet(
+      block,
+      stage_blocks,
+      num_classes=num_classes,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      **kwargs,
+    )
 
   build.__name__ = build.__qualname__ = name
   build.__doc__ = f"torchvision `{name}` (kwargs: zero_init_residual)."

@@ -4,6 +4,7 @@ This is the format a config names as a teacher (`config.teacher.checkpoint = DIR
 `python -m jaxkd.tools.import_torch` writes. DIR holds `model.json` (the `create` arguments) and
 `state/` (the model's `nnx.State`, params and BatchNorm statistics, as a pure dict).
 """
+
 import json
 import os
 
@@ -36,8 +37,9 @@ def read_metadata(directory: str) -> dict:
   path = os.path.join(os.path.abspath(directory), _METADATA)
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"{directory} is not a jaxkd model checkpoint (no {_METADATA}); write one with "
-        "jaxkd.models.io.save or `python -m jaxkd.tools.import_torch`")
+      f"{directory} is not a jaxkd model checkpoint (no {_METADATA}); write one with "
+      "jaxkd.models.io.save or `python -m jaxkd.tools.import_torch`"
+    )
   with open(path) as f:
     return json.load(f)
 
@@ -50,8 +52,9 @@ def load(directory: str, *, dtype=jnp.float32) -> nnx.Module:
   model = nnx.eval_shape(lambda: create(metadata["name"], dtype=dtype, **metadata["create_kwargs"]))
   abstract_state = nnx.to_pure_dict(nnx.state(model))
   with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(os.path.join(os.path.abspath(directory), _STATE),
-                                    abstract_state)
+    restored = checkpointer.restore(
+      os.path.join(os.path.abspath(directory), _STATE), abstract_state
+    )
   state = nnx.state(model)
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(model, state)

@@ -18,6 +18,7 @@ Layouts: activations NHWC, conv kernels HWIO, linear kernels (in, out).
 On XLA:CPU every convolution's input goes through `fusion_barrier` (see there): without it the
 backward pass of a CIFAR ResNet spends a third of its time recomputing activations.
 """
+
 from collections.abc import Callable, Sequence
 import math
 from typing import Any
@@ -81,11 +82,21 @@ class Conv2d(nnx.Conv):
     return super().__call__(fusion_barrier(inputs, self.kernel[...]), **kwargs)
 
 
-def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
-           padding: int = 0, groups: int = 1, bias: bool = True,
-           kernel_init: Callable[..., Array] = torch_default_kernel_init,
-           bias_init: Callable[..., Array] | None = None, dtype: Any = None,
-           param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> Conv2d:
+def conv2d(
+  in_channels: int,
+  out_channels: int,
+  kernel_size: int,
+  *,
+  stride: int = 1,
+  padding: int = 0,
+  groups: int = 1,
+  bias: bool = True,
+  kernel_init: Callable[..., Array] = torch_default_kernel_init,
+  bias_init: Callable[..., Array] | None = None,
+  dtype: Any = None,
+  param_dtype: Any = jnp.float32,
+  rngs: nnx.Rngs,
+) -> Conv2d:
   """`torch.nn.Conv2d` as a `Conv2d` (an `nnx.Conv`): same arguments, same defaults, same output grid.
 
   `padding` pads `padding` pixels on each side of H and W (explicit, never 'SAME'); `groups` is
@@ -95,21 +106,45 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, stride: int
   if bias_init is None:
     bias_init = torch_default_bias_init(in_channels // groups * kernel_size * kernel_size)
   return Conv2d(
-      in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
-      padding=((padding, padding), (padding, padding)), feature_group_count=groups,
-      use_bias=bias, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
-      param_dtype=param_dtype, rngs=rngs)
+    in_channels,
+    out_channels,
+    (kernel_size, kernel_size),
+    strides=stride,
+    padding=((padding, padding), (padding, padding)),
+    feature_group_count=groups,
+    use_bias=bias,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )
 
 
-def linear(in_features: int, out_features: int, *, bias: bool = True,
-           kernel_init: Callable[..., Array] = torch_default_kernel_init,
-           bias_init: Callable[..., Array] | None = None, dtype: Any = None,
-           param_dtype: Any = jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+def linear(
+  in_features: int,
+  out_features: int,
+  *,
+  bias: bool = True,
+  kernel_init: Callable[..., Array] = torch_default_kernel_init,
+  bias_init: Callable[..., Array] | None = None,
+  dtype: Any = None,
+  param_dtype: Any = jnp.float32,
+  rngs: nnx.Rngs,
+) -> nnx.Linear:
   """`torch.nn.Linear` as an `nnx.Linear` (kernel (in, out)), with torch's default initialisers."""
   if bias_init is None:
     bias_init = torch_default_bias_init(in_features)
-  return nnx.Linear(in_features, out_features, use_bias=bias, kernel_init=kernel_init,
-                    bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return nnx.Linear(
+    in_features,
+    out_features,
+    use_bias=bias,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )
 
 
 class BatchNorm2d(nnx.Module):
@@ -126,8 +161,15 @@ class BatchNorm2d(nnx.Module):
   `bias`, `running_mean`, `running_var`.
   """
 
-  def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1,
-               dtype: Any = None, param_dtype: Any = jnp.float32):
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+  ):
     self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
     self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
@@ -144,10 +186,12 @@ class BatchNorm2d(nnx.Module):
       var = jnp.square(inputs - mean).mean(reduce_axes)
       count = x.size // x.shape[-1]
       unbiased_var = var * (count / max(count - 1, 1))
-      self.mean[...] = ((1 - self.momentum) * self.mean[...]
-                         + self.momentum * jax.lax.stop_gradient(mean))
-      self.var[...] = ((1 - self.momentum) * self.var[...]
-                        + self.momentum * jax.lax.stop_gradient(unbiased_var))
+      self.mean[...] = (1 - self.momentum) * self.mean[...] + self.momentum * jax.lax.stop_gradient(
+        mean
+      )
+      self.var[...] = (1 - self.momentum) * self.var[...] + self.momentum * jax.lax.stop_gradient(
+        unbiased_var
+      )
     else:
       mean, var = self.mean[...], self.var[...]
     scale = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(var + self.eps)
@@ -199,8 +243,9 @@ class FeatureCollector:
 
 def _block_layer_args(dtype, param_dtype, rngs) -> tuple[dict[str, Any], dict[str, Any]]:
   """(conv, BatchNorm) keyword arguments of the ResNet blocks: bias-free convs, kaiming fan-out."""
-  conv_args = dict(bias=False, kernel_init=kaiming_normal_fan_out, dtype=dtype,
-                   param_dtype=param_dtype, rngs=rngs)
+  conv_args = dict(
+    bias=False, kernel_init=kaiming_normal_fan_out, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+  )
   return conv_args, dict(dtype=dtype, param_dtype=param_dtype)
 
 
@@ -216,17 +261,28 @@ class BasicBlock(nnx.Module):
 
   expansion = 1
 
-  def __init__(self, in_planes: int, planes: int, stride: int = 1, *,
-               shortcut_name: str = "downsample", dtype: Any = None,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_planes: int,
+    planes: int,
+    stride: int = 1,
+    *,
+    shortcut_name: str = "downsample",
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     conv_args, bn_args = _block_layer_args(dtype, param_dtype, rngs)
     self.conv1 = conv2d(in_planes, planes, 3, stride=stride, padding=1, **conv_args)
     self.bn1 = BatchNorm2d(planes, **bn_args)
     self.conv2 = conv2d(planes, planes, 3, padding=1, **conv_args)
     self.bn2 = BatchNorm2d(planes, **bn_args)
     self.shortcut_name = shortcut_name
-    setattr(self, shortcut_name,
-            _projection(in_planes, planes * self.expansion, stride, conv_args, bn_args))
+    setattr(
+      self,
+      shortcut_name,
+      _projection(in_planes, planes * self.expansion, stride, conv_args, bn_args),
+    )
 
   def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array]:
     out = jax.nn.relu(self.bn1(self.conv1(x), train))
@@ -243,9 +299,17 @@ class Bottleneck(nnx.Module):
 
   expansion = 4
 
-  def __init__(self, in_planes: int, planes: int, stride: int = 1, *,
-               shortcut_name: str = "downsample", dtype: Any = None,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_planes: int,
+    planes: int,
+    stride: int = 1,
+    *,
+    shortcut_name: str = "downsample",
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     conv_args, bn_args = _block_layer_args(dtype, param_dtype, rngs)
     self.conv1 = conv2d(in_planes, planes, 1, **conv_args)
     self.bn1 = BatchNorm2d(planes, **bn_args)
@@ -254,8 +318,11 @@ class Bottleneck(nnx.Module):
     self.conv3 = conv2d(planes, planes * self.expansion, 1, **conv_args)
     self.bn3 = BatchNorm2d(planes * self.expansion, **bn_args)
     self.shortcut_name = shortcut_name
-    setattr(self, shortcut_name,
-            _projection(in_planes, planes * self.expansion, stride, conv_args, bn_args))
+    setattr(
+      self,
+      shortcut_name,
+      _projection(in_planes, planes * self.expansion, stride, conv_args, bn_args),
+    )
 
   def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array]:
     out = jax.nn.relu(self.bn1(self.conv1(x), train))
@@ -269,16 +336,26 @@ def _projection(in_planes, out_planes, stride, conv_args, bn_args) -> nnx.List |
   """Sequential(1×1 conv with stride, BN) when the block changes resolution or width, else None."""
   if stride == 1 and in_planes == out_planes:
     return None
-  return nnx.List([conv2d(in_planes, out_planes, 1, stride=stride, **conv_args),
-                   BatchNorm2d(out_planes, **bn_args)])
+  return nnx.List(
+    [
+      conv2d(in_planes, out_planes, 1, stride=stride, **conv_args),
+      BatchNorm2d(out_planes, **bn_args),
+    ]
+  )
 
 
 def _shortcut(projection: nnx.List | None, x: Array, train: bool) -> Array:
   return x if projection is None else sequential(projection, x, train=train)
 
 
-def residual_stage(block: type[BasicBlock] | type[Bottleneck], in_planes: int, planes: int,
-                   num_blocks: int, stride: int, **block_kwargs) -> nnx.List:
+def residual_stage(
+  block: type[BasicBlock] | type[Bottleneck],
+  in_planes: int,
+  planes: int,
+  num_blocks: int,
+  stride: int,
+  **block_kwargs,
+) -> nnx.List:
   """torch `_make_layer`: `num_blocks` blocks, the first with `stride` (and the projection)."""
   blocks = []
   for index in range(num_blocks):
@@ -295,8 +372,9 @@ def apply_stage(stage: Sequence[nnx.Module], x: Array, *, train: bool) -> tuple[
   return x, preact
 
 
-def apply_stages(module: nnx.Module, x: Array, *, num_stages: int, train: bool,
-                 collect: "FeatureCollector") -> Array:
+def apply_stages(
+  module: nnx.Module, x: Array, *, num_stages: int, train: bool, collect: "FeatureCollector"
+) -> Array:
   """Runs `module.layer1 .. layer{num_stages}` (torch naming), collecting each stage's output as
   `stage{i}` and its pre-ReLU sum as `preact_stage{i}`; returns the last stage's output."""
   for index in range(1, num_stages + 1):

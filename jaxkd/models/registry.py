@@ -1,4 +1,5 @@
 """Name → constructor registry behind `jaxkd.models.create`."""
+
 from typing import Callable
 
 import jax.numpy as jnp
@@ -34,9 +35,16 @@ def check_name(name: str) -> None:
     raise ValueError(f"unknown model {name!r}{hint}; known models: {', '.join(names())}")
 
 
-def create(name: str, *, num_classes: int | None = None, dtype=jnp.float32,
-           param_dtype=jnp.float32, seed: int = 0, rngs: nnx.Rngs | None = None,
-           **kwargs) -> nnx.Module:
+def create(
+  name: str,
+  *,
+  num_classes: int | None = None,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  seed: int = 0,
+  rngs: nnx.Rngs | None = None,
+  **kwargs,
+) -> nnx.Module:
   """Builds model `name`; `dtype` is the compute dtype, `param_dtype` the storage dtype.
 
   `num_classes=None` keeps the architecture's default head size (vocab size for LMs).

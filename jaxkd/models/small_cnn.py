@@ -17,6 +17,7 @@ features learns clearly less in the quickstart's two-epoch schedule.
 Features (names shared with the CIFAR zoo): `stem`, `stage1..N` (post-ReLU), `preact_stage1..N`
 (the last BN output of the stage, before its ReLU: what Heo et al. 2019 distil), `pooled`.
 """
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -27,14 +28,24 @@ from jaxkd.models.registry import register
 class ConvBN(nnx.Module):
   """conv3×3 (no bias: BN follows) → BatchNorm; the caller applies the ReLU."""
 
-  def __init__(self, in_features: int, out_features: int, *, strides: int, dtype, param_dtype,
-               rngs: nnx.Rngs):
-    self.conv = Conv2d(in_features, out_features, kernel_size=(3, 3), strides=strides,
-                       padding="SAME", use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                       rngs=rngs)
+  def __init__(
+    self, in_features: int, out_features: int, *, strides: int, dtype, param_dtype, rngs: nnx.Rngs
+  ):
+    self.conv = Conv2d(
+      in_features,
+      out_features,
+      kernel_size=(3, 3),
+      strides=strides,
+      padding="SAME",
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     # PyTorch BatchNorm2d defaults (momentum 0.1 ↔ flax 0.9, eps 1e-5), as in the CIFAR zoo.
-    self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                            param_dtype=param_dtype, rngs=rngs)
+    self.bn = nnx.BatchNorm(
+      out_features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x, *, train: bool):
     return self.bn(self.conv(x), use_running_average=not train)
@@ -43,15 +54,37 @@ class ConvBN(nnx.Module):
 class SmallCNN(nnx.Module):
   """Stem + `len(widths) - 1` stride-2 stages of `depth` ConvBN-ReLU layers + linear head."""
 
-  def __init__(self, *, widths: tuple[int, ...], depth: int, num_classes: int, in_channels: int,
-               flatten: bool, input_size: int, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    widths: tuple[int, ...],
+    depth: int,
+    num_classes: int,
+    in_channels: int,
+    flatten: bool,
+    input_size: int,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     layer_kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.stem = ConvBN(in_channels, widths[0], strides=1, **layer_kwargs)
-    self.stages = nnx.List([
-        nnx.List([ConvBN(width_in if layer == 0 else width_out, width_out,
-                         strides=2 if layer == 0 else 1, **layer_kwargs) for layer in range(depth)])
+    self.stages = nnx.List(
+      [
+        nnx.List(
+          [
+            ConvBN(
+              width_in if layer == 0 else width_out,
+              width_out,
+              strides=2 if layer == 0 else 1,
+              **layer_kwargs,
+            )
+            for layer in range(depth)
+          ]
+        )
         for width_in, width_out in zip(widths[:-1], widths[1:])
-    ])
+      ]
+    )
     self.flatten = flatten
     # SAME padding: each stride-2 stage maps size s to ceil(s / 2).
     final_size = input_size
@@ -77,13 +110,30 @@ class SmallCNN(nnx.Module):
 
 
 @register("small_cnn")
-def small_cnn(*, num_classes: int = 10, widths: tuple[int, ...] = (32, 64, 128), depth: int = 2,
-              in_channels: int = 1, flatten: bool = False, input_size: int = 28,
-              dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> SmallCNN:
+def small_cnn(
+  *,
+  num_classes: int = 10,
+  widths: tuple[int, ...] = (32, 64, 128),
+  depth: int = 2,
+  in_channels: int = 1,
+  flatten: bool = False,
+  input_size: int = 28,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  rngs: nnx.Rngs,
+) -> SmallCNN:
   """The quickstart CNN; `widths[0]` is the stem, each further width one stride-2 stage.
 
   `input_size` (square images) only matters with `flatten=True`.
   """
-  return SmallCNN(widths=tuple(widths), depth=depth, num_classes=num_classes,
-                  in_channels=in_channels, flatten=flatten, input_size=input_size, dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs)
+  return SmallCNN(
+    widths=tuple(widths),
+    depth=depth,
+    num_classes=num_classes,
+    in_channels=in_channels,
+    flatten=flatten,
+    input_size=input_size,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )

@@ -21,6 +21,7 @@ have no counterpart and are dropped. A model whose checkpoints do not follow its
 
 torch itself is not imported here: tensors are converted with `.numpy()` (or `np.asarray`).
 """
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,12 +34,12 @@ from jaxkd.models.registry import create
 # Leaf variable name of a flax layer → leaf name in the torch state dict; other leaf names (bare
 # parameters such as a ViT's `cls_token`) are the same on both sides.
 _TORCH_LEAF_NAMES = {
-    "kernel": "weight",
-    "scale": "weight",
-    "bias": "bias",
-    "mean": "running_mean",
-    "var": "running_var",
-    "embedding": "weight",
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+  "embedding": "weight",
 }
 # Top-level keys under which training scripts nest the weights: RepDistiller / mdistiller save
 # {'model': state_dict, 'epoch': …, 'optimizer': …}; others use 'state_dict'.
@@ -87,10 +88,13 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
       checkpoint = checkpoint[wrapper]
       break
-  state_dict = {key: _as_numpy(value) for key, value in checkpoint.items()
-                if not key.endswith(_IGNORED_SUFFIXES)}
+  state_dict = {
+    key: _as_numpy(value)
+    for key, value in checkpoint.items()
+    if not key.endswith(_IGNORED_SUFFIXES)
+  }
   if state_dict and all(key.startswith("module.") for key in state_dict):
-    state_dict = {key[len("module."):]: value for key, value in state_dict.items()}
+    state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
   return state_dict
 
 
@@ -113,8 +117,9 @@ def infer_num_classes(name: str, state_dict: Mapping[str, Any], **create_kwargs)
   return _infer_num_classes(name, unwrap_state_dict(state_dict), create_kwargs)[0]
 
 
-def _infer_num_classes(name: str, arrays: dict[str, np.ndarray],
-                       create_kwargs: dict[str, Any]) -> tuple[int, nnx.Module | None]:
+def _infer_num_classes(
+  name: str, arrays: dict[str, np.ndarray], create_kwargs: dict[str, Any]
+) -> tuple[int, nnx.Module | None]:
   """(`infer_num_classes`, the abstract default model when its head has that size, else None)."""
   create_kwargs = {key: value for key, value in create_kwargs.items() if key != "num_classes"}
   default_model = nnx.eval_shape(lambda: create(name, **create_kwargs))
@@ -124,16 +129,22 @@ def _infer_num_classes(name: str, arrays: dict[str, np.ndarray],
   for path, variable in _flat_variables(default_model).items():
     if probe[path].shape == variable.shape or torch_key(path) not in arrays:
       continue
-    axis = next(axis for axis, (size, probe_size)
-                in enumerate(zip(variable.shape, probe[path].shape)) if size != probe_size)
+    axis = next(
+      axis
+      for axis, (size, probe_size) in enumerate(zip(variable.shape, probe[path].shape))
+      if size != probe_size
+    )
     num_classes = int(_to_jax_layout(path, arrays[torch_key(path)]).shape[axis])
     return num_classes, (default_model if variable.shape[axis] == num_classes else None)
-  raise ValueError(f"cannot infer num_classes of {name!r} from the checkpoint: no classifier "
-                   "weight found; pass num_classes")
+  raise ValueError(
+    f"cannot infer num_classes of {name!r} from the checkpoint: no classifier "
+    "weight found; pass num_classes"
+  )
 
 
-def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
-                       model_description: str | None = None) -> nnx.State:
+def convert_state_dict(
+  model: nnx.Module, state_dict: Mapping[str, Any], *, model_description: str | None = None
+) -> nnx.State:
   """Converts a PyTorch state dict into the params and BatchNorm statistics of `model`.
 
   `model` only provides the structure (`nnx.eval_shape` output is enough); it is not modified.
@@ -160,8 +171,10 @@ def convert_state_dict(model: nnx.Module, state_dict: Mapping[str, Any], *,
     variable = variables[path]
     value = _to_jax_layout(path, arrays[key])
     if value.shape != variable.shape:
-      mismatched.append(f"{key}: checkpoint {tuple(arrays[key].shape)}, model expects "
-                        f"{_to_torch_shape(path, variable.shape)}")
+      mismatched.append(
+        f"{key}: checkpoint {tuple(arrays[key].shape)}, model expects "
+        f"{_to_torch_shape(path, variable.shape)}"
+      )
       continue
     # Cast in numpy (ml_dtypes has bfloat16) and device_put: an on-device cast, or jnp.asarray
     # of a numpy array, compiles a small program per shape.
@@ -204,9 +217,14 @@ def load_torch_model(name: str, state_dict: Mapping[str, Any], **create_kwargs) 
     create_kwargs = dict(create_kwargs, num_classes=num_classes)
   if model is None:
     model = nnx.eval_shape(lambda: create(name, **create_kwargs))
-  nnx.update(model, convert_state_dict(
-      model, arrays,
-      model_description=f"model {name!r} (num_classes={create_kwargs['num_classes']})"))
+  nnx.update(
+    model,
+    convert_state_dict(
+      model,
+      arrays,
+      model_description=f"model {name!r} (num_classes={create_kwargs['num_classes']})",
+    ),
+  )
   return model
 
 

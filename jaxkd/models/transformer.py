@@ -14,6 +14,7 @@ residual stream: `embed`, `layer1`..`layerL`, `final` (after the last RMSNorm).
 Vocabulary size: `create('lm_tiny', num_classes=V)` and `create('lm_tiny', vocab_size=V)` are
 the same model (`num_classes` is the registry's name for the head size).
 """
+
 import math
 
 import jax
@@ -35,6 +36,7 @@ class KVCache:
   key_mask: [B, max_length] bool, True where a slot holds a real (non-padding) token.
   end: int32 scalar, the next free slot; slots >= end are never attended to.
   """
+
   keys: jax.Array
   values: jax.Array
   key_mask: jax.Array
@@ -57,8 +59,15 @@ def rope(inputs: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def _dense(in_features, out_features, *, dtype, param_dtype, rngs):
-  return nnx.Linear(in_features, out_features, use_bias=False, kernel_init=_INIT, dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
+  return nnx.Linear(
+    in_features,
+    out_features,
+    use_bias=False,
+    kernel_init=_INIT,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )
 
 
 def _rms_norm(width, *, dtype, param_dtype, rngs):
@@ -68,11 +77,22 @@ def _rms_norm(width, *, dtype, param_dtype, rngs):
 class SelfAttention(nnx.Module):
   """Causal multi-head attention with RoPE on q, k and `num_kv_heads` <= `num_heads` (GQA)."""
 
-  def __init__(self, width: int, num_heads: int, num_kv_heads: int, rope_theta: float, *,
-               dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    num_heads: int,
+    num_kv_heads: int,
+    rope_theta: float,
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     if width % num_heads or num_heads % num_kv_heads:
-      raise ValueError(f"need width % num_heads == 0 and num_heads % num_kv_heads == 0; got "
-                       f"width={width}, num_heads={num_heads}, num_kv_heads={num_kv_heads}")
+      raise ValueError(
+        f"need width % num_heads == 0 and num_heads % num_kv_heads == 0; got "
+        f"width={width}, num_heads={num_heads}, num_kv_heads={num_kv_heads}"
+      )
     self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
     self.head_dim = width // num_heads
     self.rope_theta = rope_theta
@@ -89,10 +109,16 @@ class SelfAttention(nnx.Module):
     values are written at slots cache_end..cache_end+S-1 and the updated pair is returned.
     """
     batch, length, _ = hidden.shape
-    query = rope(self.q_proj(hidden).reshape(batch, length, self.num_heads, self.head_dim),
-                 positions, self.rope_theta)
-    key = rope(self.k_proj(hidden).reshape(batch, length, self.num_kv_heads, self.head_dim),
-               positions, self.rope_theta)
+    query = rope(
+      self.q_proj(hidden).reshape(batch, length, self.num_heads, self.head_dim),
+      positions,
+      self.rope_theta,
+    )
+    key = rope(
+      self.k_proj(hidden).reshape(batch, length, self.num_kv_heads, self.head_dim),
+      positions,
+      self.rope_theta,
+    )
     value = self.v_proj(hidden).reshape(batch, length, self.num_kv_heads, self.head_dim)
     if cached_kv is not None:
       slot = (0, cache_end, 0, 0)
@@ -100,9 +126,9 @@ class SelfAttention(nnx.Module):
       value = jax.lax.dynamic_update_slice(cached_kv[1], value.astype(cached_kv[1].dtype), slot)
     # jax's reference attention takes the softmax in float32 and sets masked logits to a large
     # finite negative number, so rows with no valid key (left padding) stay finite.
-    attended = jax.nn.dot_product_attention(query, key.astype(query.dtype),
-                                            value.astype(query.dtype),
-                                            mask=attention_mask[:, None])
+    attended = jax.nn.dot_product_attention(
+      query, key.astype(query.dtype), value.astype(query.dtype), mask=attention_mask[:, None]
+    )
     output = self.o_proj(attended.reshape(batch, length, -1))
     return output, (key, value)
 
@@ -123,8 +149,9 @@ class SwiGLU(nnx.Module):
 class DecoderLayer(nnx.Module):
   """h + attn(rms(h)), then h + mlp(rms(h))."""
 
-  def __init__(self, width, num_heads, num_kv_heads, mlp_dim, rope_theta, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, width, num_heads, num_kv_heads, mlp_dim, rope_theta, *, dtype, param_dtype, rngs: nnx.Rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = _rms_norm(width, **kw)
     self.self_attn = SelfAttention(width, num_heads, num_kv_heads, rope_theta, **kw)
@@ -132,8 +159,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = SwiGLU(width, mlp_dim, **kw)
 
   def __call__(self, hidden, positions, attention_mask, cached_kv=None, cache_end=None):
-    attended, kv = self.self_attn(self.input_layernorm(hidden), positions, attention_mask,
-                                  cached_kv, cache_end)
+    attended, kv = self.self_attn(
+      self.input_layernorm(hidden), positions, attention_mask, cached_kv, cache_end
+    )
     hidden = hidden + attended
     return hidden + self.mlp(self.post_attention_layernorm(hidden)), kv
 
@@ -146,31 +174,57 @@ def default_mlp_dim(width: int) -> int:
 class TransformerLM(nnx.Module):
   """Causal LM over token ids; see the module docstring for layout, features and cache."""
 
-  def __init__(self, *, vocab_size: int, num_layers: int, width: int, num_heads: int,
-               num_kv_heads: int | None = None, mlp_dim: int | None = None,
-               rope_theta: float = 10_000.0, tie_embeddings: bool = False,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    vocab_size: int,
+    num_layers: int,
+    width: int,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    mlp_dim: int | None = None,
+    rope_theta: float = 10_000.0,
+    tie_embeddings: bool = False,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.vocab_size = vocab_size
     self.num_kv_heads = num_kv_heads or num_heads
     self.head_dim = width // num_heads
     self.dtype = dtype
     self.embed_tokens = nnx.Embed(vocab_size, width, embedding_init=_INIT, **kw)
-    self.layers = nnx.List([
-        DecoderLayer(width, num_heads, self.num_kv_heads, mlp_dim or default_mlp_dim(width),
-                     rope_theta, **kw) for _ in range(num_layers)])
+    self.layers = nnx.List(
+      [
+        DecoderLayer(
+          width, num_heads, self.num_kv_heads, mlp_dim or default_mlp_dim(width), rope_theta, **kw
+        )
+        for _ in range(num_layers)
+      ]
+    )
     self.norm = _rms_norm(width, **kw)
     self.lm_head = None if tie_embeddings else _dense(width, vocab_size, **kw)
 
   def init_cache(self, batch_size: int, max_length: int) -> KVCache:
     """An empty cache for `max_length` tokens (prompt + generation) per sequence."""
     shape = (len(self.layers), batch_size, max_length, self.num_kv_heads, self.head_dim)
-    return KVCache(keys=jnp.zeros(shape, self.dtype), values=jnp.zeros(shape, self.dtype),
-                   key_mask=jnp.zeros((batch_size, max_length), bool),
-                   end=jnp.zeros((), jnp.int32))
+    return KVCache(
+      keys=jnp.zeros(shape, self.dtype),
+      values=jnp.zeros(shape, self.dtype),
+      key_mask=jnp.zeros((batch_size, max_length), bool),
+      end=jnp.zeros((), jnp.int32),
+    )
 
-  def __call__(self, tokens, train: bool = False, return_features: bool = False,
-               positions=None, cache: KVCache | None = None, token_mask=None):
+  def __call__(
+    self,
+    tokens,
+    train: bool = False,
+    return_features: bool = False,
+    positions=None,
+    cache: KVCache | None = None,
+    token_mask=None,
+  ):
     """tokens [B, S] int → logits [B, S, V] (and the updated cache when `cache` is given).
 
     positions: [B, S] RoPE positions; default `cache.end + arange(S)` (0..S-1 without cache).
@@ -211,8 +265,9 @@ class TransformerLM(nnx.Module):
     logits = logits.astype(jnp.float32)
     if cache is None:
       return logits, collect.features
-    cache = KVCache(keys=jnp.stack(new_keys), values=jnp.stack(new_values), key_mask=key_mask,
-                    end=start + length)
+    cache = KVCache(
+      keys=jnp.stack(new_keys), values=jnp.stack(new_values), key_mask=key_mask, end=start + length
+    )
     return logits, collect.features, cache
 
   @staticmethod
@@ -227,24 +282,38 @@ class TransformerLM(nnx.Module):
 
 # Small presets for tests, quickstarts and students; vocabulary 256 (bytes) unless overridden.
 _PRESETS = {
-    "lm_tiny": dict(num_layers=2, width=64, num_heads=4),
-    "lm_small": dict(num_layers=4, width=256, num_heads=4),
-    "lm_base": dict(num_layers=8, width=512, num_heads=8),
+  "lm_tiny": dict(num_layers=2, width=64, num_heads=4),
+  "lm_small": dict(num_layers=4, width=256, num_heads=4),
+  "lm_base": dict(num_layers=8, width=512, num_heads=8),
 }
 _PRESET_VOCAB_SIZE = 256
 
 
-def _build(preset: dict, *, num_classes: int | None = None, vocab_size: int | None = None,
-           dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
-           **overrides) -> TransformerLM:
+def _build(
+  preset: dict,
+  *,
+  num_classes: int | None = None,
+  vocab_size: int | None = None,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+  rngs: nnx.Rngs,
+  **overrides,
+) -> TransformerLM:
   if num_classes is not None and vocab_size is not None and num_classes != vocab_size:
-    raise ValueError(f"num_classes={num_classes} and vocab_size={vocab_size} disagree; "
-                     "for a language model they are the same number, pass one")
+    raise ValueError(
+      f"num_classes={num_classes} and vocab_size={vocab_size} disagree; "
+      "for a language model they are the same number, pass one"
+    )
   vocab_size = num_classes or vocab_size
   if vocab_size is None:
     raise ValueError("transformer_lm needs vocab_size (or num_classes)")
-  return TransformerLM(vocab_size=vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                       **{**preset, **overrides})
+  return TransformerLM(
+    vocab_size=vocab_size,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+    **{**preset, **overrides},
+  )
 
 
 @register("transformer_lm")
@@ -256,15 +325,18 @@ def transformer_lm(**kwargs) -> TransformerLM:
 def _register_preset(name: str, preset: dict):
 
   @register(name)
-  def build(*, num_classes: int | None = None, vocab_size: int | None = None,
-            **kwargs) -> TransformerLM:
+  def build(
+    *, num_classes: int | None = None, vocab_size: int | None = None, **kwargs
+  ) -> TransformerLM:
     if num_classes is None and vocab_size is None:
       vocab_size = _PRESET_VOCAB_SIZE
     return _build(preset, num_classes=num_classes, vocab_size=vocab_size, **kwargs)
 
   build.__name__ = build.__qualname__ = name
-  build.__doc__ = (f"TransformerLM {preset}; vocabulary {_PRESET_VOCAB_SIZE} unless num_classes / "
-                   "vocab_size is given; other TransformerLM arguments override the preset.")
+  build.__doc__ = (
+    f"TransformerLM {preset}; vocabulary {_PRESET_VOCAB_SIZE} unless num_classes / "
+    "vocab_size is given; other TransformerLM arguments override the preset."
+  )
   return build
 
 

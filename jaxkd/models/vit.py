@@ -14,6 +14,7 @@ fc1 -> exact (erf) GELU -> fc2 with 4x width; LayerNorms use eps 1e-6. Submodule
 timm's parameter names, so a timm state dict maps onto this model path by path.
 Stochastic depth and dropout are not implemented (DeiT trains with drop-path 0.1).
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,8 +27,14 @@ _DENSE_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 
 
 def _linear(in_features, out_features, *, dtype, param_dtype, rngs):
-  return nnx.Linear(in_features, out_features, kernel_init=_DENSE_INIT, dtype=dtype,
-                    param_dtype=param_dtype, rngs=rngs)
+  return nnx.Linear(
+    in_features,
+    out_features,
+    kernel_init=_DENSE_INIT,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )
 
 
 def _layer_norm(width, *, dtype, param_dtype, rngs):
@@ -38,9 +45,16 @@ class PatchEmbed(nnx.Module):
   """Non-overlapping patches → tokens: a conv with kernel = stride = patch size."""
 
   def __init__(self, patch_size: int, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.proj = nnx.Conv(3, width, kernel_size=(patch_size, patch_size),
-                         strides=(patch_size, patch_size), padding="VALID", dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+    self.proj = nnx.Conv(
+      3,
+      width,
+      kernel_size=(patch_size, patch_size),
+      strides=(patch_size, patch_size),
+      padding="VALID",
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, images):
     patches = self.proj(images)  # [B, H/p, W/p, D]
@@ -79,8 +93,9 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-  def __init__(self, width: int, num_heads: int, mlp_ratio: float, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, width: int, num_heads: int, mlp_ratio: float, *, dtype, param_dtype, rngs: nnx.Rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = _layer_norm(width, **kw)
     self.attn = Attention(width, num_heads, **kw)
@@ -100,9 +115,20 @@ class VisionTransformer(nnx.Module):
   `pooled` [B, D] (cls token after the final LayerNorm, the head's input).
   """
 
-  def __init__(self, *, num_classes: int = 1000, image_size: int = 224, patch_size: int = 16,
-               width: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    num_classes: int = 1000,
+    image_size: int = 224,
+    patch_size: int = 16,
+    width: int = 768,
+    depth: int = 12,
+    num_heads: int = 12,
+    mlp_ratio: float = 4.0,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if image_size % patch_size:
       raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -111,9 +137,9 @@ class VisionTransformer(nnx.Module):
     self.patch_embed = PatchEmbed(patch_size, width, **kw)
     # timm: cls_token ~ N(0, 1e-6), pos_embed ~ truncated N(0, 0.02); the cls token has a position.
     self.cls_token = nnx.Param(
-        nnx.initializers.normal(1e-6)(rngs.params(), (1, 1, width), param_dtype))
-    self.pos_embed = nnx.Param(
-        _DENSE_INIT(rngs.params(), (1, 1 + num_patches, width), param_dtype))
+      nnx.initializers.normal(1e-6)(rngs.params(), (1, 1, width), param_dtype)
+    )
+    self.pos_embed = nnx.Param(_DENSE_INIT(rngs.params(), (1, 1 + num_patches, width), param_dtype))
     self.blocks = nnx.List([Block(width, num_heads, mlp_ratio, **kw) for _ in range(depth)])
     self.norm = _layer_norm(width, **kw)
     self.head = _linear(width, num_classes, **kw)
@@ -121,11 +147,14 @@ class VisionTransformer(nnx.Module):
   def __call__(self, images, train: bool = False, return_features: bool = False):
     del train  # no dropout, stochastic depth or batch statistics
     if images.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(f"expected {self.image_size}x{self.image_size} images (the position "
-                       f"embedding's grid), got shape {images.shape}")
+      raise ValueError(
+        f"expected {self.image_size}x{self.image_size} images (the position "
+        f"embedding's grid), got shape {images.shape}"
+      )
     patches = self.patch_embed(images)
-    cls_tokens = jnp.broadcast_to(self.cls_token[...].astype(patches.dtype),
-                                  (patches.shape[0], 1, patches.shape[-1]))
+    cls_tokens = jnp.broadcast_to(
+      self.cls_token[...].astype(patches.dtype), (patches.shape[0], 1, patches.shape[-1])
+    )
     tokens = jnp.concatenate([cls_tokens, patches], axis=1)
     tokens = tokens + self.pos_embed[...].astype(tokens.dtype)
     collect = layers.FeatureCollector(return_features)
@@ -140,10 +169,19 @@ class VisionTransformer(nnx.Module):
 
 def _preset(width: int, num_heads: int):
 
-  def build(*, num_classes: int = 1000, dtype=jnp.float32, param_dtype=jnp.float32,
-            rngs: nnx.Rngs, **kwargs) -> VisionTransformer:
-    return VisionTransformer(num_classes=num_classes, width=width, depth=12, num_heads=num_heads,
-                             dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+  def build(
+    *, num_classes: int = 1000, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, **kwargs
+  ) -> VisionTransformer:
+    return VisionTransformer(
+      num_classes=num_classes,
+      width=width,
+      depth=12,
+      num_heads=num_heads,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      **kwargs,
+    )
 
   return build
 

@@ -9,6 +9,7 @@ mdistiller) or 'state_dict'. It is read with `torch.load(..., weights_only=True)
 the classifier's size) and written with `jaxkd.models.io.save`, the format a config names as
 `teacher.checkpoint`.
 """
+
 import os
 
 from absl import app
@@ -19,13 +20,14 @@ from jaxkd.models import io
 from jaxkd.models import registry
 from jaxkd.models import torch_import
 
-_MODEL = flags.DEFINE_string("model", None, "Registered model name, e.g. resnet32x4.",
-                             required=True)
+_MODEL = flags.DEFINE_string(
+  "model", None, "Registered model name, e.g. resnet32x4.", required=True
+)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint (.pth).", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory of the jaxkd checkpoint.",
-                           required=True)
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", None,
-                                    "Classifier size; read off the checkpoint when unset.")
+_OUT = flags.DEFINE_string("out", None, "Output directory of the jaxkd checkpoint.", required=True)
+_NUM_CLASSES = flags.DEFINE_integer(
+  "num_classes", None, "Classifier size; read off the checkpoint when unset."
+)
 
 
 def _read_torch_checkpoint(path: str):
@@ -38,8 +40,9 @@ def _read_torch_checkpoint(path: str):
     raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {reason}") from error
 
 
-def import_checkpoint(name: str, checkpoint_path: str, out_dir: str,
-                      num_classes: int | None = None) -> nnx.Module:
+def import_checkpoint(
+  name: str, checkpoint_path: str, out_dir: str, num_classes: int | None = None
+) -> nnx.Module:
   """Reads, converts and saves; returns the converted model."""
   registry.check_name(name)
   if not os.path.isfile(checkpoint_path):
