@@ -19,7 +19,7 @@ Variants per teacher → student pair (batch 64, 32×32×3, 100 classes, SGD mom
   student_only  CE step of the student alone (no teacher)
   kd            CE 0.1 + KD 0.9 step, the teacher forward inside (jaxkd.step)
   teacher_fwd   the teacher's eval-mode forward alone
-  cached        the KD step with teacher logits read from the batch (jaxkd.teacher_cache)
+  cached        the KD step with teacher logits read from the batch (jaxkd.teachers.cache)
   torch_kd      the same KD step in PyTorch (eval-mode teacher under no_grad)
 Populations: one vmapped step of P students vs P single-student steps.
 """
@@ -27,6 +27,7 @@ Populations: one vmapped step of P students vs P single-student steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -36,10 +37,11 @@ import time
 import jax
 import numpy as np
 import optax
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxkd import distill, models, parallel, population, step as kd_step, xla_flags  # noqa: E402
+from jaxkd import distill, models, parallel, population, tasks, teachers, xla_flags  # noqa: E402
+from jaxkd import state as train_state  # noqa: E402
+from jaxkd import step as kd_step  # noqa: E402
 
 NUM_CLASSES = 100
 KD_CONFIG = {"losses": {"ce": 0.1, "kd": 0.9}, "kd": {"temperature": 4.0}}
@@ -101,69 +103,99 @@ def _host_batch(batch_size, image_shape, num_classes=NUM_CLASSES, seed=0):
   }
 
 
+def _method(config, student, teacher, task):
+  info = distill.feature_info(task, student, teacher)
+  return distill.build(distill.plan(config, info=info, has_teacher=teacher is not None))
+
+
+def _compiled_step(
+  name, task, student, method, optimizer, mesh, teacher, batch, members=None, chunk=None
+):
+  """A `Timed` compiled step as `jaxkd.train` builds it (one student, or a population)."""
+  learner = kd_step.Learner.create(student, method, optimizer, task)
+
+  def fresh_state(seed, new_weights=False):
+    del new_weights  # every member starts from `student`'s weights
+    return train_state.create(student, method.adapters, method.initial_state, optimizer, seed)
+
+  if members is None:
+    state, hparams = fresh_state(0), method.hparams
+    step_fn = lambda *args: kd_step.train_step(learner, *args)
+  else:
+    state, hparams = population.init(members, fresh_state, method.hparams, seed=0)
+    step_fn = lambda *args: population.train_step(learner, *args, chunk=chunk)
+  leading_axes = int(members is not None)
+  state = parallel.shard_state(mesh, state, leading_axes)
+  jitted = kd_step.jit_train_step(
+    step_fn, teacher.train, mesh, jax.eval_shape(lambda: state), leading_axes=leading_axes
+  )
+  return Timed(name, jitted, state, hparams, teacher.state, batch)
+
+
 def _jax_variants(student, teacher, mesh, host_batch):
   """The four jaxkd variants of one pair, compiled."""
   optimizer = optax.sgd(0.05, momentum=0.9)
+  task = tasks.Classification(image_shape=host_batch["image"].shape[1:])
   batch = parallel.host_to_global(mesh, host_batch)
-  kd_method = distill.build(
-    KD_CONFIG, student=student, teacher=teacher, input_shape=(2, *host_batch["image"].shape[1:])
+  kd_method = _method(KD_CONFIG, student, teacher, task)
+  ce_method = _method({"losses": {"ce": 1.0}}, student, None, task)
+  live = teachers.from_models([teacher], task=task, mesh=mesh)
+  no_teacher = dataclasses.replace(live, train=teachers.Teacher(source="none", task=task))
+  teacher_logits = jax.jit(lambda state, b: live.eval.outputs(state, b["image"], b).logits)(
+    live.state, batch
   )
-  ce_method = distill.build({"losses": {"ce": 1.0}}, student=student)
-  teacher_state = kd_step.teacher_state(teacher, mesh)
-
-  def step_variant(name, method, teacher_model, teacher_arg, step_batch):
-    train_step = kd_step.make_train_step(
-      student=student, teacher=teacher_model, method=method, optimizer=optimizer, mesh=mesh
-    )
-    state = kd_step.init_state(student, method, optimizer, mesh=mesh)
-    return Timed(name, train_step, state, teacher_arg, step_batch)
-
-  teacher_graphdef = nnx.graphdef(teacher)
-
-  @jax.jit
-  def teacher_forward(state, images):
-    return nnx.merge(teacher_graphdef, state)(images, train=False)[0]
-
-  teacher_logits = teacher_forward(teacher_state, batch["image"])
-  cached_batch = {**batch, "teacher_logits": teacher_logits}
+  cached = dataclasses.replace(
+    live, train=teachers.Teacher(source="cached", task=task, num_classes=NUM_CLASSES)
+  )
   return [
-    step_variant("student_only", ce_method, None, None, batch),
-    step_variant("kd", kd_method, teacher, teacher_state, batch),
-    ForwardTimed("teacher_fwd", teacher_forward, teacher_state, batch["image"]),
-    step_variant("cached", kd_method, None, None, cached_batch),
+    _compiled_step("student_only", task, student, ce_method, optimizer, mesh, no_teacher, batch),
+    _compiled_step("kd", task, student, kd_method, optimizer, mesh, live, batch),
+    ForwardTimed(
+      "teacher_fwd",
+      jax.jit(lambda state, b: live.eval.outputs(state, b["image"], b).logits),
+      live.state,
+      batch,
+    ),
+    _compiled_step(
+      "cached",
+      task,
+      student,
+      kd_method,
+      optimizer,
+      mesh,
+      cached,
+      {**batch, teachers.cache.LOGITS_KEY: teacher_logits},
+    ),
   ]
 
 
 def _population_variants(student, teacher, mesh, host_batch, size, chunks):
   """Population steps of `size` students (vmapped in chunks) vs one single student step."""
   optimizer = optax.sgd(0.05, momentum=0.9)
+  task = tasks.Classification(image_shape=host_batch["image"].shape[1:])
   batch = parallel.host_to_global(mesh, host_batch)
-  method = distill.build(
-    KD_CONFIG, student=student, teacher=teacher, input_shape=(2, *host_batch["image"].shape[1:])
+  method = _method(KD_CONFIG, student, teacher, task)
+  live = teachers.from_models([teacher], task=task, mesh=mesh)
+  members = population.parse(
+    {"size": size, "sweep": {"kd.temperature": list(np.linspace(1.0, 8.0, size))}}
   )
-  teacher_state = kd_step.teacher_state(teacher, mesh)
-  config = {"size": size, "sweep": {"kd.temperature": list(np.linspace(1.0, 8.0, size))}}
-
-  def population_variant(chunk):
-    train_step = kd_step.make_train_step(
-      student=student,
-      teacher=teacher,
-      method=method,
-      optimizer=optimizer,
-      mesh=mesh,
-      population_size=size,
-      population_chunk=chunk,
-    )
-    state = population.init_population(student, method, optimizer, config, mesh=mesh)
-    return Timed(f"population{size}_chunk{chunk or size}", train_step, state, teacher_state, batch)
-
-  single_step = kd_step.make_train_step(
-    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh
-  )
-  single_state = kd_step.init_state(student, method, optimizer, mesh=mesh)
   return [
-    Timed("single", single_step, single_state, teacher_state, batch),
-    *[population_variant(chunk) for chunk in chunks],
+    _compiled_step("single", task, student, method, optimizer, mesh, live, batch),
+    *[
+      _compiled_step(
+        f"population{size}_chunk{chunk or size}",
+        task,
+        student,
+        method,
+        optimizer,
+        mesh,
+        live,
+        batch,
+        members=members,
+        chunk=chunk,
+      )
+      for chunk in chunks
+    ],
   ]
 
 

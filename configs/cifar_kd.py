@@ -186,6 +186,7 @@ def get_config(arg=None):
   arg = configlib.parse_arg(arg, teacher="resnet32x4", student="resnet8x4", method="kd")
   config = configlib.base_config()
   config.distill = recipe(arg.method, arg.teacher, arg.student)
+  config.method = arg.method
 
   config.data.name = "cifar100"
   config.data.source = "tfds"  # tfds.data_source('cifar100', data_dir=data.dir), array_record.

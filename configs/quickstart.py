@@ -50,6 +50,7 @@ def get_config(arg=None):
   config.optimizer.schedule = "cosine"
   config.num_epochs = 10  # Student epochs (over data.train_examples).
 
+  config.experiment = "compare"  # jaxkd.experiments.compare: teacher, then students.
   config.compare = {
     "seeds": arg.seeds,  # Student seeds: config.seed, config.seed + 1, ...
     "teacher_epochs": 2,  # Over teacher_train_examples.

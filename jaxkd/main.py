@@ -1,9 +1,10 @@
 """Command line: `python -m jaxkd.main --config=configs/<file>.py[:arg] --workdir=DIR`.
 
 The config is locked: `--config.data.batch_size=256` overrides a field, a misspelt field is an
-error. A config with a `compare` section (configs/quickstart.py) runs the teacher → scratch / KD
-students comparison of jaxkd.compare; any other config one `train.train_and_evaluate` run.
-Configuration and data problems end the program with one line on stderr and exit status 1.
+error. The program runs `train.train_and_evaluate`, or the experiment the config names in
+`config.experiment` (`jaxkd.experiments`, e.g. the quickstart's teacher → scratch / KD
+comparison). Problems a user fixes (`jaxkd.errors.UserError`: the config, the data, the disk)
+end the program with one `error:` line on stderr, the last thing printed, and exit status 1.
 On XLA:CPU the measured-faster options of `jaxkd.xla_flags` are set before JAX starts.
 """
 
@@ -15,20 +16,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxkd import checkpoint, compare, configlib, data, train, xla_flags
+from jaxkd import errors, experiments, plan, xla_flags
+from jaxkd.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "A configs/*.py file (get_config(arg); ':arg' picks a variant).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-# Problems a user fixes by changing the command line, the config or the data on disk.
-_USER_ERRORS = (
-  configlib.ConfigError,
-  data.DataUnavailableError,
-  checkpoint.IncompatibleCheckpointError,
-)
 
 
 def _flag_error_message(error: BaseException) -> str:
@@ -37,7 +32,7 @@ def _flag_error_message(error: BaseException) -> str:
   # the innermost user error of the chain is the one to show.
   user_error, cause = None, error
   while cause is not None:
-    if isinstance(cause, _USER_ERRORS):
+    if isinstance(cause, errors.UserError):
       user_error = cause
     cause = cause.__cause__ or cause.__context__
   if user_error is not None:
@@ -84,17 +79,15 @@ def main(argv):
   _keep_library_warnings_only()
   config = _CONFIG.value
   # XLA reads XLA_FLAGS when the first backend starts: the config is read, nothing has run yet.
-  xla_flags.configure_cpu(population=configlib.population_config(config)["size"] > 1)
-  logging.info("Config:\n%s", config)
+  xla_flags.configure_cpu(population=config.population.size > 1)
   if not jax.config.jax_compilation_cache_dir:  # Unless JAX_COMPILATION_CACHE_DIR says where.
     # Reruns, and the runs of one comparison (its seeds), share their compiled programs.
     jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "xla_cache"))
   try:
-    if "compare" in config:
-      compare.run(config, _WORKDIR.value)
-    else:
-      train.train_and_evaluate(config, _WORKDIR.value)
-  except _USER_ERRORS as error:
+    plan.check_experiment(config.experiment, experiments.EXPERIMENTS)
+    run = experiments.EXPERIMENTS.get(config.experiment, train_and_evaluate)
+    run(config, _WORKDIR.value)
+  except errors.UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
 

@@ -37,18 +37,12 @@ BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2**10
 
 
-def make_mesh(mesh_config: Mapping[str, int] | None = None, devices=None) -> Mesh:
-  """Builds the ``('data', 'fsdp')`` mesh.
+def mesh_shape(mesh_config: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
+  """``{'data': d, 'fsdp': f}`` of `mesh_config` over `num_devices`, the -1 resolved.
 
-  Args:
-    mesh_config: ``{'data': d, 'fsdp': f}``; one entry may be ``-1`` (= all remaining devices).
-      ``None`` means ``{'data': -1, 'fsdp': 1}``: pure data parallelism over every device.
-    devices: devices to use (default: ``jax.devices()``, every device of every process).
-
-  Returns:
-    A `jax.sharding.Mesh` with ``Auto`` axis types (see the module docstring for why).
+  One entry may be ``-1`` (= all remaining devices); ``None`` means ``{'data': -1, 'fsdp': 1}``.
+  ValueError when the shape does not fit the devices.
   """
-  devices = jax.devices() if devices is None else list(devices)
   mesh_config = dict(mesh_config or {"data": -1, "fsdp": 1})
   unknown = set(mesh_config) - set(AXIS_NAMES)
   if unknown:
@@ -58,16 +52,34 @@ def make_mesh(mesh_config: Mapping[str, int] | None = None, devices=None) -> Mes
     raise ValueError(f"at most one mesh axis may be -1, got {mesh_config}")
   if -1 in shape:
     known = math.prod(size for size in shape if size != -1)
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into mesh {mesh_config}")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices do not divide into mesh {mesh_config}")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
     raise ValueError(
       f"mesh {dict(zip(AXIS_NAMES, shape))} needs {math.prod(shape)} devices, "
-      f"{len(devices)} are available"
+      f"{num_devices} are available"
     )
+  return dict(zip(AXIS_NAMES, shape))
+
+
+def make_mesh(mesh_config: Mapping[str, int] | None = None, devices=None) -> Mesh:
+  """Builds the ``('data', 'fsdp')`` mesh of `mesh_shape(mesh_config)` over `devices`.
+
+  Args:
+    mesh_config: ``{'data': d, 'fsdp': f}``, see `mesh_shape`.
+    devices: devices to use (default: ``jax.devices()``, every device of every process).
+
+  Returns:
+    A `jax.sharding.Mesh` with ``Auto`` axis types (see the module docstring for why).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh(
-    tuple(shape), AXIS_NAMES, axis_types=(AxisType.Auto,) * len(AXIS_NAMES), devices=devices
+    tuple(shape[name] for name in AXIS_NAMES),
+    AXIS_NAMES,
+    axis_types=(AxisType.Auto,) * len(AXIS_NAMES),
+    devices=devices,
   )
 
 

@@ -1,34 +1,34 @@
-"""Student populations: P students trained in one compiled step by vmapping the update.
+"""Student populations: P students trained in one compiled step, sharing the view and the teacher.
 
-A population stacks P `TrainState`s on a leading axis; `jaxkd.step.make_train_step(...,
-population_size=P)` vmaps the student update over it while the teacher forward and the augmented
-view are computed once and shared. What varies between members must therefore be *data*, not
-program:
+The one owner of populations: the sweep is parsed here (`parse`), members are named and
+initialised here (`init`), and the one-student step of `jaxkd.step` becomes a population step
+here (`train_step`, `eval_step`): the view and the teacher's outputs are computed once, then the
+student half of the step (`jaxkd.step.update`) runs for every member, `jax.vmap`ped over the
+stacked states, or in unrolled groups on XLA:CPU (see `train_step`). No other module needs the
+population's size.
 
-* loss weights and loss hyper-parameters live in ``TrainState.hparams`` (traced float32);
-* the learning rate lives in the optimiser state, with ``optax.inject_hyperparams``
-  (``'learning_rate'``), or as a multiplier of any optimiser's update via
-  `with_learning_rate_scale` (``'learning_rate_scale'``; exact for SGD/momentum, Adam, AdamW,
-  whose updates are linear in the learning rate, and it keeps the base schedule);
-* the seed: member ``i``'s ``TrainState.rng`` (CRD negatives, dropout) and, given
-  ``make_student``, its initial weights.
+What varies between members is *data*, not program:
 
-The config expresses the sweep, one list of ``size`` values per key::
+* loss weights and loss hyper-parameters: the step's ``hparams`` argument, stacked ``[P]``;
+* the learning rate: a multiplier of the optimiser's update (`with_learning_rate_scale`,
+  ``'learning_rate_scale'``; exact for SGD/momentum, Adam, AdamW, whose updates are linear in the
+  learning rate, and it keeps the base schedule);
+* the seed: member ``i``'s ``TrainState.rng`` (CRD negatives, dropout) and its initial weights.
 
-    config.population = dict(size=4, sweep={'kd.temperature': [1, 2, 4, 8]})
+The config expresses the sweep, one list of ``size`` values per key; a `ml_collections.ConfigDict`
+refuses dots in field names, so keys nest::
+
+    config.population = dict(size=4, sweep={'kd': {'temperature': [1., 2., 4., 8.]}})
     config.population = dict(size=3, sweep={'losses': {'kd': [0.5, 0.9, 1.0]}, 'seed': [0, 1, 2]})
 
-(A `ml_collections.ConfigDict` refuses dots in field names: nest the keys there, as in the
-second line.)
-
-Keys: ``'<loss>.<hparam>'`` (e.g. ``'kd.temperature'``, ``'dkd.beta'``), ``'losses.<loss>'``
-(weights), ``'seed'``, ``'learning_rate'``, ``'learning_rate_scale'``. Members share the data
-order and the augmented views (member 0's key draws them), so a sweep compares hyper-parameters
-on identical data.
+Keys: ``'<loss>.<hparam>'``, ``'losses.<loss>'`` (weights), ``'seed'``, ``'learning_rate_scale'``.
+Members share the data order and the augmented views (member 0's key draws them), so a sweep
+compares hyper-parameters on identical data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,14 +36,81 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-from jaxkd import distill, parallel
-from jaxkd.step import TrainState, create_state, stack_trees
+from jaxkd import distill, step
+from jaxkd.state import TrainState, step_key
 
 SEED_KEY = "seed"
-LEARNING_RATE_KEY = "learning_rate"
 LEARNING_RATE_SCALE_KEY = "learning_rate_scale"
+
+
+@dataclasses.dataclass(frozen=True)
+class Members:
+  """A parsed population: one ``{sweep key: value}`` dict per member, and the members' names."""
+
+  overrides: tuple[Mapping[str, Any], ...]
+  names: tuple[str, ...]
+
+  @property
+  def size(self) -> int:
+    return len(self.overrides)
+
+  @property
+  def swept_keys(self) -> tuple[str, ...]:
+    return tuple(self.overrides[0])
+
+
+def _flatten(sweep: Mapping[str, Any], prefix: str = "") -> dict[str, list]:
+  """Dotted keys from nested mappings: ``{'kd': {'temperature': [...]}}`` → ``'kd.temperature'``."""
+  flat = {}
+  for key, value in sweep.items():
+    if hasattr(value, "items"):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = list(value)
+  return flat
+
+
+def parse(population_config: Mapping[str, Any]) -> Members | None:
+  """`config.population` → `Members`, or None for a single student (``size == 1``, no sweep).
+
+  Raises ValueError naming the problem (a size below 1, a sweep list of the wrong length).
+  """
+  size = int(population_config["size"])
+  sweep = _flatten(population_config.get("sweep") or {})
+  if size < 1:
+    raise ValueError(f"population.size={size}: must be 1 (one student) or more")
+  for key, values in sweep.items():
+    if len(values) != size:
+      raise ValueError(f"population.sweep {key!r} has {len(values)} values for {size} members")
+  if size == 1 and not sweep:
+    return None
+  overrides = tuple({key: values[i] for key, values in sweep.items()} for i in range(size))
+  names = tuple(
+    ",".join(f"{key}={value}" for key, value in member.items()) or f"member{index}"
+    for index, member in enumerate(overrides)
+  )
+  return Members(overrides=overrides, names=names)
+
+
+def check(members: Members, hparams: Mapping[str, Any]) -> None:
+  """ValueError for a sweep key the method or the optimiser cannot vary, or a bad value."""
+  sweepable = sorted(f"{group}.{name}" for group, values in hparams.items() for name in values)
+  for key in members.swept_keys:
+    if key in (SEED_KEY, LEARNING_RATE_SCALE_KEY):
+      continue
+    group, _, name = key.partition(".")
+    if group not in hparams or name not in hparams[group]:
+      raise ValueError(
+        f"population.sweep cannot sweep {key!r}; sweepable keys: {', '.join(sweepable)}, "
+        f"{SEED_KEY}, {LEARNING_RATE_SCALE_KEY}"
+      )
+    for value in (member[key] for member in members.overrides):
+      distill.check_hparam(group, name, float(value))
+  for member in members.overrides:
+    scale = member.get(LEARNING_RATE_SCALE_KEY, 1.0)
+    if not scale > 0:
+      raise ValueError(f"population.sweep {LEARNING_RATE_SCALE_KEY}={scale!r}: must be positive")
 
 
 def with_learning_rate_scale(
@@ -54,143 +121,115 @@ def with_learning_rate_scale(
   return optax.chain(optimizer, optax.inject_hyperparams(optax.scale)(step_size=1.0))
 
 
-def _flatten_sweep(sweep: Mapping[str, Any], prefix: str = "") -> dict[str, Sequence[Any]]:
-  """Dotted keys from nested mappings.
-
-  ``{'kd': {'temperature': [...]}}`` becomes ``{'kd.temperature': [...]}``.
-  """
-  flat = {}
-  for key, value in sweep.items():
-    if hasattr(value, "items"):
-      flat.update(_flatten_sweep(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = list(value)
-  return flat
-
-
-def member_overrides(population_config: Mapping[str, Any]) -> list[dict[str, Any]]:
-  """One ``{sweep key: value}`` dict per member, from ``{'size': P, 'sweep': {key: [P values]}}``.
-
-  Sweep keys are dotted (``'kd.temperature'``) or nested (``{'kd': {'temperature': [...]}}``,
-  the form an `ml_collections.ConfigDict` accepts, since it refuses dots in field names).
-  """
-  size = int(population_config["size"])
-  sweep = _flatten_sweep(population_config.get("sweep") or {})
-  for key, values in sweep.items():
-    if len(values) != size:
-      raise ValueError(f"population sweep {key!r} has {len(values)} values for {size} members")
-  return [{key: values[i] for key, values in sweep.items()} for i in range(size)]
-
-
-def _set_hparam(hparams: dict, key: str, value: float) -> None:
-  group, _, name = key.partition(".")
-  if group not in hparams or name not in hparams[group]:
-    known = sorted(f"{g}.{n}" for g, values in hparams.items() for n in values)
-    raise ValueError(
-      f"cannot sweep {key!r}; sweepable keys: {', '.join(known)}, {SEED_KEY}, "
-      f"{LEARNING_RATE_KEY}, {LEARNING_RATE_SCALE_KEY}"
-    )
-  hparams[group][name] = jnp.float32(value)
+def optimizer(members: Members | None, base: optax.GradientTransformation):
+  """The optimiser the members need: `base`, with the learning-rate multiplier if swept."""
+  if members is not None and LEARNING_RATE_SCALE_KEY in members.swept_keys:
+    return with_learning_rate_scale(base)
+  return base
 
 
 def _is_injected(node) -> bool:
   return isinstance(node, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
 
 
-def _set_injected(opt_state, name: str, value: float, key: str):
-  """Sets hyper-parameter `name` of every `optax.inject_hyperparams` state holding it."""
-  found = []
+def _set_step_size(opt_state, value: float):
+  """Sets the injected ``step_size`` of `with_learning_rate_scale`'s state."""
 
   def set_value(node):
-    if _is_injected(node) and name in node.hyperparams:
-      found.append(node)
-      return node._replace(
-        hyperparams={**node.hyperparams, name: jnp.asarray(value, node.hyperparams[name].dtype)}
-      )
+    if _is_injected(node) and "step_size" in node.hyperparams:
+      size = jnp.asarray(value, node.hyperparams["step_size"].dtype)
+      return node._replace(hyperparams={**node.hyperparams, "step_size": size})
     return node
 
-  opt_state = jax.tree.map(set_value, opt_state, is_leaf=_is_injected)
-  if not found:
-    hint = (
-      "optax.inject_hyperparams(optax.sgd)(learning_rate=...)"
-      if key == LEARNING_RATE_KEY
-      else "jaxkd.population.with_learning_rate_scale(optimizer)"
-    )
-    raise ValueError(f"sweeping {key!r} needs an optimizer built with {hint}")
-  return opt_state
+  return jax.tree.map(set_value, opt_state, is_leaf=_is_injected)
 
 
-def init_population(
-  student: nnx.Module,
-  method: distill.Method,
-  optimizer: optax.GradientTransformation,
-  population_config: Mapping[str, Any],
-  seed: int = 0,
-  mesh: jax.sharding.Mesh | None = None,
-  make_student: Callable[[int], nnx.Module] | None = None,
-) -> TrainState:
-  """The stacked `TrainState` of a population (leading axis = member).
+def _member_hparams(hparams: Mapping[str, Any], overrides: Mapping[str, Any]):
+  member = {group: dict(values) for group, values in hparams.items()}
+  for key, value in overrides.items():
+    if key not in (SEED_KEY, LEARNING_RATE_SCALE_KEY):
+      group, _, name = key.partition(".")
+      member[group][name] = float(value)
+  return jax.tree.map(jnp.float32, member)
+
+
+def member_seeds(members: Members, seed: int) -> list[int]:
+  """Member ``i``'s seed: ``sweep['seed'][i]`` if swept, else ``seed + i``."""
+  return [int(member.get(SEED_KEY, seed + i)) for i, member in enumerate(members.overrides)]
+
+
+def stack(trees: Sequence[Any]) -> Any:
+  """Stacks pytrees of one structure on a new leading axis, on the host (numpy)."""
+  return jax.tree.map(lambda *leaves: np.stack([np.asarray(leaf) for leaf in leaves]), *trees)
+
+
+def init(
+  members: Members,
+  make_state: Callable[[int, bool], TrainState],
+  hparams: Mapping[str, Any],
+  *,
+  seed: int,
+) -> tuple[TrainState, Any]:
+  """The stacked initial states and hyper-parameters of the members (leading axis = member).
 
   Args:
-    student: the student model (all members' initial weights, unless `make_student`).
-    method, optimizer: as for `jaxkd.step.init_state` (the optimizer must carry the injected
-      hyper-parameters the sweep sets).
-    population_config: ``{'size': P, 'sweep': {key: [P values]}}``.
-    seed: the base seed; member ``i`` uses ``sweep['seed'][i]`` if swept, else ``seed + i``.
-    mesh: place the state on it (member axis replicated, the rest by the FSDP rule).
-    make_student: ``seed -> model``; when given, each member starts from its own seed's
-      weights (needed for a seed sweep to change initial weights, not only the RNG stream).
+    members: from `parse`.
+    make_state: ``(seed, new_weights) -> TrainState`` of one student whose RNG stream is drawn
+      from `seed`; its initial weights too when `new_weights` (a swept seed), else every
+      member starts from the same weights.
+    hparams: the method's hyper-parameters (`jaxkd.distill.Method.hparams`), before the sweep.
+    seed: the base seed (see `member_seeds`).
   """
-  members = []
-  for index, overrides in enumerate(member_overrides(population_config)):
-    member_seed = int(overrides.get(SEED_KEY, seed + index))
-    model = make_student(member_seed) if make_student is not None else student
-    state = create_state(model, method, optimizer, seed=member_seed)
-    hparams = jax.tree.map(lambda x: x, state.hparams)  # a fresh nested dict to edit
-    opt_state = state.opt_state
-    for key, value in overrides.items():
-      if key == SEED_KEY:
-        continue
-      if key == LEARNING_RATE_KEY:
-        opt_state = _set_injected(opt_state, "learning_rate", value, key)
-      elif key == LEARNING_RATE_SCALE_KEY:
-        opt_state = _set_injected(opt_state, "step_size", value, key)
-      else:
-        _set_hparam(hparams, key, value)
-    members.append(state.replace(hparams=hparams, opt_state=opt_state))
-  stacked = stack_trees(members)
-  return parallel.shard_state(mesh, stacked, leading_axes=1) if mesh is not None else stacked
+  states, member_hparams = [], []
+  for member_seed, overrides in zip(member_seeds(members, seed), members.overrides):
+    state = make_state(member_seed, SEED_KEY in overrides)
+    if LEARNING_RATE_SCALE_KEY in overrides:
+      state = state.replace(
+        opt_state=_set_step_size(state.opt_state, overrides[LEARNING_RATE_SCALE_KEY])
+      )
+    states.append(state)
+    member_hparams.append(_member_hparams(hparams, overrides))
+  return stack(states), stack(member_hparams)
 
 
-def size(state: TrainState) -> int:
-  return int(np.shape(state.step)[0])
+def train_step(
+  learner: step.Learner, states: TrainState, hparams, batch, teacher, *, chunk: int | None
+):
+  """`jaxkd.step.train_step` for stacked members: one view and one teacher forward, shared.
+
+  `chunk`: members updated together. ``None`` vmaps all of them at once; ``k`` splits them into
+  groups of ``k`` vmapped members, unrolled one after the other in the one compiled step.
+  Vmapping a convolution over stacked kernels makes it a grouped convolution, which XLA's CPU
+  backend runs slower than the separate convolutions, so ``k = 1`` is the fast setting there
+  (BENCHMARKS.md); accelerators prefer one vmap. Same results either way.
+  """
+  first = jax.tree.map(lambda leaf: leaf[0], states)  # member 0's key draws the shared view
+  view = learner.task.view(batch, step_key(first, step.VIEW_STREAM))
+  teacher_outputs = teacher(view, batch)
+
+  def update(member_states, member_hparams):
+    return jax.vmap(
+      lambda state, hp: step.update(learner, state, hp, view, batch, teacher_outputs)
+    )(member_states, member_hparams)
+
+  size = jax.tree.leaves(states)[0].shape[0]
+  if chunk is None or chunk >= size:
+    return update(states, hparams)
+  groups = [
+    update(*jax.tree.map(lambda leaf, start=start: leaf[start : start + chunk], (states, hparams)))
+    for start in range(0, size, chunk)
+  ]
+  return jax.tree.map(lambda *parts: jnp.concatenate(parts), *groups)
 
 
-def member(tree: Any, index: int) -> Any:
-  """Member `index` of a stacked tree (state, metrics, eval sums)."""
-  return jax.tree.map(lambda leaf: leaf[index], tree)
+def eval_step(learner: step.Learner, states: TrainState, batch, teacher):
+  """`jaxkd.step.eval_step` for stacked members: the teacher runs once; sums are ``[P]``."""
+  view = learner.task.view(batch, None)
+  teacher_logits = teacher(view, batch).logits
+  return jax.vmap(lambda state: step.evaluate(learner, state, view, batch, teacher_logits))(states)
 
 
 def unstack(tree: Any) -> list[Any]:
-  """All members of a stacked tree, e.g. to checkpoint each member's `TrainState` on its own."""
-  count = int(np.shape(jax.tree.leaves(tree)[0])[0])
-  return [member(tree, index) for index in range(count)]
-
-
-def member_metrics(metrics: Mapping[str, jax.Array]) -> list[dict[str, float]]:
-  """Per-member metric dicts of Python floats, for logging each member separately."""
-  host = jax.device_get(metrics)
-  return [{name: float(value) for name, value in entry.items()} for entry in unstack(host)]
-
-
-def member_names(population_config: Mapping[str, Any]) -> list[str]:
-  """Readable member names from the sweep, e.g. ``'kd.temperature=4'``, for workdirs and logs."""
-  return [
-    ",".join(f"{key}={value}" for key, value in overrides.items()) or f"member{index}"
-    for index, overrides in enumerate(member_overrides(population_config))
-  ]
-
-
-def stack(states: Sequence[TrainState]) -> TrainState:
-  """Stacks single `TrainState`s into a population state (e.g. members restored one by one)."""
-  return stack_trees(states)
+  """Every member of a stacked tree (state, metrics, evaluation sums)."""
+  size = int(np.shape(jax.tree.leaves(tree)[0])[0])
+  return [jax.tree.map(lambda leaf, i=i: leaf[i], tree) for i in range(size)]

@@ -1,10 +1,13 @@
 """Test setup: 8 simulated CPU devices for the sharding tests, and jaxkd's XLA:CPU options.
 
+In CI (``CI=true``) a test that would skip for a missing optional dependency fails instead.
+
 The flags must be set before jax initialises its backends, so they live here, ahead of any
 test module import. Single-device tests are unaffected: they run on the default device. The
 tests run with the XLA options `python -m jaxkd.main` uses (`jaxkd.xla_flags`).
 """
 
+import importlib
 import os
 
 from jaxkd import xla_flags
@@ -19,6 +22,15 @@ import jax  # noqa: E402  (after the XLA flags: jax reads them when its backend 
 import pytest  # noqa: E402
 
 import testing_utils  # noqa: E402
+
+if os.environ.get("CI") == "true":
+  # CI installs every test dependency ('.[test,torch]'): a parity test that would skip for a
+  # missing torch (or transformers, ...) must fail there instead of passing silently.
+  def _import_or_fail(module_name: str, *args, **kwargs):
+    del args, kwargs
+    return importlib.import_module(module_name)
+
+  pytest.importorskip = _import_or_fail
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """configs/cifar_kd.py: every `method=` variant loads, validates and builds with jaxkd.distill, with
 the benchmark's published weights, its per-pair values and its learning-rate rule.
 
-Models are built abstractly (`nnx.eval_shape`): `distill.build` only probes their feature shapes,
+Models are built abstractly (`nnx.eval_shape`): `distill.plan` only probes their feature shapes,
 so nothing is trained and no model parameter is materialised (adapters are, they are small).
 """
 
@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxkd import configlib, distill, models
+from jaxkd import distill, errors, models, plan, tasks
 
 import testing_utils
 
 CONFIG = "cifar_kd"
+CIFAR = tasks.Classification(image_shape=(32, 32, 3))
 METHODS = (
   "ce",
   "kd",
@@ -36,9 +37,8 @@ METHODS = (
   "dkd_ls",
 )
 
-# The published loss weights (/work/shared/reference/cifar100_benchmark.md; RepDistiller
-# scripts/run_cifar_distill.sh `-r γ -a α -b β`; mdistiller CFG; DIST_KD; LS README), written
-# out independently of the config's table.
+# The published loss weights (RepDistiller scripts/run_cifar_distill.sh `-r γ -a α -b β`;
+# mdistiller CFG; DIST_KD; LS README), written out independently of the config's table.
 EXPECTED_WEIGHTS = {
   "ce": {"ce": 1.0},
   "kd": {"ce": 0.1, "kd": 0.9},
@@ -73,30 +73,35 @@ def _built(method, teacher="resnet8", student="resnet8"):
   """`distill.build` of a variant, as jaxkd.train calls it (cached: ReviewKD's adapters take
   seconds to initialise)."""
   config = _config(method, teacher, student)
-  return distill.build(
+  teacher_model = _abstract_model(config.teacher.model) if config.teacher.model else None
+  method_plan = distill.plan(
     config.distill,
-    student=_abstract_model(config.student.model),
-    teacher=_abstract_model(config.teacher.model) if config.teacher.model else None,
+    info=distill.feature_info(CIFAR, _abstract_model(config.student.model), teacher_model),
+    has_teacher=teacher_model is not None,
+    steps_per_epoch=781,
+  )
+  return distill.build(
+    method_plan,
     num_train_examples=50_000,
     train_labels=lambda: np.arange(50_000) % 100,
-    steps_per_epoch=781,
     rngs=nnx.Rngs(0),
   )
 
 
 def _term(built, name):
-  return next(term for term in built.terms if term.name == name)
+  return next(term for term in built.plan.terms if term.name == name)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_validates_and_builds(method):
   config = _config(method)
-  configlib.validate(config)
+  plan.check(config)
   assert dict(config.distill.losses) == EXPECTED_WEIGHTS[method]
   built = _built(method)
-  assert built.hparams["losses"] == EXPECTED_WEIGHTS[method]
-  assert built.needs_teacher == (method != "ce")
-  assert bool(config.teacher.model) == built.needs_teacher
+  assert built.plan.hparams["losses"] == EXPECTED_WEIGHTS[method]
+  assert built.plan.needs_teacher == (method != "ce")
+  assert bool(config.teacher.model) == built.plan.needs_teacher
+  assert config.method == method
 
 
 # Features and adapters on a cross-architecture pair of the benchmark: other widths, and ShuffleV2's
@@ -106,30 +111,30 @@ def test_method_validates_and_builds(method):
 )
 def test_feature_method_builds_on_a_cross_architecture_pair(method):
   config = _config(method, "resnet32x4", "ShuffleV2")
-  configlib.validate(config)
+  plan.check(config)
   built = _built(method, "resnet32x4", "ShuffleV2")
-  assert built.student_features and built.teacher_features
+  assert built.plan.student_features and built.plan.teacher_features
 
 
 def test_settings_reach_the_built_terms():
   crd = _built("crd")
-  assert crd.hparams["crd"] == {"temperature": 0.07, "momentum": 0.5}
+  assert crd.plan.hparams["crd"] == {"temperature": 0.07, "momentum": 0.5}
   assert {k: _term(crd, "crd").options[k] for k in ("feat_dim", "num_negatives", "negatives")} == {
     "feat_dim": 128,
     "num_negatives": 16384,
     "negatives": "other_class",
   }
   np.testing.assert_array_equal(crd.train_labels[:3], [0, 1, 2])  # RepDistiller's 'exact' mode
-  assert crd.hparams["kd"] == {"temperature": 4.0}
+  assert crd.plan.hparams["kd"] == {"temperature": 4.0}
   rkd = _built("rkd")
-  assert rkd.hparams["rkd"] == {"distance_weight": 25.0, "angle_weight": 50.0}
+  assert rkd.plan.hparams["rkd"] == {"distance_weight": 25.0, "angle_weight": 50.0}
   dist = _built("dist")
-  assert dist.hparams["dist"] == {"beta": 1.0, "gamma": 1.0, "temperature": 4.0}
+  assert dist.plan.hparams["dist"] == {"beta": 1.0, "gamma": 1.0, "temperature": 4.0}
   kd_ls = _built("kd_ls")
-  assert kd_ls.hparams["kd"] == {"temperature": 2.0}
+  assert kd_ls.plan.hparams["kd"] == {"temperature": 2.0}
   assert _term(kd_ls, "kd").options["standardize"]
   dkd_ls = _built("dkd_ls", "resnet32x4", "resnet8x4")
-  assert dkd_ls.hparams["dkd"] == {"alpha": 1.0, "beta": 8.0, "temperature": 2.0}
+  assert dkd_ls.plan.hparams["dkd"] == {"alpha": 1.0, "beta": 8.0, "temperature": 2.0}
   assert _term(dkd_ls, "dkd").options["standardize"]
 
 
@@ -166,7 +171,7 @@ def test_dkd_beta_is_looked_up_by_pair(teacher, student, beta):
 
 def test_dkd_beta_reaches_the_traced_hparams():
   built = _built("dkd", "resnet56", "resnet20")
-  assert built.hparams["dkd"] == {"alpha": 1.0, "beta": 2.0, "temperature": 4.0}
+  assert built.plan.hparams["dkd"] == {"alpha": 1.0, "beta": 2.0, "temperature": 4.0}
 
 
 @pytest.mark.parametrize(
@@ -227,13 +232,18 @@ def test_shared_recipe():
 
 
 def test_teacher_training_needs_no_teacher_and_distillation_does():
-  configlib.check_teacher_given(_config("ce"))
-  with pytest.raises(configlib.ConfigError, match="needs a teacher"):
-    configlib.check_teacher_given(_config("dkd"))
+  def plan_without_teacher(method):
+    config = _config(method)
+    info = distill.feature_info(CIFAR, _abstract_model(config.student.model))
+    return distill.plan(config.distill, info=info, has_teacher=False)
+
+  plan_without_teacher("ce")
+  with pytest.raises(ValueError, match="needs a teacher"):
+    plan_without_teacher("dkd")
 
 
 def test_unknown_method_is_one_line_listing_the_known_ones():
-  with pytest.raises(configlib.ConfigError) as error:
+  with pytest.raises(errors.ConfigError) as error:
     _config("dkdd")
   message = str(error.value)
   assert "\n" not in message and "method='dkdd'" in message

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from jaxkd import configlib
+from jaxkd import configlib, errors, plan
 
 import testing_utils
 
@@ -36,7 +36,7 @@ def _main(*args: str, cwd: str = testing_utils.REPO) -> subprocess.CompletedProc
   ],
 )
 def test_configs_validate(name, arg):
-  configlib.validate(testing_utils.load_config(name, arg))
+  plan.check(testing_utils.load_config(name, arg))
 
 
 def test_cifar_config_follows_the_reference_recipe():
@@ -57,7 +57,7 @@ def test_parse_arg():
   }
   assert configlib.parse_arg(None, smoke=False).smoke is False
   assert configlib.parse_arg("smoke=false", smoke=True).smoke is False
-  with pytest.raises(configlib.ConfigError, match="unknown config argument 'smok'"):
+  with pytest.raises(errors.ConfigError, match="unknown config argument 'smok'"):
     configlib.parse_arg("smok", smoke=False)
 
 
@@ -75,15 +75,15 @@ def test_validate_names_the_field(field, value, message):
   config = testing_utils.load_config("cifar_kd")
   parent, name = field.rsplit(".", 1)
   setattr(config[parent], name, value)
-  with pytest.raises(configlib.ConfigError, match=message.replace("(", r"\(")):
-    configlib.validate(config)
+  with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(")):
+    plan.check(config)
 
 
 def test_unknown_loss_names_the_field():
   config = testing_utils.load_config("quickstart")
   config.distill.losses = {"ce": 1.0, "kdd": 1.0}
-  with pytest.raises(configlib.ConfigError, match="config.distill.losses.kdd='kdd'"):
-    configlib.validate(config)
+  with pytest.raises(errors.ConfigError, match="config.distill.losses.kdd='kdd'"):
+    plan.check(config)
 
 
 def test_command_line_errors_are_one_line(tmp_path):

@@ -6,14 +6,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import tiny_models
-from jaxkd import distill
+from jaxkd import distill, teachers
 from jaxkd.losses import feature, logit, relation
 
-IMAGE_SHAPE = (2, 8, 8, 3)
 BATCH = 8
 
 
@@ -39,48 +39,55 @@ def _outputs():
   return (*forward(nnx.state(student), nnx.state(teacher), host_batch["image"]), host_batch)
 
 
+def _loss(method, hparams, adapters, method_state, logits, features, batch, step=0):
+  """`Method.loss` the way the step calls it, on the fixed teacher outputs."""
+  _, _, teacher_logits, teacher_features, _ = _outputs()
+  mask = batch["mask"] if "mask" in batch else jnp.ones(batch["label"].shape, bool)
+  return method.loss(
+    hparams,
+    student_logits=logits,
+    student_features={k: features[k] for k in method.plan.student_features},
+    teacher=teachers.TeacherOutputs(
+      logits=teacher_logits,
+      features={k: teacher_features[k] for k in method.plan.teacher_features},
+    ),
+    labels=batch["label"],
+    mask=mask,
+    index=batch.get("index"),
+    adapters=adapters,
+    method_state=method_state,
+    step=jnp.int32(step),
+    rng=jax.random.key(0),
+  )
+
+
 def _evaluate(method, *, jit, step=0):
   """Method.loss on fixed model outputs; gradients w.r.t. student logits, features, adapters."""
-  student_logits, student_features, teacher_logits, teacher_features, host_batch = _outputs()
+  student_logits, student_features, _, _, host_batch = _outputs()
   batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
   graphdef, adapter_state = nnx.split(method.adapters)
-  hparams = jax.tree.map(jnp.float32, method.hparams)
+  hparams = method.hparams
 
   def loss(differentiable, method_state):
     logits, features, adapter_state = differentiable
     adapters = nnx.merge(graphdef, adapter_state, copy=True)
-    value, metrics, new_state = method.loss(
-      hparams=hparams,
-      adapters=adapters,
-      method_state=method_state,
-      student_logits=logits,
-      student_features={k: features[k] for k in method.student_features},
-      teacher_logits=teacher_logits,
-      teacher_features={k: teacher_features[k] for k in method.teacher_features},
-      batch=batch,
-      step=jnp.int32(step),
-      rng=jax.random.key(0),
+    value, metrics, new_state = _loss(
+      method, hparams, adapters, method_state, logits, features, batch, step
     )
     return value, (metrics, new_state)
 
   fn = jax.value_and_grad(loss, has_aux=True)
   fn = jax.jit(fn) if jit else fn
   (value, (metrics, new_state)), grads = fn(
-    (student_logits, student_features, adapter_state), method.init_state()
+    (student_logits, student_features, adapter_state), method.initial_state
   )
   return value, metrics, new_state, grads
 
 
 def _build(config, **kwargs):
   student, teacher = _models()
-  return distill.build(
-    config,
-    student=student,
-    teacher=teacher,
-    input_shape=IMAGE_SHAPE,
-    num_train_examples=32,
-    steps_per_epoch=10,
-    **kwargs,
+  return tiny_models.method(
+    config, student, teacher, steps_per_epoch=10, num_train_examples=32, **kwargs
   )
 
 
@@ -99,9 +106,9 @@ def test_every_term_is_finite_and_reaches_the_student():
   is not zero (forward mode: one pass for every term, where a per-term gradient needs one each)."""
   config = {"losses": {"ce": 1.0, **{name: 0.5 for name in ALL_TERMS}}, **TERM_SETTINGS}
   method = _build(config)
-  student_logits, student_features, teacher_logits, teacher_features, host_batch = _outputs()
+  student_logits, student_features, _, _, host_batch = _outputs()
   batch = {k: jnp.asarray(v) for k, v in host_batch.items()}
-  hparams = jax.tree.map(jnp.float32, method.hparams)
+  hparams = method.hparams
   graphdef, adapter_state = nnx.split(method.adapters)
   primals = (student_logits, dict(student_features))
   leaves, treedef = jax.tree.flatten(primals)
@@ -115,23 +122,12 @@ def test_every_term_is_finite_and_reaches_the_student():
     def metrics(inputs):
       logits, features = inputs
       adapters = nnx.merge(graphdef, adapter_state, copy=True)
-      return method.loss(
-        hparams=hparams,
-        adapters=adapters,
-        method_state=method_state,
-        student_logits=logits,
-        student_features={k: features[k] for k in method.student_features},
-        teacher_logits=teacher_logits,
-        teacher_features={k: teacher_features[k] for k in method.teacher_features},
-        batch=batch,
-        step=jnp.int32(0),
-        rng=jax.random.key(0),
-      )[1]
+      return _loss(method, hparams, adapters, method_state, logits, features, batch)[1]
 
     return jax.jvp(metrics, (primals,), (tangents,))
 
   values, derivatives = values_and_derivatives(
-    primals, tangents, adapter_state, method.init_state()
+    primals, tangents, adapter_state, method.initial_state
   )
   assert set(values) == {"ce", "loss", *ALL_TERMS}
   for name in ALL_TERMS:
@@ -160,8 +156,6 @@ def test_loss_is_weighted_sum_of_terms_equal_to_the_loss_functions():
   )
   student_logits, student_features, teacher_logits, teacher_features, batch = _outputs()
   value, metrics, _, _ = _evaluate(method, jit=True)
-  import optax
-
   ce = optax.softmax_cross_entropy_with_integer_labels(student_logits, batch["label"]).mean()
   kd = logit.kd(student_logits, teacher_logits, temperature=4.0)
   stages = ["stage1", "stage2"]
@@ -188,18 +182,8 @@ def test_padded_examples_are_left_out_of_per_example_terms():
   student_logits, _, teacher_logits, _, host_batch = _outputs()
   method = _build({"losses": {"ce": 1.0, "kd": 1.0}})
   mask = np.arange(BATCH) < 5
-  hparams = jax.tree.map(jnp.float32, method.hparams)
-  _, metrics, _ = method.loss(
-    hparams=hparams,
-    adapters=None,
-    method_state={},
-    student_logits=student_logits,
-    student_features={},
-    teacher_logits=teacher_logits,
-    teacher_features={},
-    batch={**host_batch, "mask": mask},
-    step=jnp.int32(0),
-    rng=jax.random.key(0),
+  _, metrics, _ = _loss(
+    method, method.hparams, None, {}, student_logits, {}, {**host_batch, "mask": mask}
   )
   np.testing.assert_allclose(
     metrics["kd"], logit.kd(student_logits[:5], teacher_logits[:5], temperature=4.0), rtol=1e-5
@@ -222,7 +206,7 @@ def test_dkd_warmup_follows_mdistiller(step, factor):
 
 def test_crd_updates_memory_and_fixes_the_normaliser():
   method = _build({"losses": {"crd": 0.8}, "crd": {"num_negatives": 16}})
-  memory = method.init_state()["crd"]
+  memory = method.initial_state["crd"]
   assert memory.student_bank.shape == (32, 128)
   _, _, new_state, _ = _evaluate(method, jit=True)
   new_memory = new_state["crd"]
@@ -245,11 +229,11 @@ def test_feature_choices_follow_repdistiller():
   }
   for name, expected in cases.items():
     method = _build({"losses": {name: 1.0}})
-    assert list(method.student_features) == expected, name
+    assert list(method.plan.student_features) == expected, name
   method = _build({"losses": {"review_kd": 1.0}})
-  assert list(method.teacher_features) == ["preact_stage1", "preact_stage2", "pooled"]
+  assert list(method.plan.teacher_features) == ["preact_stage1", "preact_stage2", "pooled"]
   method = _build({"losses": {"fitnet": 1.0}, "fitnet": {"features": (["stage1"], ["stage2"])}})
-  assert method.student_features == ("stage1",) and method.teacher_features == ("stage2",)
+  assert method.plan.student_features == ("stage1",) and method.plan.teacher_features == ("stage2",)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +246,10 @@ def test_feature_choices_follow_repdistiller():
     ({"losses": {}}, "losses is empty"),
     ({"losses": {"kd": 1.0}, "kd": {"temprature": 2.0}}, "unknown setting kd.temprature"),
     ({"losses": {"kd": 1.0}, "dkd": {"beta": 2.0}}, "settings for \\['dkd'\\]"),
-    ({"losses": {"fitnet": 1.0}, "fitnet": {"features": ["stage9"]}}, "needs feature 'stage9'"),
+    (
+      {"losses": {"fitnet": 1.0}, "fitnet": {"features": ["stage9"]}},
+      "needs the student feature 'stage9'",
+    ),
   ],
 )
 def test_config_errors_are_clear(config, message):
@@ -270,22 +257,43 @@ def test_config_errors_are_clear(config, message):
     _build(config)
 
 
-def test_warmup_needs_steps_per_epoch():
-  student, teacher = _models()
-  with pytest.raises(ValueError, match="steps_per_epoch"):
-    distill.build(
-      {"losses": {"dkd": 1.0}}, student=student, teacher=teacher, input_shape=IMAGE_SHAPE
-    )
+@pytest.mark.parametrize(
+  "config, message",
+  [
+    ({"losses": {"kd": 1.0}, "kd": {"temperature": 0.0}}, "kd.temperature=0.0 must be positive"),
+    ({"losses": {"kd": 1.0}, "kd": {"temperature": -1.0}}, "kd.temperature=-1.0 must be positive"),
+    ({"losses": {"kd": -0.5}}, "losses.kd=-0.5 must be 0 or more"),
+    ({"losses": {"jsd": 1.0}, "jsd": {"beta": 1.5}}, r"jsd.beta=1.5 must be in \[0, 1\]"),
+    ({"losses": {"crd": 1.0}, "crd": {"negatives": "all"}}, "crd.negatives='all': must be one"),
+    ({"losses": {"kd": float("nan")}}, "losses.kd=nan must be 0 or more"),
+  ],
+)
+def test_invalid_hyperparameters_are_refused(config, message):
+  with pytest.raises(ValueError, match=message):
+    _build(config)
+
+
+def test_defaults_are_the_loss_functions_own():
+  """One place for each default: the registry reads it from the loss function's signature."""
+  method = _build({"losses": {"kd": 1.0, "jsd": 1.0, "dkd": 1.0}})
+  assert method.plan.hparams["kd"] == {"temperature": 4.0}
+  assert method.plan.hparams["jsd"] == {"beta": 0.5, "temperature": 1.0}
+  assert method.plan.hparams["dkd"] == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
 
 
 def test_hparams_are_traced_floats_options_are_static():
   method = _build({"losses": {"ce": 0.1, "kd": 0.9}, "kd": {"temperature": 2, "standardize": True}})
-  assert method.hparams == {
+  assert method.plan.hparams == {
     "losses": {"ce": 0.1, "kd": 0.9},
     "kd": {"temperature": 2.0},
     "ce": {"label_smoothing": 0.0},
   }
-  assert method.terms[1].options == {"warmup_epochs": 0, "standardize": True}
+  assert jax.tree.map(lambda x: x.dtype, method.hparams)["kd"]["temperature"] == jnp.float32
+  assert method.plan.terms[1].options == {
+    "warmup_epochs": 0,
+    "standardize": True,
+    "scale_by_temperature_squared": True,
+  }
 
 
 def test_crd_other_class_negatives_read_the_training_labels(monkeypatch):
@@ -315,7 +323,7 @@ def test_crd_other_class_negatives_read_the_training_labels(monkeypatch):
   [
     ({"negatives": "other_class"}, None, "crd reads every training label"),
     ({"negatives": "other_class"}, np.zeros(5), r"train_labels has shape \(5,\), expected \(32,\)"),
-    ({"negatives": "same_class"}, None, "crd.negatives must be 'uniform' or 'other_class'"),
+    ({"negatives": "same_class"}, None, r"crd.negatives='same_class': must be one of \('uniform'"),
   ],
 )
 def test_crd_negatives_errors(settings, train_labels, message):

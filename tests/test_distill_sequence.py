@@ -9,10 +9,13 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxkd import distill, models, parallel, step as kd_step, teacher_cache
+import tiny_models
+from jaxkd import models, parallel, tasks, teachers
 from jaxkd.losses import logit, sequence
+from jaxkd.teachers import cache as teacher_cache
 
 B, S, V = 3, 5, 11
+TASK = tasks.CausalLM(seq_len=S)
 
 
 @functools.cache
@@ -27,10 +30,10 @@ def _lms():
 def _token_batch(seed=0):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, V, (B, S + 1)).astype(np.int32)
-  mask = np.ones((B, S), np.float32)
-  mask[0, 3:] = 0  # a padded tail
-  mask[2, :1] = 0
-  return {"image": tokens[:, :-1], "label": tokens[:, 1:], "mask": mask}
+  mask = np.ones((B, S), bool)
+  mask[0, 3:] = False  # a padded tail
+  mask[2, :1] = False
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
 
 
 def _logits(seed):
@@ -38,18 +41,20 @@ def _logits(seed):
   return (3 * jax.random.normal(keys[0], (B, S, V)), 3 * jax.random.normal(keys[1], (B, S, V)))
 
 
-def _method_loss(config, student_logits, teacher_logits, batch):
+def _method_loss(config, student_logits, teacher_logits, batch, topk=None):
   student, teacher = _lms()
-  method = distill.build(config, student=student, teacher=teacher)
+  method = tiny_models.method(config, student, teacher, task=TASK)
+  labels, mask = TASK.targets(jax.tree.map(jnp.asarray, batch))
   return method.loss(
-    hparams=jax.tree.map(jnp.float32, method.hparams),
-    adapters=None,
-    method_state={},
+    method.hparams,
     student_logits=student_logits,
     student_features={},
-    teacher_logits=teacher_logits,
-    teacher_features={},
-    batch=jax.tree.map(jnp.asarray, batch),
+    teacher=teachers.TeacherOutputs(logits=teacher_logits, features={}, topk=topk),
+    labels=labels,
+    mask=mask,
+    index=None,
+    adapters=None,
+    method_state={},
     step=jnp.int32(0),
     rng=jax.random.key(0),
   )
@@ -71,7 +76,7 @@ def test_logit_terms_are_masked_token_means(name, loss_fn, settings):
     {"losses": {name: 1.0}, name: settings}, student_logits, teacher_logits, batch
   )
   expected = sequence.sequence_loss(
-    loss_fn, student_logits, teacher_logits, batch["mask"] > 0, **settings
+    loss_fn, student_logits, teacher_logits, batch["loss_mask"], **settings
   )
   np.testing.assert_allclose(metrics[name], expected, rtol=1e-5)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -81,9 +86,9 @@ def test_ce_is_the_masked_next_token_cross_entropy():
   student_logits, teacher_logits = _logits(2)
   batch = _token_batch()
   _, metrics, _ = _method_loss({"losses": {"ce": 1.0}}, student_logits, teacher_logits, batch)
-  per_token = optax.softmax_cross_entropy_with_integer_labels(student_logits, batch["label"])
+  per_token = optax.softmax_cross_entropy_with_integer_labels(student_logits, batch["targets"])
   np.testing.assert_allclose(
-    metrics["ce"], sequence.token_mean(per_token, batch["mask"] > 0), rtol=1e-5
+    metrics["ce"], sequence.token_mean(per_token, batch["loss_mask"]), rtol=1e-5
   )
 
 
@@ -101,14 +106,13 @@ def test_sparse_topk_kd_reads_the_cached_topk_or_takes_the_live_teachers(missing
     sequence.sparse_topk_kd,
     student_logits,
     sparse,
-    batch["mask"] > 0,
+    batch["loss_mask"],
     missing=missing,
     temperature=2.0,
   )
   _, live, _ = _method_loss(config, student_logits, teacher_logits, batch)
-  cached_batch = {**batch, "teacher_topk_ids": sparse.ids, "teacher_topk_logprobs": sparse.logprobs}
   dense_from_cache = teacher_cache.dense_logits(sparse.ids, sparse.logprobs, V)
-  _, cached, _ = _method_loss(config, student_logits, dense_from_cache, cached_batch)
+  _, cached, _ = _method_loss(config, student_logits, dense_from_cache, batch, topk=sparse)
   np.testing.assert_allclose(live["sparse_topk_kd"], expected, rtol=1e-5)
   np.testing.assert_allclose(cached["sparse_topk_kd"], expected, rtol=1e-5)
 
@@ -123,26 +127,28 @@ def test_dense_logits_of_a_per_token_topk_cache():
 
 
 def test_language_model_distillation_step():
-  """One jitted step: LM teacher and student on token ids (batch['image']), next-token labels,
-  padded positions masked; the loss equals CE + KD computed from the models' own logits."""
+  """One jitted step of the image runs' `train_step`: LM teacher and student on token ids,
+  next-token targets, padded positions masked; the loss equals CE + KD computed from the
+  models' own logits."""
   student, teacher = _lms()
   config = {"losses": {"ce": 0.5, "kd": 0.5}, "kd": {"temperature": 2.0}}
-  method = distill.build(config, student=student, teacher=teacher)
+  method = tiny_models.method(config, student, teacher, task=TASK)
   mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
   optimizer = optax.sgd(0.1)
-  train_step = kd_step.make_train_step(
-    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh, donate=False
+  sources = tiny_models.teacher_sources([teacher], method, mesh, task=TASK)
+  state = tiny_models.init_state(student, method, optimizer, mesh=mesh)
+  train_step = tiny_models.train_step(
+    student, method, optimizer, mesh, sources.train, state, task=TASK, donate=False
   )
-  state = kd_step.init_state(student, method, optimizer, mesh=mesh)
   host_batch = _token_batch()
   new_state, metrics = train_step(
-    state, kd_step.teacher_state(teacher, mesh), parallel.host_to_global(mesh, host_batch)
+    state, method.hparams, sources.state, parallel.host_to_global(mesh, host_batch)
   )
-  student_logits = student(jnp.asarray(host_batch["image"]))[0]
-  teacher_logits = teacher(jnp.asarray(host_batch["image"]))[0]
-  mask = host_batch["mask"] > 0
+  student_logits = student(jnp.asarray(host_batch["inputs"]))[0]
+  teacher_logits = teacher(jnp.asarray(host_batch["inputs"]))[0]
+  mask = host_batch["loss_mask"]
   ce = sequence.token_mean(
-    optax.softmax_cross_entropy_with_integer_labels(student_logits, host_batch["label"]), mask
+    optax.softmax_cross_entropy_with_integer_labels(student_logits, host_batch["targets"]), mask
   )
   kd = sequence.sequence_loss(logit.kd, student_logits, teacher_logits, mask, temperature=2.0)
   np.testing.assert_allclose(metrics["loss"], 0.5 * ce + 0.5 * kd, rtol=1e-4)
@@ -155,42 +161,44 @@ def test_language_model_distillation_step():
   assert any(jax.tree.leaves(moved))
 
 
+def test_an_integer_mask_is_refused():
+  """TRL's -100 label convention passed as a mask is an error, not a silent cast."""
+  batch = _token_batch()
+  batch["loss_mask"] = np.where(batch["loss_mask"], batch["targets"], -100)
+  with pytest.raises(TypeError, match="labels != -100"):
+    TASK.targets(batch)
+
+
 def test_cached_topk_language_model_step_equals_the_live_teachers(tmp_path):
   """A top-k cache of an LM teacher ([N, S, k] per token) trains the student without running
   the teacher, with the loss of the live teacher's top-k."""
   student, teacher = _lms()
   k = 4
   config = {"losses": {"ce": 0.5, "sparse_topk_kd": 0.5}, "sparse_topk_kd": {"k": k}}
-  method = distill.build(config, student=student, teacher=teacher)
+  method = tiny_models.method(config, student, teacher, task=TASK)
   host_batch = {**_token_batch(), "index": np.arange(B, dtype=np.int32)}
-  teacher_cache.write_cache(
-    str(tmp_path),
-    teacher=teacher,
-    batches=[host_batch],
-    dataset="toy",
-    num_examples=B,
-    data_fingerprint="toy",
-    kind="topk",
-    k=k,
-  )
-  cache = teacher_cache.open_cache(
-    str(tmp_path), dataset="toy", num_examples=B, data_fingerprint="toy"
-  )
-  assert cache.arrays["topk_ids"].shape == (B, S, k)
   mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  live = tiny_models.teacher_sources([teacher], method, mesh, task=TASK)
+  cached = teachers.with_cache(
+    live,
+    str(tmp_path),
+    topk=k,
+    teacher_fingerprint="toy-teacher",
+    identity=dict(dataset="toy", num_examples=B, data_fingerprint="toy"),
+    batches=lambda: [{**host_batch, "mask": np.ones(B, bool)}],
+  )
+  assert cached.cache.arrays["topk_ids"].shape == (B, S, k)
   optimizer = optax.sgd(0.1)
   losses = []
-  for step_teacher, batch in ((teacher, host_batch), (None, cache.add_to_batch(host_batch))):
-    train_step = kd_step.make_train_step(
-      student=student,
-      teacher=step_teacher,
-      method=method,
-      optimizer=optimizer,
-      mesh=mesh,
-      donate=False,
+  for sources in (live, cached):
+    state = tiny_models.init_state(student, method, optimizer, mesh=mesh)
+    train_step = tiny_models.train_step(
+      student, method, optimizer, mesh, sources.train, state, task=TASK, donate=False
     )
-    state = kd_step.init_state(student, method, optimizer, mesh=mesh)
-    teacher_arg = kd_step.teacher_state(step_teacher, mesh) if step_teacher else None
-    _, metrics = train_step(state, teacher_arg, parallel.host_to_global(mesh, batch))
+    batch = sources.add_to_batch(host_batch)
+    _, metrics = train_step(
+      state, method.hparams, sources.state, parallel.host_to_global(mesh, batch)
+    )
     losses.append(float(metrics["sparse_topk_kd"]))
+  assert cached.train.source == "cached"
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

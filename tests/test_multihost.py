@@ -27,19 +27,15 @@ def _train():
   from jax.experimental import multihost_utils
 
   import tiny_models
-  from jaxkd import distill, parallel, step as kd_step
+  from jaxkd import parallel
 
   mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
   student, teacher = tiny_models.tiny_cnn(width=8, seed=1), tiny_models.tiny_cnn(width=8, seed=2)
-  method = distill.build(
-    {"losses": {"ce": 0.1, "kd": 0.9}}, student=student, teacher=teacher, input_shape=(2, 8, 8, 3)
-  )
+  method = tiny_models.method({"losses": {"ce": 0.1, "kd": 0.9}}, student, teacher)
   optimizer = optax.sgd(0.1, momentum=0.9)
-  state = kd_step.init_state(student, method, optimizer, mesh=mesh)
-  teacher_state = kd_step.teacher_state(teacher, mesh)
-  train_step = kd_step.make_train_step(
-    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh
-  )
+  state = tiny_models.init_state(student, method, optimizer, mesh=mesh)
+  sources = tiny_models.teacher_sources([teacher], method, mesh)
+  train_step = tiny_models.train_step(student, method, optimizer, mesh, sources.train, state)
   rows_per_process = GLOBAL_BATCH // jax.process_count()
   first_row = jax.process_index() * rows_per_process
   losses = []
@@ -52,7 +48,7 @@ def _train():
     # The processes' slices assemble into the global batch in order.
     gathered_index = multihost_utils.process_allgather(global_batch["index"], tiled=True)
     np.testing.assert_array_equal(gathered_index, full_batch["index"])
-    state, metrics = train_step(state, teacher_state, global_batch)
+    state, metrics = train_step(state, method.hparams, sources.state, global_batch)
     losses.append(float(metrics["loss"]))
   student_state = multihost_utils.process_allgather(state.student, tiled=True)
   flat = {

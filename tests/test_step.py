@@ -2,6 +2,7 @@
 one augmented view for both models, eval sums with padding (8 simulated CPU devices)."""
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -11,35 +12,35 @@ import pytest
 from flax import nnx
 
 import tiny_models
-from jaxkd import distill, parallel, step as kd_step
+from jaxkd import distill, parallel, step as kd_step, tasks
 from jaxkd.losses import logit
 
 KD_CONFIG = {"losses": {"ce": 0.1, "kd": 0.9}, "kd": {"temperature": 4.0}}
-IMAGE_SHAPE = (2, 8, 8, 3)
 
 
 def _setup(mesh_config, width=8, devices=None, config=KD_CONFIG, teacher=True):
   student = tiny_models.tiny_cnn(width=width, seed=1)
   teacher_model = tiny_models.tiny_cnn(width=width, seed=2) if teacher else None
-  method = distill.build(config, student=student, teacher=teacher_model, input_shape=IMAGE_SHAPE)
+  method = tiny_models.method(config, student, teacher_model)
   mesh = parallel.make_mesh(mesh_config, devices=devices)
   optimizer = optax.sgd(0.1, momentum=0.9)
-  state = kd_step.init_state(student, method, optimizer, seed=0, mesh=mesh)
-  teacher_state = kd_step.teacher_state(teacher_model, mesh)
-  return student, teacher_model, method, mesh, optimizer, state, teacher_state
+  state = tiny_models.init_state(student, method, optimizer, seed=0, mesh=mesh)
+  sources = tiny_models.teacher_sources([teacher_model] if teacher else [], method, mesh)
+  return student, teacher_model, method, mesh, optimizer, state, sources
 
 
 def _run(mesh_config, devices=None, num_steps=3, **kwargs):
-  student, teacher, method, mesh, optimizer, state, teacher_state = _setup(
+  student, teacher, method, mesh, optimizer, state, sources = _setup(
     mesh_config, devices=devices, **kwargs
   )
-  train_step = kd_step.make_train_step(
-    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh
-  )
+  train_step = tiny_models.train_step(student, method, optimizer, mesh, sources.train, state)
   losses = []
   for i in range(num_steps):
     state, metrics = train_step(
-      state, teacher_state, parallel.host_to_global(mesh, tiny_models.batch(16, seed=i))
+      state,
+      method.hparams,
+      sources.state,
+      parallel.host_to_global(mesh, tiny_models.batch(16, seed=i)),
     )
     losses.append(metrics["loss"])
   return np.asarray(losses), jax.device_get(state)
@@ -66,6 +67,12 @@ def test_sharded_step_matches_single_device(mesh_config):
   assert int(state.step) == 3
 
 
+def test_step_fits_on_one_screen():
+  """The step a reader changes: view → teacher → update, in a few lines each."""
+  assert len(inspect.getsource(kd_step.train_step).splitlines()) <= 6
+  assert len(inspect.getsource(kd_step.update).splitlines()) <= 50
+
+
 def test_fsdp_shards_large_state_arrays():
   _, _, _, mesh, _, state, _ = _setup({"data": 4, "fsdp": 2})
   kernel = state.student["conv2"]["kernel"][...]  # 3x3x8x16
@@ -90,44 +97,48 @@ def _flip(rng, images):
 
 
 def test_loss_uses_eval_mode_teacher_and_one_augmented_view():
-  student, teacher, method, mesh, optimizer, state, teacher_state = _setup({"data": 8})
+  student, teacher, method, mesh, optimizer, state, _ = _setup({"data": 8})
   # A teacher whose running statistics differ from batch statistics, so train mode would show.
   teacher.stem_bn.mean[...] = teacher.stem_bn.mean[...] + 0.5
-  teacher_state = kd_step.teacher_state(teacher, mesh)
+  sources = tiny_models.teacher_sources([teacher], method, mesh)
   augment_calls = []
 
   def augment(rng, images):
     augment_calls.append(rng)
     return _flip(rng, images)
 
-  train_step = kd_step.make_train_step(
-    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh, augment=augment
+  task = tasks.Classification(image_shape=(8, 8, 3), augment=augment)
+  sources = tiny_models.teacher_sources([teacher], method, mesh, task=task)
+  train_step = tiny_models.train_step(
+    student, method, optimizer, mesh, sources.train, state, task=task
   )
   host_batch = tiny_models.batch(16)
-  teacher_before = jax.device_get(teacher_state)
-  _, metrics = train_step(state, teacher_state, parallel.host_to_global(mesh, host_batch))
+  teacher_before = jax.device_get(sources.state)
+  _, metrics = train_step(
+    state, method.hparams, sources.state, parallel.host_to_global(mesh, host_batch)
+  )
   assert len(augment_calls) == 1  # traced once: one view for both models
   expected = _reference_loss(
     student, teacher, _flip(None, jnp.asarray(host_batch["image"])), host_batch["label"]
   )
   np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
   # The teacher's state is an input, never updated (eval mode keeps its statistics).
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(teacher_state), teacher_before)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(sources.state), teacher_before)
 
 
 def test_supervised_training_without_teacher():
   student, _, method, mesh, optimizer, state, _ = _setup(
     {"data": 4, "fsdp": 2}, config={"losses": {"ce": 1.0}}, teacher=False
   )
-  train_step = kd_step.make_train_step(
-    student=student, teacher=None, method=method, optimizer=optimizer, mesh=mesh
-  )
+  # The trainer passes the (FSDP-sharded) state of the teacher it evaluates with: the step's
+  # source is 'none' for a method without teacher terms, and ignores it.
+  sources = tiny_models.teacher_sources([tiny_models.tiny_cnn(width=8, seed=2)], method, mesh)
+  assert sources.train.source == "none"
+  train_step = tiny_models.train_step(student, method, optimizer, mesh, sources.train, state)
   batch = parallel.host_to_global(mesh, tiny_models.batch(16))
-  # A trainer may pass the (FSDP-sharded) state of the teacher it evaluates with: ignored.
-  unused_teacher_state = kd_step.teacher_state(tiny_models.tiny_cnn(width=8, seed=2), mesh)
   losses = []
   for _ in range(5):
-    state, metrics = train_step(state, unused_teacher_state, batch)
+    state, metrics = train_step(state, method.hparams, sources.state, batch)
     losses.append(float(metrics["loss"]))
     assert set(metrics) == {"loss", "ce", "accuracy"}
   assert losses[-1] < losses[0]
@@ -136,15 +147,15 @@ def test_supervised_training_without_teacher():
 def test_method_needing_a_teacher_without_one_is_an_error():
   student = tiny_models.tiny_cnn()
   with pytest.raises(ValueError, match="needs a teacher"):
-    distill.build(KD_CONFIG, student=student, teacher=None, input_shape=IMAGE_SHAPE)
+    distill.plan(KD_CONFIG, info=distill.feature_info(tiny_models.TASK, student), has_teacher=False)
 
 
 def test_eval_step_sums_skip_padding():
-  student, teacher, _, mesh, _, state, teacher_state = _setup({"data": 8})
-  eval_step = kd_step.make_eval_step(student=student, teacher=teacher, mesh=mesh)
+  student, teacher, method, mesh, _, state, sources = _setup({"data": 8})
+  eval_step = tiny_models.eval_step(student, method, mesh, sources.eval)
   host_batch = tiny_models.batch(16)
   host_batch["mask"] = np.arange(16) < 11
-  sums = jax.device_get(eval_step(state, teacher_state, parallel.host_to_global(mesh, host_batch)))
+  sums = jax.device_get(eval_step(state, sources.state, parallel.host_to_global(mesh, host_batch)))
   student_logits, _ = student(jnp.asarray(host_batch["image"][:11]), train=False)
   teacher_logits, _ = teacher(jnp.asarray(host_batch["image"][:11]), train=False)
   predictions = np.argmax(student_logits, -1)
@@ -162,11 +173,11 @@ def test_eval_step_sums_skip_padding():
 
 
 def test_student_model_carries_trained_weights():
-  student, teacher, method, mesh, optimizer, state, teacher_state = _setup({"data": 8})
-  train_step = kd_step.make_train_step(
-    student=student, teacher=teacher, method=method, optimizer=optimizer, mesh=mesh
+  student, teacher, method, mesh, optimizer, state, sources = _setup({"data": 8})
+  train_step = tiny_models.train_step(student, method, optimizer, mesh, sources.train, state)
+  state, _ = train_step(
+    state, method.hparams, sources.state, parallel.host_to_global(mesh, tiny_models.batch(16))
   )
-  state, _ = train_step(state, teacher_state, parallel.host_to_global(mesh, tiny_models.batch(16)))
-  exported = kd_step.student_model(student, state)
+  exported = kd_step.student_model(nnx.graphdef(student), state)
   np.testing.assert_array_equal(exported.head.kernel[...], state.student["head"]["kernel"][...])
   assert not np.array_equal(exported.head.kernel[...], student.head.kernel[...])

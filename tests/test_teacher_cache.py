@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 
 import tiny_models
-from jaxkd import distill, parallel, step as kd_step, teacher_cache
+from jaxkd import parallel, teachers
 from jaxkd.losses import logit
+from jaxkd.teachers import cache as teacher_cache
 
 NUM_EXAMPLES = 24
-IMAGE_SHAPE = (2, 8, 8, 3)
 
 
 def _dataset():
@@ -32,8 +32,9 @@ def _write(tmp_path, teacher, **kwargs):
   data, data_fingerprint = _dataset()
   return teacher_cache.write_cache(
     str(tmp_path),
-    teacher=teacher,
-    batches=_batches(data),
+    teacher_logits=lambda batch: tiny_models.forward(teacher, batch["image"])[0],
+    teacher_fingerprint=teacher_cache.fingerprint(nnx.state(teacher)),
+    batches=({**batch, "mask": np.ones(len(batch["index"]), bool)} for batch in _batches(data)),
     dataset="tiny",
     num_examples=NUM_EXAMPLES,
     data_fingerprint=data_fingerprint,
@@ -91,18 +92,15 @@ def test_topk_cache_keeps_the_largest_log_probabilities(tmp_path):
 
 def _train_losses(mesh, student, teacher, method, batches, cached):
   optimizer = optax.sgd(0.1, momentum=0.9)
-  state = kd_step.init_state(student, method, optimizer, mesh=mesh)
-  train_step = kd_step.make_train_step(
-    student=student,
-    teacher=None if cached else teacher,
-    method=method,
-    optimizer=optimizer,
-    mesh=mesh,
-  )
-  teacher_state = None if cached else kd_step.teacher_state(teacher, mesh)
+  state = tiny_models.init_state(student, method, optimizer, mesh=mesh)
+  sources = tiny_models.teacher_sources([teacher], method, mesh)
+  source = teachers.Teacher(source="cached", num_classes=10) if cached else sources.train
+  train_step = tiny_models.train_step(student, method, optimizer, mesh, source, state)
   losses = []
   for batch in batches:
-    state, metrics = train_step(state, teacher_state, parallel.host_to_global(mesh, batch))
+    state, metrics = train_step(
+      state, method.hparams, sources.state, parallel.host_to_global(mesh, batch)
+    )
     losses.append(float(metrics["loss"]))
   return losses
 
@@ -111,9 +109,7 @@ def test_training_from_the_cache_matches_the_live_teacher(tmp_path):
   student, teacher = tiny_models.tiny_cnn(width=4, seed=1), tiny_models.tiny_cnn(width=8, seed=2)
   _write(tmp_path, teacher)
   cache = _open(tmp_path, teacher)
-  method = distill.build(
-    {"losses": {"ce": 0.1, "kd": 0.9}}, student=student, teacher=teacher, input_shape=IMAGE_SHAPE
-  )
+  method = tiny_models.method({"losses": {"ce": 0.1, "kd": 0.9}}, student, teacher)
   mesh = parallel.make_mesh({"data": 8})
   data, _ = _dataset()
   batches = list(_batches(data, size=8, seed=1))[:2]
@@ -126,9 +122,7 @@ def test_training_from_the_cache_matches_the_live_teacher(tmp_path):
 
 def test_cached_step_without_cache_entries_is_an_error():
   student, teacher = tiny_models.tiny_cnn(width=4, seed=1), tiny_models.tiny_cnn(width=8, seed=2)
-  method = distill.build(
-    {"losses": {"kd": 1.0}}, student=student, teacher=teacher, input_shape=IMAGE_SHAPE
-  )
+  method = tiny_models.method({"losses": {"kd": 1.0}}, student, teacher)
   mesh = parallel.make_mesh({"data": 8})
   with pytest.raises(ValueError, match="cached teacher"):
     _train_losses(mesh, student, teacher, method, [tiny_models.batch(8)], cached=True)
@@ -159,10 +153,12 @@ def test_missing_cache_and_incomplete_batches(tmp_path):
     _open(tmp_path / "nothing")
   data, data_fingerprint = _dataset()
   with pytest.raises(ValueError, match="cover 8 of 24"):
+    teacher = tiny_models.tiny_cnn(width=8, seed=2)
     teacher_cache.write_cache(
       str(tmp_path),
-      teacher=tiny_models.tiny_cnn(width=8, seed=2),
-      batches=list(_batches(data))[:1],
+      teacher_logits=lambda batch: tiny_models.forward(teacher, batch["image"])[0],
+      teacher_fingerprint=teacher_cache.fingerprint(nnx.state(teacher)),
+      batches=[{**b, "mask": np.ones(8, bool)} for b in list(_batches(data))[:1]],
       dataset="tiny",
       num_examples=NUM_EXAMPLES,
       data_fingerprint=data_fingerprint,
@@ -174,7 +170,7 @@ def test_training_from_a_full_topk_cache_matches_the_dense_cache(tmp_path):
   student, teacher = tiny_models.tiny_cnn(width=4, seed=1), tiny_models.tiny_cnn(width=8, seed=2)
   _write(tmp_path / "dense", teacher)
   _write(tmp_path / "topk", teacher, kind="topk", k=10)
-  method = distill.build({"losses": {"ce": 0.1, "kd": 0.9}}, student=student, teacher=teacher)
+  method = tiny_models.method({"losses": {"ce": 0.1, "kd": 0.9}}, student, teacher)
   mesh = parallel.make_mesh({"data": 8})
   data, _ = _dataset()
   batches = list(_batches(data, size=8, seed=1))[:1]

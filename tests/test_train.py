@@ -10,7 +10,9 @@ import ml_collections
 import pytest
 from flax import nnx
 
-from jaxkd import checkpoint, compare, train
+from jaxkd import checkpoint, distill, errors, train
+from jaxkd.data import idx
+from jaxkd.experiments import compare
 from jaxkd.models import io as model_io
 
 import testing_utils
@@ -114,13 +116,18 @@ def test_resume_matches_an_uninterrupted_run(idx_dir, comparison, tmp_path):
   assert _train_steps(workdir) == list(range(1, 9))
 
   config.student.kwargs.widths = (4, 8, 16)
-  with pytest.raises(checkpoint.IncompatibleCheckpointError, match="student.kwargs"):
+  with pytest.raises(errors.ConfigError, match="student.kwargs"):
     train.train_and_evaluate(config, workdir)
 
 
-def test_crd_with_other_class_negatives_reads_the_training_labels(idx_dir, comparison, tmp_path):
+def test_crd_with_other_class_negatives_reads_the_training_labels(
+  idx_dir, comparison, tmp_path, monkeypatch
+):
   """RepDistiller's CRD recipe ('other_class' negatives) through the trainer: the labels come
   from the training source, the memory banks cover the training examples."""
+  built = []
+  build = distill.build
+  monkeypatch.setattr(distill, "build", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
   config = compare.student_config(
     _smoke_config(idx_dir), "kd", seed=0, teacher_dir=str(comparison[0] / "teacher" / "model")
   )
@@ -133,3 +140,7 @@ def test_crd_with_other_class_negatives_reads_the_training_labels(idx_dir, compa
   )
   evaluation = train.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= evaluation["accuracy"] <= 1.0
+  (method,) = built
+  expected = idx.load_split(idx_dir, "train")["label"][: config.data.train_examples]
+  np.testing.assert_array_equal(method.train_labels, expected)
+  assert method.initial_state["crd"].student_bank.shape == (config.data.train_examples, 16)

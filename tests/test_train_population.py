@@ -1,14 +1,17 @@
-"""The trainer with a student population and with a cached teacher, on a tiny IDX dataset."""
+"""The trainer with a student population, a cached teacher and a teacher ensemble, on a tiny
+IDX dataset."""
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxkd import configlib, models, train
+from jaxkd import errors, models, train
 from jaxkd.models import io as model_io
 
 import testing_utils
@@ -100,7 +103,7 @@ def test_population_members_match_single_runs(idx_dir, teacher_dir, tmp_path):
   # The checkpoint holds the stacked population: a single run cannot resume it.
   config.population.size = 1
   config.population.sweep = {}
-  with pytest.raises(ValueError, match="population.size"):
+  with pytest.raises(errors.ConfigError, match="population.size"):
     train.train_and_evaluate(config, workdir)
 
 
@@ -108,10 +111,10 @@ def test_bad_sweep_is_a_config_error(idx_dir, teacher_dir, tmp_path):
   config = _kd_config(idx_dir, teacher_dir)
   config.population.size = 2
   config.population.sweep = {"kd": {"temperature": [1.0, 2.0, 4.0]}}
-  with pytest.raises(configlib.ConfigError, match="has 3 values for 2 members"):
+  with pytest.raises(errors.ConfigError, match="has 3 values for 2 members"):
     train.train_and_evaluate(config, str(tmp_path))
   config.population.sweep = {"kd": {"temprature": [1.0, 2.0]}}
-  with pytest.raises(configlib.ConfigError, match="cannot sweep 'kd.temprature'"):
+  with pytest.raises(errors.ConfigError, match="cannot sweep 'kd.temprature'"):
     train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -137,7 +140,7 @@ def test_cached_teacher_matches_online_teacher(idx_dir, teacher_dir, tmp_path):
 
   # Other data than the cache was computed on: one line naming the field.
   config.data.train_examples = 48
-  with pytest.raises(configlib.ConfigError, match="num_examples is 64 in the cache, 48 here"):
+  with pytest.raises(errors.ConfigError, match="computed for num_examples 64, this run has 48"):
     train.train_and_evaluate(config, str(tmp_path / "other_data"))
 
 
@@ -145,6 +148,65 @@ def test_cached_teacher_needs_fixed_views(idx_dir, teacher_dir, tmp_path):
   config = _kd_config(idx_dir, teacher_dir)
   config.teacher.cache.dir = str(tmp_path / "cache")
   config.data.augment = "crop_flip"
-  with pytest.raises(configlib.ConfigError, match=r"config.data.augment='crop_flip': a cached"):
+  with pytest.raises(errors.ConfigError, match=r"config.data.augment='crop_flip': a cached"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def second_teacher_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("teacher2") / "model")
+  kwargs = {"widths": (8, 16, 16), "depth": 1, "flatten": True}
+  model_io.save(
+    directory,
+    models.create("small_cnn", num_classes=10, seed=8, **kwargs),
+    "small_cnn",
+    num_classes=10,
+    **kwargs,
+  )
+  return directory
+
+
+@pytest.mark.parametrize("rule", ["mean_logits", "mean_probs"])
+def test_ensemble_of_one_teacher_twice_is_that_teacher(idx_dir, teacher_dir, tmp_path, rule):
+  """teacher.checkpoint='T,T': the mean of two copies is T itself, so the run equals T's."""
+  single = train.train_and_evaluate(_kd_config(idx_dir, teacher_dir), str(tmp_path / "single"))
+  config = _kd_config(idx_dir, teacher_dir)
+  config.teacher.checkpoint = f"{teacher_dir},{teacher_dir}"
+  config.teacher.ensemble = rule
+  ensemble = train.train_and_evaluate(config, str(tmp_path / "ensemble"))
+  assert ensemble == pytest.approx(single, rel=1e-5, abs=1e-6)
+
+
+def test_two_teacher_ensemble_from_the_command_line(
+  idx_dir, teacher_dir, second_teacher_dir, tmp_path
+):
+  """`python -m jaxkd.main` distils from two teachers end to end; evaluation compares the
+  student with their mean."""
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxkd.main",
+      "--config=configs/quickstart.py:smoke",
+      f"--workdir={workdir}",
+      "--config.experiment=",
+      f"--config.data.dir={idx_dir}",
+      f"--config.teacher.checkpoint={teacher_dir},{second_teacher_dir}",
+      "--config.teacher.ensemble=mean_probs",
+      "--config.data.train_examples=64",
+      "--config.data.batch_size=16",
+      "--config.data.eval_batch_size=48",
+    ],
+    cwd=testing_utils.REPO,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads((workdir / "results.json").read_text())
+  assert {"accuracy", "agreement", "kl"} <= set(results)
+  train_records = _records(str(workdir), "train")
+  assert train_records and "kd" in train_records[-1]

@@ -8,29 +8,37 @@ loss its own settings in a sub-dict named like the loss::
         kd={'temperature': 4.0},                  # settings of the 'kd' term
     ))
 
-`build` turns that into a `Method`: the terms, their hyper-parameters, the feature names each side
-must return, the adapter modules the method trains (FitNet regressors, CRD embeddings, ...) and the
-initial method state (CRD memory banks). `Method.loss` is called inside the jitted train step.
+Two steps turn that into what the train step calls:
+
+* `plan` (pure, before anything is built): the terms, their hyper-parameters, the feature names
+  each side must return, whether a teacher and the training labels are read. Every mistake in
+  `config.distill` (an unknown loss or setting, a value out of range, a feature the model does
+  not return) is a ValueError here, which `jaxkd.plan` reports as the one config error line.
+* `build`: the `Method`, with the adapter modules the method trains (FitNet regressors, CRD
+  embeddings, ...) and its initial state (CRD memory banks). `Method.loss` runs inside the step.
 
 Hyper-parameters come in two kinds, declared by each loss:
 
-* ``hparams``: floats (temperatures, loss weights, margins). They travel in ``TrainState.hparams``
-  as float32 arrays, so they are *traced*: a population vmaps over different values in one
-  compiled step, and changing one needs no recompilation.
-* ``options``: anything that changes the program (booleans, integer sizes, feature names). They are
-  Python values fixed at build time.
+* ``hparams``: floats (temperatures, loss weights, margins), passed to the step as float32
+  arrays (`Method.hparams`), so they are *traced*: a population vmaps over different values in
+  one compiled step, and changing one needs no recompilation. Their defaults are the loss
+  function's own (`jaxkd.losses`), read from its signature.
+* ``options``: anything that changes the program (booleans, integer sizes, feature names). They
+  are Python values fixed when the method is planned.
 
 Every term also accepts ``warmup_epochs`` (an option): its weight ramps up as
 ``min(epoch / warmup_epochs, 1)`` with the 1-based epoch of the step, mdistiller's DKD warm-up
-(``min(kwargs["epoch"] / self.warmup, 1.0)``). It needs ``steps_per_epoch`` in `build`.
+(`jaxkd.losses.dkd_warmup_factor`).
 
 Adding a method = one module that calls `register` with a `LossDef` + its tests; the module is
-imported at the bottom of this file.
+imported at the bottom of this file. `describe()` lists every term's settings (the table of
+docs/engine.md is generated from it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,10 +47,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxkd.losses.sequence import SparseTeacher
+from jaxkd import tasks
+from jaxkd.losses.logit import dkd_warmup_factor
+from jaxkd.losses.sequence import SparseTeacher, token_mean
 
 Features = Mapping[str, jax.Array]
 FeatureShapes = Mapping[str, jax.ShapeDtypeStruct]
+
+# Ranges a hyper-parameter can be declared to need (`LossDef.ranges`), and their check.
+RANGES = {
+  "positive": (lambda value: value > 0, "must be positive"),
+  "non_negative": (lambda value: value >= 0, "must be 0 or more"),
+  "unit_interval": (lambda value: 0 <= value <= 1, "must be in [0, 1]"),
+  "finite": (lambda value: bool(np.isfinite(value)), "must be a finite number"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +68,8 @@ class LossInputs:
   """Everything a term may read, assembled inside the step (trace-time container, not a pytree).
 
   Token-level models (language models) have one more axis: logits ``[B, S, V]``, labels and
-  mask ``[B, S]``; per-example terms then average over the real tokens (`masked_mean`), which
-  is `jaxkd.losses.sequence`'s ``token_mean`` reduction.
+  mask ``[B, S]``; per-example terms then average over the scored tokens
+  (`jaxkd.losses.token_mean`), the per-token mean of TRL, DistiLLM and DistillKit.
 
   Attributes:
     student_logits: ``[B, C]`` (or ``[B, S, V]``) float32.
@@ -62,7 +80,7 @@ class LossInputs:
       full-vocabulary log-probabilities) when the batch carries one, else ``None``.
     teacher_features: teacher features by name (``{}`` without teacher).
     labels: ``[B]`` (or ``[B, S]``) int32.
-    mask: ``[B]`` (or ``[B, S]``) float32, 1 for real examples (tokens), 0 for padding.
+    mask: ``[B]`` (or ``[B, S]``) bool, True for the scored examples (tokens).
     index: ``[B]`` int32 dataset indices (CRD memory banks), or ``None`` if the batch has none.
     train_labels: ``[N]`` int32, the label of every training example by dataset index, for
       terms that declare `LossDef.needs_train_labels` (``None`` otherwise).
@@ -92,12 +110,15 @@ class LossInputs:
   state: Any
   train: bool = True
 
+  def mean(self, values: jax.Array) -> jax.Array:
+    """Mean of per-example (per-token) `values` over the scored ones."""
+    return token_mean(values, self.mask)
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureInfo:
-  """Shapes of the features both models return (for a batch of `input_shape`), given to a
-  `LossDef`'s feature selectors and adapter factory at build time. Empty (and `num_classes`
-  None) for methods whose terms read no features."""
+  """Shapes of the features both models return (for a probe batch), given to a `LossDef`'s
+  feature selectors and adapter factory. `num_classes` is the student's head size."""
 
   student: FeatureShapes
   teacher: FeatureShapes
@@ -114,6 +135,8 @@ class LossDef:
       the batch), or ``-> (value, new_state)`` when `init_state` is given.
     hparams: traced float hyper-parameters and their defaults.
     options: static options and their defaults.
+    ranges: hyper-parameter name → a key of `RANGES` its values must satisfy.
+    choices: option name → the values it may take.
     needs_teacher: whether the term reads the teacher.
     student_features: ``fn(options, info) -> names`` of student features the term reads.
     teacher_features: same for the teacher.
@@ -128,6 +151,8 @@ class LossDef:
   compute: Callable[[LossInputs], Any]
   hparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  ranges: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
   needs_teacher: bool = True
   student_features: Callable[[Mapping[str, Any], FeatureInfo], Sequence[str]] | None = None
   teacher_features: Callable[[Mapping[str, Any], FeatureInfo], Sequence[str]] | None = None
@@ -149,6 +174,13 @@ def register(loss_def: LossDef) -> LossDef:
   return loss_def
 
 
+def defaults_of(loss_fn: Callable, names: Sequence[str]) -> dict[str, Any]:
+  """The default values of `loss_fn`'s keyword arguments `names`: each default is written once,
+  in the loss function (its reference implementation's value)."""
+  parameters = inspect.signature(loss_fn).parameters
+  return {name: parameters[name].default for name in names}
+
+
 def names() -> list[str]:
   """Sorted names of every registered loss."""
   return sorted(_REGISTRY)
@@ -158,12 +190,6 @@ def get(name: str) -> LossDef:
   if name not in _REGISTRY:
     raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(names())}")
   return _REGISTRY[name]
-
-
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean of per-example `values` over real examples: Σ mᵢ vᵢ / max(Σ mᵢ, 1)."""
-  values = values.astype(jnp.float32)
-  return jnp.sum(jnp.where(mask > 0, values, 0.0) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,146 +204,54 @@ class Term:
     return self.loss.name
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Method:
-  """A built distillation method (static; lives in the step's closure).
+@dataclasses.dataclass(frozen=True)
+class MethodPlan:
+  """A checked `config.distill` (static): what `build` builds and the step needs to know.
 
   Attributes:
     terms: the loss terms, in config order.
-    hparams: initial traced hyper-parameters, ``{'losses': {name: weight}, name: {hp: value}}``.
-      `jaxkd.step.init_state` copies them into ``TrainState.hparams`` as float32 arrays.
-    adapters: an `nnx.Dict` of the trainable adapter modules, keyed by loss name.
-    student_features / teacher_features: feature names the step must request.
+    hparams: the traced hyper-parameters, ``{'losses': {name: weight}, name: {hp: value}}``.
+    student_features / teacher_features: feature names the models must return.
     needs_teacher: whether any term reads the teacher.
-    info: feature shapes the method was built for.
-    num_train_examples: dataset size (memory banks).
-    train_labels: ``[num_train_examples]`` labels by dataset index, when a term reads them.
-    steps_per_epoch: for epoch-based schedules (``None`` if no term has one).
+    needs_train_labels: the first term that reads every training label, or ''.
+    info: the feature shapes the method was planned for.
+    steps_per_epoch: for epoch-based schedules.
   """
 
   terms: tuple[Term, ...]
   hparams: Mapping[str, Any]
-  adapters: nnx.Dict
   student_features: tuple[str, ...]
   teacher_features: tuple[str, ...]
   needs_teacher: bool
+  needs_train_labels: str
   info: FeatureInfo
-  num_train_examples: int | None
-  train_labels: np.ndarray | None
-  steps_per_epoch: int | None
-  init_rng: jax.Array
-
-  @property
-  def stateful(self) -> bool:
-    return any(term.loss.init_state is not None for term in self.terms)
-
-  def init_state(self) -> dict[str, Any]:
-    """The initial method state: ``{loss name: state}`` for stateful terms."""
-    rngs = jax.random.split(self.init_rng, len(self.terms))
-    return {
-      term.name: term.loss.init_state(term.options, self.info, self.num_train_examples, rng)
-      for term, rng in zip(self.terms, rngs)
-      if term.loss.init_state is not None
-    }
-
-  def schedule(self, term: Term, step: jax.Array) -> jax.Array:
-    """Weight multiplier of `term` at `step`: the linear warm-up over epochs, 1 without."""
-    warmup_epochs = term.options["warmup_epochs"]
-    if not warmup_epochs:
-      return jnp.float32(1.0)
-    epoch = step // self.steps_per_epoch + 1  # 1-based, as mdistiller's kwargs["epoch"]
-    return jnp.minimum(epoch.astype(jnp.float32) / warmup_epochs, 1.0)
-
-  def loss(
-    self,
-    *,
-    hparams,
-    adapters: nnx.Dict | None,
-    method_state,
-    student_logits,
-    student_features,
-    teacher_logits,
-    teacher_features,
-    batch,
-    step,
-    rng,
-    teacher_axis: bool = False,
-    train: bool = True,
-  ):
-    """Σ weightᵢ · scheduleᵢ(step) · termᵢ.
-
-    Args:
-      hparams: ``TrainState.hparams`` (traced).
-      adapters: the merged adapter modules.
-      method_state: ``TrainState.method_state``.
-      teacher_logits / teacher_features: with ``teacher_axis=True`` they carry a leading teacher
-        axis (an ensemble with one loss per teacher): teacher terms are vmapped over it and
-        averaged.
-      batch: the global batch ('label', optional 'mask' and 'index').
-      step, rng: the optimiser step and a key for this step.
-
-    Returns:
-      ``(loss, metrics, new_method_state)``; metrics hold each term's unweighted value.
-    """
-    labels = batch["label"]
-    mask = (
-      batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones(labels.shape, jnp.float32)
-    )
-    train_labels = (
-      None if self.train_labels is None else jnp.asarray(self.train_labels, jnp.int32)
-    )  # a constant of the step
-    teacher_topk = (
-      SparseTeacher(ids=batch["teacher_topk_ids"], logprobs=batch["teacher_topk_logprobs"])
-      if "teacher_topk_ids" in batch
-      else None
-    )
-    total = jnp.float32(0.0)
-    metrics = {}
-    new_state = dict(method_state)
-    for term, term_rng in zip(self.terms, jax.random.split(rng, len(self.terms))):
-      adapter = adapters[term.name] if adapters is not None and term.name in adapters else None
-
-      def evaluate(
-        term_teacher_logits, term_teacher_features, term=term, adapter=adapter, term_rng=term_rng
-      ):
-        inputs = LossInputs(
-          student_logits=student_logits.astype(jnp.float32),
-          student_features=student_features,
-          teacher_logits=(
-            None if term_teacher_logits is None else term_teacher_logits.astype(jnp.float32)
-          ),
-          teacher_topk=teacher_topk,
-          teacher_features=term_teacher_features,
-          labels=labels,
-          mask=mask,
-          index=batch.get("index"),
-          train_labels=train_labels,
-          step=step,
-          rng=term_rng,
-          hparams=hparams.get(term.name, {}),
-          options=term.options,
-          adapter=adapter,
-          state=method_state.get(term.name),
-          train=train,
-        )
-        result = term.loss.compute(inputs)
-        return result if term.loss.init_state is not None else (result, None)
-
-      if teacher_axis and term.loss.needs_teacher:
-        values, _ = jax.vmap(evaluate)(teacher_logits, teacher_features)
-        value = jnp.mean(values)
-      else:
-        value, term_state = evaluate(teacher_logits, teacher_features)
-        if term.loss.init_state is not None:
-          new_state[term.name] = term_state
-      weight = hparams["losses"][term.name] * self.schedule(term, step)
-      total = total + weight * value
-      metrics[term.name] = value
-    metrics["loss"] = total
-    return total, metrics, new_state
+  steps_per_epoch: int
 
 
-def _split_settings(loss_def: LossDef, settings: Mapping[str, Any]):
+def feature_info(task: tasks.Task, student: nnx.Module, teacher: nnx.Module | None = None):
+  """The `FeatureInfo` of a student (and teacher) reading batches of `task` (no FLOPs run)."""
+  student_logits, student_features = tasks.probe(task, student)
+  teacher_features = tasks.probe(task, teacher)[1] if teacher is not None else {}
+  return FeatureInfo(
+    student=student_features, teacher=teacher_features, num_classes=student_logits.shape[-1]
+  )
+
+
+def _check_range(field: str, value: float, range_name: str) -> None:
+  accepts, why = RANGES[range_name]
+  if not accepts(value):
+    raise ValueError(f"{field}={value!r} {why}")
+
+
+def check_hparam(term: str, name: str, value: float) -> None:
+  """ValueError naming ``<term>.<name>`` (or ``losses.<term>``) when `value` is out of range."""
+  if term == "losses":
+    _check_range(f"losses.{name}", value, "non_negative")
+  else:
+    _check_range(f"{term}.{name}", value, get(term).ranges.get(name, "finite"))
+
+
+def _settings(loss_def: LossDef, settings: Mapping[str, Any]):
   options = {**_COMMON_OPTIONS, **loss_def.options}
   hparams = dict(loss_def.hparams)
   for key, value in settings.items():
@@ -330,133 +264,263 @@ def _split_settings(loss_def: LossDef, settings: Mapping[str, Any]):
         f"unknown setting {loss_def.name}.{key}; {loss_def.name} takes "
         f"{', '.join(sorted([*hparams, *options]))}"
       )
+  for key, value in hparams.items():
+    check_hparam(loss_def.name, key, value)
+  for key, allowed in loss_def.choices.items():
+    if options[key] not in allowed:
+      raise ValueError(f"{loss_def.name}.{key}={options[key]!r}: must be one of {allowed}")
+  if options["warmup_epochs"] < 0:
+    raise ValueError(f"{loss_def.name}.warmup_epochs={options['warmup_epochs']!r} must be >= 0")
   return hparams, options
 
 
-def feature_shapes(model: nnx.Module, input_shape: Sequence[int]) -> tuple[FeatureShapes, int]:
-  """Feature shapes and number of classes of `model`, by abstract evaluation (no FLOPs)."""
-  graphdef, state = nnx.split(model)
-
-  def forward(state, images):
-    return nnx.merge(graphdef, state)(images, train=False, return_features=True)
-
-  logits, features = jax.eval_shape(
-    forward, state, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
-  )
-  return dict(features), logits.shape[-1]
-
-
-def build(
-  config: Mapping[str, Any],
-  *,
-  student: nnx.Module,
-  teacher: nnx.Module | None = None,
-  num_train_examples: int | None = None,
-  train_labels: Callable[[], np.ndarray] | np.ndarray | None = None,
-  rngs: nnx.Rngs | None = None,
-  steps_per_epoch: int | None = None,
-  input_shape: Sequence[int] = (2, 32, 32, 3),
-) -> Method:
-  """Builds the method a `config.distill` describes.
+def plan(
+  config: Mapping[str, Any], *, info: FeatureInfo, has_teacher: bool, steps_per_epoch: int = 1
+) -> MethodPlan:
+  """Checks `config.distill` against the models' features; ValueError on the first problem.
 
   Args:
     config: ``losses`` (name → weight) and one optional sub-dict of settings per loss.
-    student: the student model (feature shapes are probed from it).
-    teacher: the teacher model, or ``None`` for plain supervised training (then every term must
-      be teacher-free, e.g. ``{'ce': 1.0}``). For an ensemble pass one of its members.
-    num_train_examples: dataset size, needed by memory-bank methods (CRD).
-    train_labels: every training label by dataset index (``[num_train_examples]`` ints), or a
-      function returning them, called only if a term needs them (reading a dataset's labels
-      can take a pass over it); needed by CRD with ``negatives='other_class'``.
-    rngs: initialises adapters and method state.
-    steps_per_epoch: needed by epoch-based schedules (``warmup_epochs``).
-    input_shape: the shape of an input batch (NHWC), for probing feature shapes; only used
-      by terms that read features (default: CIFAR, 32×32×3).
+    info: the feature shapes the models return (`jaxkd.tasks.probe`).
+    has_teacher: whether the run has a teacher (teacher terms need one).
+    steps_per_epoch: for ``warmup_epochs``.
   """
   config = dict(config)
   weights = dict(config.pop("losses", None) or {})
   if not weights:
-    raise ValueError(f"config.distill.losses is empty; name at least one of: {', '.join(names())}")
+    raise ValueError(f"distill.losses is empty; name at least one of: {', '.join(names())}")
   loss_defs = [get(name) for name in weights]
   stray = set(config) - set(weights)
   if stray:
     raise ValueError(
-      f"config.distill has settings for {sorted(stray)} which are not in losses {sorted(weights)}"
+      f"distill has settings for {sorted(stray)} which are not in losses {sorted(weights)}"
     )
-  rngs = rngs if rngs is not None else nnx.Rngs(0)
-
-  # Feature shapes are probed (abstractly) only for terms that read features or build
-  # adapters, so logit-only methods need no input shape.
-  if any(d.student_features or d.teacher_features or d.adapter for d in loss_defs):
-    try:
-      student_shapes, num_classes = feature_shapes(student, input_shape)
-      teacher_shapes = feature_shapes(teacher, input_shape)[0] if teacher is not None else {}
-    except Exception as error:
-      raise ValueError(
-        f"probing the models' features with input_shape={tuple(input_shape)} "
-        "failed; pass distill.build(..., input_shape=) matching the data "
-        f"(NHWC): {error}"
-      ) from error
-    info = FeatureInfo(student=student_shapes, teacher=teacher_shapes, num_classes=num_classes)
-  else:
-    info = FeatureInfo(student={}, teacher={}, num_classes=None)
-
-  terms, hparams, adapters = [], {"losses": {}}, {}
+  terms, hparams = [], {"losses": {}}
   student_features, teacher_features = [], []
   for loss_def in loss_defs:
-    term_hparams, options = _split_settings(loss_def, dict(config.get(loss_def.name) or {}))
-    if loss_def.needs_teacher and teacher is None:
-      raise ValueError(f"loss {loss_def.name!r} needs a teacher, and none is given")
-    if options["warmup_epochs"] and not steps_per_epoch:
-      raise ValueError(f"{loss_def.name}.warmup_epochs needs steps_per_epoch in distill.build")
+    term_hparams, options = _settings(loss_def, dict(config.get(loss_def.name) or {}))
+    if loss_def.needs_teacher and not has_teacher:
+      raise ValueError(
+        f"loss {loss_def.name!r} needs a teacher: set teacher.checkpoint (a jaxkd model "
+        "directory, e.g. a finished run's <workdir>/model)"
+      )
+    weight = float(weights[loss_def.name])
+    check_hparam("losses", loss_def.name, weight)
     terms.append(Term(loss_def, options))
-    hparams["losses"][loss_def.name] = float(weights[loss_def.name])
+    hparams["losses"][loss_def.name] = weight
     if term_hparams:
       hparams[loss_def.name] = term_hparams
     sides = (
-      (loss_def.student_features, student_features, info.student),
-      (loss_def.teacher_features, teacher_features, info.teacher),
+      (loss_def.student_features, student_features, info.student, "student"),
+      (loss_def.teacher_features, teacher_features, info.teacher, "teacher"),
     )
-    for selector, chosen, available in sides:
+    for selector, chosen, available, side in sides:
       for name in selector(options, info) if selector else ():
         if name not in available:
           raise ValueError(
-            f"{loss_def.name} needs feature {name!r}; the model returns {sorted(available)}"
+            f"{loss_def.name} needs the {side} feature {name!r}; the model returns "
+            f"{sorted(available)}"
           )
         if name not in chosen:
           chosen.append(name)
-    if loss_def.adapter is not None:
-      adapters[loss_def.name] = loss_def.adapter(options, info, rngs)
   readers = [
     term.name
     for term in terms
     if term.loss.needs_train_labels and term.loss.needs_train_labels(term.options)
   ]
-  labels = None
-  if readers:
-    if train_labels is None:
-      raise ValueError(
-        f"{readers[0]} reads every training label: pass train_labels to distill.build"
-      )
-    labels = np.asarray(train_labels() if callable(train_labels) else train_labels)
-    if labels.shape != (num_train_examples,):
-      raise ValueError(
-        f"{readers[0]}: train_labels has shape {labels.shape}, expected "
-        f"({num_train_examples},), one label per training example"
-      )
-  return Method(
+  return MethodPlan(
     terms=tuple(terms),
     hparams=hparams,
-    adapters=nnx.Dict(adapters),
     student_features=tuple(student_features),
     teacher_features=tuple(teacher_features),
     needs_teacher=any(term.loss.needs_teacher for term in terms),
+    needs_train_labels=readers[0] if readers else "",
     info=info,
-    num_train_examples=num_train_examples,
-    train_labels=labels,
     steps_per_epoch=steps_per_epoch,
-    init_rng=rngs.params(),
   )
+
+
+def check_per_teacher(method_plan: MethodPlan) -> None:
+  """An ensemble with ``'per_teacher'`` evaluates each teacher term once per teacher: that suits
+  terms without adapters or memory banks only (ValueError otherwise)."""
+  for term in method_plan.terms:
+    if term.loss.needs_teacher and (term.loss.adapter or term.loss.init_state):
+      raise ValueError(
+        f"teacher.ensemble='per_teacher' evaluates {term.name} once per teacher, which suits "
+        "terms without adapters or memory banks; combine the teachers with 'mean_logits' or "
+        "'mean_probs' for this method"
+      )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Method:
+  """A built distillation method (static; the step's `jaxkd.step.Learner` holds it).
+
+  Attributes:
+    plan: what was planned (terms, hparams, features).
+    adapters: an `nnx.Dict` of the trainable adapter modules, keyed by loss name.
+    initial_state: the method state before the first step (``{loss name: state}``).
+    train_labels: ``[num_train_examples]`` labels by dataset index, when a term reads them.
+  """
+
+  plan: MethodPlan
+  adapters: nnx.Dict
+  initial_state: dict[str, Any]
+  train_labels: np.ndarray | None
+
+  @property
+  def hparams(self) -> dict[str, Any]:
+    """The traced hyper-parameters as float32 arrays: an argument of the step."""
+    return jax.tree.map(jnp.float32, self.plan.hparams)
+
+  @property
+  def stateful(self) -> bool:
+    return bool(self.initial_state)
+
+  def schedule(self, term: Term, step: jax.Array) -> jax.Array:
+    """Weight multiplier of `term` at `step`: the linear warm-up over epochs, 1 without."""
+    warmup_epochs = term.options["warmup_epochs"]
+    if not warmup_epochs:
+      return jnp.float32(1.0)
+    epoch = step // self.plan.steps_per_epoch + 1  # 1-based, as mdistiller's kwargs["epoch"]
+    return dkd_warmup_factor(epoch, warmup_epochs)
+
+  def loss(
+    self,
+    hparams,
+    *,
+    student_logits,
+    student_features,
+    teacher,
+    labels,
+    mask,
+    index,
+    adapters: nnx.Dict | None,
+    method_state,
+    step,
+    rng,
+    train: bool = True,
+  ):
+    """Σ weightᵢ · scheduleᵢ(step) · termᵢ.
+
+    Args:
+      hparams: `Method.hparams` (traced; a member's values in a population).
+      student_logits, student_features: the student's outputs (features the plan asked for).
+      teacher: `jaxkd.teachers.TeacherOutputs`; with ``per_teacher`` its logits and features
+        carry a leading teacher axis, and teacher terms are vmapped over it and averaged.
+      labels, mask: from the task (`jaxkd.tasks`): int32 labels, boolean mask.
+      index: ``[B]`` dataset indices, or None.
+      adapters: the merged adapter modules.
+      method_state: the method state (``TrainState.method_state``).
+      step, rng: the optimiser step and a key for this step.
+
+    Returns:
+      ``(loss, metrics, new_method_state)``; metrics hold each term's unweighted value.
+    """
+    if teacher.per_teacher:
+      check_per_teacher(self.plan)
+    train_labels = None if self.train_labels is None else jnp.asarray(self.train_labels)
+    total = jnp.float32(0.0)
+    metrics = {}
+    new_state = dict(method_state)
+    for term, term_rng in zip(self.plan.terms, jax.random.split(rng, len(self.plan.terms))):
+      adapter = adapters[term.name] if adapters is not None and term.name in adapters else None
+
+      def evaluate(teacher_logits, teacher_features, term=term, adapter=adapter, rng=term_rng):
+        inputs = LossInputs(
+          student_logits=student_logits.astype(jnp.float32),
+          student_features=student_features,
+          teacher_logits=teacher_logits,
+          teacher_topk=teacher.topk,
+          teacher_features=teacher_features,
+          labels=labels,
+          mask=mask,
+          index=index,
+          train_labels=train_labels,
+          step=step,
+          rng=rng,
+          hparams=hparams.get(term.name, {}),
+          options=term.options,
+          adapter=adapter,
+          state=method_state.get(term.name),
+          train=train,
+        )
+        result = term.loss.compute(inputs)
+        return result if term.loss.init_state is not None else (result, None)
+
+      if teacher.per_teacher and term.loss.needs_teacher:
+        values, _ = jax.vmap(evaluate)(teacher.logits, teacher.features)
+        value = jnp.mean(values)
+      else:
+        value, term_state = evaluate(teacher.logits, teacher.features)
+        if term.loss.init_state is not None:
+          new_state[term.name] = term_state
+      weight = hparams["losses"][term.name] * self.schedule(term, step)
+      total = total + weight * value
+      metrics[term.name] = value
+    metrics["loss"] = total
+    return total, metrics, new_state
+
+
+def build(
+  method_plan: MethodPlan,
+  *,
+  rngs: nnx.Rngs | None = None,
+  num_train_examples: int | None = None,
+  train_labels: Callable[[], np.ndarray] | np.ndarray | None = None,
+) -> Method:
+  """The `Method` of `method_plan`: its adapters (initialised from `rngs`) and initial state.
+
+  Args:
+    method_plan: from `plan`.
+    rngs: initialises adapters and method state (default ``nnx.Rngs(0)``).
+    num_train_examples: dataset size, needed by memory-bank methods (CRD).
+    train_labels: every training label by dataset index (``[num_train_examples]`` ints), or a
+      function returning them, called only if a term needs them (reading a dataset's labels
+      can take a pass over it); needed by CRD with ``negatives='other_class'``.
+  """
+  info = method_plan.info
+  rngs = rngs if rngs is not None else nnx.Rngs(0)
+  adapters = {
+    term.name: term.loss.adapter(term.options, info, rngs)
+    for term in method_plan.terms
+    if term.loss.adapter is not None
+  }
+  term_rngs = jax.random.split(rngs.params(), len(method_plan.terms))
+  initial_state = {
+    term.name: term.loss.init_state(term.options, info, num_train_examples, rng)
+    for term, rng in zip(method_plan.terms, term_rngs)
+    if term.loss.init_state is not None
+  }
+  labels = None
+  if method_plan.needs_train_labels:
+    if train_labels is None:
+      raise ValueError(
+        f"{method_plan.needs_train_labels} reads every training label: pass train_labels"
+      )
+    labels = np.asarray(train_labels() if callable(train_labels) else train_labels, np.int32)
+    if labels.shape != (num_train_examples,):
+      raise ValueError(
+        f"{method_plan.needs_train_labels}: train_labels has shape {labels.shape}, expected "
+        f"({num_train_examples},), one label per training example"
+      )
+  return Method(
+    plan=method_plan, adapters=nnx.Dict(adapters), initial_state=initial_state, train_labels=labels
+  )
+
+
+def describe() -> list[dict[str, Any]]:
+  """Every registered term's settings: name, hparams (defaults), options (defaults), whether it
+  reads the teacher, for docs and tools."""
+  return [
+    {
+      "name": loss_def.name,
+      "teacher": loss_def.needs_teacher,
+      "hparams": dict(loss_def.hparams),
+      "options": {**_COMMON_OPTIONS, **loss_def.options},
+    }
+    for loss_def in map(get, names())
+  ]
 
 
 # One import per method module: importing registers its losses.

@@ -68,6 +68,7 @@ register(
     name="crd",
     compute=_crd,
     hparams={"temperature": 0.07, "momentum": 0.5},
+    ranges={"temperature": "positive", "momentum": "unit_interval"},
     options={
       "features": None,
       "feat_dim": 128,
@@ -75,6 +76,7 @@ register(
       "eps": 1e-7,
       "negatives": "uniform",
     },
+    choices={"negatives": ("uniform", "other_class")},
     student_features=_student_selector,
     teacher_features=_teacher_selector,
     adapter=lambda options, info, rngs: embed_heads(options, info, rngs, pooled_feature, True),

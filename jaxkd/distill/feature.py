@@ -103,7 +103,15 @@ def _info_of(inputs: LossInputs) -> FeatureInfo:
 
 
 def _register_feature_term(
-  name, compute, default, *, hparams=None, options=None, adapter=None, term_options=None
+  name,
+  compute,
+  default,
+  *,
+  hparams=None,
+  ranges=None,
+  options=None,
+  adapter=None,
+  term_options=None,
 ):
   student_selector, teacher_selector = selectors(default)
   return register(
@@ -111,6 +119,7 @@ def _register_feature_term(
       name=name,
       compute=compute,
       hparams=hparams or {},
+      ranges=ranges or {},
       options={"features": None, **(options or {}), **(term_options or {})},
       student_features=student_selector,
       teacher_features=teacher_selector,
@@ -180,7 +189,11 @@ def _rkd(inputs: LossInputs):
 
 
 _register_feature_term(
-  "rkd", _rkd, pooled_feature, hparams={"distance_weight": 25.0, "angle_weight": 50.0}
+  "rkd",
+  _rkd,
+  pooled_feature,
+  hparams={"distance_weight": 25.0, "angle_weight": 50.0},
+  ranges={"distance_weight": "non_negative", "angle_weight": "non_negative"},
 )
 
 

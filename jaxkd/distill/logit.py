@@ -2,7 +2,7 @@
 
 Each term binds a loss function to the registry: which settings are traced floats
 (``hparams``) and which are static (``options``). Per-example losses are averaged over the real
-examples of the batch (`masked_mean`); batch-level losses (DIST) see the whole batch.
+examples (tokens) of the batch (`LossInputs.mean`); batch-level losses (DIST) see the whole batch.
 
 Every teacher term takes the static option ``standardize`` (default False): z-score both logit
 vectors first (`jaxkd.losses.logit.standardize`, Sun et al. 2024). KD+LS is
@@ -10,12 +10,12 @@ vectors first (`jaxkd.losses.logit.standardize`, Sun et al. 2024). KD+LS is
 ``dkd={'standardize': True, ...}``.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax.numpy as jnp
 import optax
 
-from jaxkd.distill import LossDef, LossInputs, masked_mean, register
+from jaxkd.distill import LossDef, LossInputs, defaults_of, register
 from jaxkd.losses import logit
 
 
@@ -25,12 +25,17 @@ def _cross_entropy(inputs: LossInputs):
   targets = optax.smooth_labels(
     jnp.eye(num_classes, dtype=jnp.float32)[inputs.labels], inputs.hparams["label_smoothing"]
   )
-  per_example = optax.softmax_cross_entropy(inputs.student_logits, targets)
-  return masked_mean(per_example, inputs.mask)
+  return inputs.mean(optax.softmax_cross_entropy(inputs.student_logits, targets))
 
 
 register(
-  LossDef(name="ce", compute=_cross_entropy, hparams={"label_smoothing": 0.0}, needs_teacher=False)
+  LossDef(
+    name="ce",
+    compute=_cross_entropy,
+    hparams={"label_smoothing": 0.0},
+    ranges={"label_smoothing": "unit_interval"},
+    needs_teacher=False,
+  )
 )
 
 
@@ -44,8 +49,9 @@ def _logit_pair(inputs: LossInputs):
 def _register_divergence(
   name: str,
   loss_fn: Callable,
-  hparams: Mapping[str, float],
-  fn_options: Mapping[str, object] | None = None,
+  hparams: Mapping[str, str],
+  fn_options: Sequence[str] = (),
+  choices: Mapping[str, tuple] | None = None,
   term_options: Mapping[str, object] | None = None,
   with_labels: bool = False,
   per_example: bool = True,
@@ -53,15 +59,20 @@ def _register_divergence(
 ):
   """Registers ``loss_fn(student_logits, teacher_logits, [labels,] **hparams, **fn_options)``.
 
+  Defaults of hparams and options are `loss_fn`'s own (its reference implementation's).
+
   Args:
-    fn_options: static keyword arguments of `loss_fn` a config may set, with defaults.
+    hparams: traced keyword arguments of `loss_fn` → the range their values need
+      (`jaxkd.distill.RANGES`).
+    fn_options: static keyword arguments of `loss_fn` a config may set.
+    choices: the values an option may take.
     term_options: defaults of the term's generic options (``warmup_epochs``).
-    per_example: the loss takes ``reduction='none'``; the term is then the masked mean over
-      examples. Otherwise it is a batch-level scalar.
+    per_example: the loss takes ``reduction='none'``; the term is then the mean over the
+      scored examples (tokens). Otherwise it is a batch-level scalar.
     scale: multiplier as a function of the class count, for losses whose reference reduction
       also averages over classes (``'mean'``), here recovered from the per-example sums.
   """
-  fn_options = dict(fn_options or {})
+  fn_options = defaults_of(loss_fn, fn_options)
 
   def compute(inputs: LossInputs):
     student_logits, teacher_logits = _logit_pair(inputs)
@@ -71,45 +82,51 @@ def _register_divergence(
       return loss_fn(student_logits, teacher_logits, *labels, **kwargs)
     values = loss_fn(student_logits, teacher_logits, *labels, **kwargs, reduction="none")
     factor = scale(student_logits.shape[-1]) if scale else 1.0
-    return masked_mean(values, inputs.mask) * factor
+    return inputs.mean(values) * factor
 
   compute.__doc__ = f"The `{name}` term: `jaxkd.losses.logit.{loss_fn.__name__}`."
   return register(
     LossDef(
       name=name,
       compute=compute,
-      hparams=hparams,
+      hparams={key: float(value) for key, value in defaults_of(loss_fn, hparams).items()},
+      ranges=dict(hparams),
       options={"standardize": False, **fn_options, **(term_options or {})},
+      choices=choices or {},
     )
   )
 
 
-# Defaults are each loss function's own (its reference implementation's).
-_register_divergence("kd", logit.kd, {"temperature": 4.0})
+_TEMPERATURE = {"temperature": "positive"}
+_T2 = ("scale_by_temperature_squared",)
+
+_register_divergence("kd", logit.kd, _TEMPERATURE, fn_options=_T2)
 # −Σ p log q: KD without T² plus the teacher entropy (DistiLLM's `forward_kl` value).
+_register_divergence("soft_cross_entropy", logit.soft_cross_entropy, _TEMPERATURE, fn_options=_T2)
+_register_divergence("reverse_kl", logit.reverse_kl, _TEMPERATURE, fn_options=_T2)
+_register_divergence("jsd", logit.jsd, {"beta": "unit_interval", **_TEMPERATURE})
 _register_divergence(
-  "soft_cross_entropy",
-  logit.soft_cross_entropy,
-  {"temperature": 1.0},
-  fn_options={"scale_by_temperature_squared": False},
+  "skew_kl",
+  logit.skew_kl,
+  {"alpha": "unit_interval", **_TEMPERATURE},
+  fn_options=("form",),
+  choices={"form": ("cross_entropy", "kl")},
 )
-_register_divergence("reverse_kl", logit.reverse_kl, {"temperature": 1.0})
-_register_divergence("jsd", logit.jsd, {"beta": 0.5, "temperature": 1.0})
 _register_divergence(
-  "skew_kl", logit.skew_kl, {"alpha": 0.1, "temperature": 1.0}, fn_options={"form": "cross_entropy"}
+  "skew_reverse_kl", logit.skew_reverse_kl, {"alpha": "unit_interval", **_TEMPERATURE}
 )
-_register_divergence("skew_reverse_kl", logit.skew_reverse_kl, {"alpha": 0.1, "temperature": 1.0})
-_register_divergence("tvd", logit.tvd, {"temperature": 1.0})
-_register_divergence("akl", logit.akl, {"head_threshold": 0.5, "temperature": 1.0})
+_register_divergence("tvd", logit.tvd, _TEMPERATURE)
+_register_divergence("akl", logit.akl, {"head_threshold": "unit_interval", **_TEMPERATURE})
 _register_divergence(
   "correlation_kd",
   logit.correlation_kd,
   {
-    "pearson_weight": 1.0,
-    "spearman_weight": 1.0,
-    "temperature": 1.0,
-    "regularization_strength": 1.0,
+    "pearson_weight": "non_negative",
+    "spearman_weight": "non_negative",
+    "regularization_strength": "positive",
+    **_TEMPERATURE,
   },
+  fn_options=_T2,
 )
 # nn.MSELoss over batch and classes: the per-example class sums divided by C.
 _register_divergence(
@@ -117,13 +134,17 @@ _register_divergence(
 )
 # DIST correlates each class over the batch: one scalar for the whole batch.
 _register_divergence(
-  "dist", logit.dist, {"beta": 1.0, "gamma": 1.0, "temperature": 1.0}, per_example=False
+  "dist",
+  logit.dist,
+  {"beta": "non_negative", "gamma": "non_negative", **_TEMPERATURE},
+  fn_options=_T2,
+  per_example=False,
 )
 # mdistiller's DKD: CE 1, α 1, β 8, T 4, the DKD term warmed up linearly over 20 epochs.
 _register_divergence(
   "dkd",
   logit.dkd,
-  {"alpha": 1.0, "beta": 8.0, "temperature": 4.0},
+  {"alpha": "non_negative", "beta": "non_negative", **_TEMPERATURE},
   term_options={"warmup_epochs": 20},
   with_labels=True,
 )

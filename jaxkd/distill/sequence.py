@@ -6,7 +6,7 @@ and a ``[B, S]`` mask, ``kd`` is the masked per-token mean of `jaxkd.losses.sequ
 whose teacher is not a dense distribution: ``sparse_topk_kd``, forward KL from the teacher's
 top-k log-probabilities to the dense student (`jaxkd.losses.sequence.sparse_topk_kd`).
 
-Its teacher is the batch's cached top-k pair (`jaxkd.teacher_cache`, kind ``'topk'``) when the
+Its teacher is the batch's cached top-k pair (`jaxkd.teachers.cache`, kind ``'topk'``) when the
 batch carries one: the stored log-probabilities are of the full vocabulary, so the
 ``'residual'`` mode knows the missing mass. With a live teacher, its top-``k`` (option) is taken
 inside the step (all classes when ``k`` exceeds the vocabulary). ``teacher_temperature`` is the
@@ -14,7 +14,7 @@ temperature the log-probabilities were taken at (1 for a live teacher, whose log
 reads untempered).
 """
 
-from jaxkd.distill import LossDef, LossInputs, masked_mean, register
+from jaxkd.distill import LossDef, LossInputs, register
 from jaxkd.losses import sequence
 
 
@@ -33,7 +33,7 @@ def _sparse_topk_kd(inputs: LossInputs):
     eps=inputs.options["eps"],
     reduction="none",
   )
-  return masked_mean(values, inputs.mask)
+  return inputs.mean(values)
 
 
 register(
@@ -42,5 +42,7 @@ register(
     compute=_sparse_topk_kd,
     hparams={"temperature": 1.0, "teacher_temperature": 1.0},
     options={"k": 64, "missing": "renormalize", "scale_by_temperature_squared": True, "eps": 1e-6},
+    ranges={"temperature": "positive", "teacher_temperature": "positive"},
+    choices={"missing": ("renormalize", "residual")},
   )
 )

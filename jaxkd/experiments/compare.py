@@ -1,6 +1,6 @@
 """The KD experiment in one command: teacher, then the same student from scratch and with KD.
 
-For a config with a `compare` section (configs/quickstart.py):
+For a config with ``experiment = 'compare'`` and a `compare` section (configs/quickstart.py):
 
 1. trains `config.teacher` (`model`, `kwargs`) with cross-entropy on `compare.teacher_*`
    settings → `<workdir>/teacher/`, exported to `<workdir>/teacher/model/`;
@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxkd import configlib, data, models, train
+from jaxkd import data, models, plan, train
 
 _ROLES = ("scratch", "kd")
 
@@ -34,6 +34,7 @@ def teacher_config(config) -> ml_collections.ConfigDict:
   teacher = ml_collections.ConfigDict(config.to_dict())
   teacher.student.model = config.teacher.model
   teacher.student.kwargs = config.teacher.kwargs
+  teacher.experiment = ""
   teacher.teacher.model = ""
   teacher.teacher.checkpoint = ""
   teacher.distill = ml_collections.ConfigDict({"losses": {"ce": 1.0}})
@@ -48,6 +49,7 @@ def student_config(config, role: str, seed: int, teacher_dir: str) -> ml_collect
   Both evaluate against the teacher; only 'kd' trains with it.
   """
   student = ml_collections.ConfigDict(config.to_dict())
+  student.experiment = ""
   student.seed = seed
   student.teacher.checkpoint = teacher_dir
   if role == "scratch":
@@ -112,7 +114,7 @@ def run(config, workdir: str) -> dict:
       )
   # Every run is checked before the first one starts: a typo must not wait for the teacher.
   for run_config in configs.values():
-    configlib.validate(run_config)
+    plan.check(run_config)
 
   start = time.perf_counter()
   results, seconds = {}, {}

@@ -14,11 +14,11 @@ Arrays are ``.npy`` files read with ``mmap_mode='r'``: a batch reads its rows on
 fingerprint of its data, a fingerprint of the teacher's weights, k, dtype); `open_cache` checks
 every field against what the run uses and refuses a mismatch with an error naming the field.
 
-Training from the cache: add the rows to the host batch (`TeacherCache.add_to_batch`) and build
-the step with ``teacher=None``; the step reads ``batch['teacher_logits']`` (or the top-k pair,
-expanded by `dense_logits`) and never runs a teacher. A top-k teacher is the distribution
-renormalised over its k classes: the other classes get logit ``-inf`` (probability 0), which
-the logit losses handle exactly.
+Training from the cache (`jaxkd.teachers`, source ``'cached'``): the host adds the rows to each
+batch (`TeacherCache.add_to_batch`, under the batch keys below) and the step reads them instead
+of running a teacher. A top-k teacher is the distribution renormalised over its k classes: the
+other classes get logit ``-inf`` (probability 0, `dense_logits`), which the logit losses handle
+exactly.
 """
 
 from __future__ import annotations
@@ -27,15 +27,20 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from jaxkd.errors import UserError
 
 MANIFEST = "manifest.json"
+# The batch keys under which cached outputs travel from the host to the step.
+LOGITS_KEY = "teacher_logits"
+TOPK_IDS_KEY = "teacher_topk_ids"
+TOPK_LOGPROBS_KEY = "teacher_topk_logprobs"
 FORMAT_VERSION = 1
 Kind = Literal["dense", "topk"]
 
@@ -73,6 +78,11 @@ class Manifest:
   version: int = FORMAT_VERSION
 
 
+class CacheMismatchError(UserError, ValueError):
+  """A cache computed from other data or another teacher than the run's; the message names the
+  field that differs."""
+
+
 def _files(kind: Kind) -> tuple[str, ...]:
   return ("logits",) if kind == "dense" else ("topk_ids", "topk_logprobs")
 
@@ -80,7 +90,8 @@ def _files(kind: Kind) -> tuple[str, ...]:
 def write_cache(
   directory: str,
   *,
-  teacher: nnx.Module,
+  teacher_logits: Callable[[Mapping[str, Any]], jax.Array],
+  teacher_fingerprint: str,
   batches: Iterable[Mapping[str, Any]],
   dataset: str,
   num_examples: int,
@@ -89,15 +100,15 @@ def write_cache(
   k: int | None = None,
   dtype: str = "float32",
 ) -> Manifest:
-  """Runs the teacher (eval mode) over `batches` and stores its outputs by ``batch['index']``.
+  """Stores ``teacher_logits(batch)`` of every batch by ``batch['index']``.
 
   Args:
     directory: created if needed; an existing cache there is overwritten.
-    teacher: the teacher model.
-    batches: host batches with ``'image'`` (the deterministic view) and ``'index'``; an optional
-      boolean ``'mask'`` marks padding rows, which are not written. Every index in
-      ``[0, num_examples)`` must appear. A language model's ``[B, S]`` token mask keeps every
-      row with a real token.
+    teacher_logits: the teacher's float32 logits ``[b, C]`` (``[b, S, V]``) for a host batch, in
+      eval mode on the deterministic view (`jaxkd.teachers.Teachers.cache_logits`).
+    teacher_fingerprint: `fingerprint` of the teacher's weights.
+    batches: host batches with ``'index'`` and a boolean ``'mask'`` marking real rows (padding
+      rows are not written). Every index in ``[0, num_examples)`` must appear.
     dataset, num_examples, data_fingerprint: identify the data (see `fingerprint`).
     kind: ``'dense'`` logits or ``'topk'`` log-probabilities.
     k: number of classes kept for ``'topk'``.
@@ -108,12 +119,9 @@ def write_cache(
     raise ValueError(f"kind must be 'dense' or 'topk', got {kind!r}")
   if (kind == "topk") != (k is not None):
     raise ValueError("k is required for kind='topk' and meaningless for kind='dense'")
-  graphdef, state = nnx.split(teacher)
 
   @jax.jit
-  def outputs(state, images):
-    logits, _ = nnx.merge(graphdef, state)(images, train=False)
-    logits = logits.astype(jnp.float32)
+  def outputs(logits):
     if kind == "dense":
       return (logits,)
     log_probs, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), k)
@@ -122,20 +130,12 @@ def write_cache(
   os.makedirs(directory, exist_ok=True)
   arrays, written, num_classes = None, np.zeros(num_examples, bool), None
   for batch in batches:
-    results = [np.asarray(x) for x in outputs(state, jnp.asarray(batch["image"]))]
-    # A padding row has no real example (token): [B] or [B, S] masks alike.
-    keep = (
-      np.asarray(batch["mask"], bool).reshape(len(batch["index"]), -1).any(axis=1)
-      if "mask" in batch
-      else slice(None)
-    )
+    logits = teacher_logits(batch)
+    results = [np.asarray(x) for x in outputs(logits)]
+    keep = np.asarray(batch["mask"], bool)
     index = np.asarray(batch["index"])[keep]
     if arrays is None:
-      num_classes = int(
-        jax.eval_shape(
-          lambda s, x: nnx.merge(graphdef, s)(x)[0], state, jnp.asarray(batch["image"][:1])
-        ).shape[-1]
-      )
+      num_classes = int(logits.shape[-1])
       arrays = [
         np.lib.format.open_memmap(
           os.path.join(directory, f"{name}.npy"),
@@ -156,7 +156,7 @@ def write_cache(
     dataset=dataset,
     num_examples=num_examples,
     data_fingerprint=data_fingerprint,
-    teacher_fingerprint=fingerprint(nnx.state(teacher)),
+    teacher_fingerprint=teacher_fingerprint,
     kind=kind,
     k=k,
     dtype=str(np.dtype(dtype)),
@@ -175,19 +175,28 @@ class TeacherCache:
   arrays: Mapping[str, np.ndarray]
 
   def lookup(self, index: np.ndarray) -> dict[str, np.ndarray]:
-    """The batch entries for examples `index`: ``'teacher_logits'`` (dense) or
-    ``'teacher_topk_ids'`` and ``'teacher_topk_logprobs'`` (top-k), float32."""
+    """The batch entries for examples `index`: `LOGITS_KEY` (dense) or `TOPK_IDS_KEY` and
+    `TOPK_LOGPROBS_KEY` (top-k)."""
     index = np.asarray(index)
     if self.manifest.kind == "dense":
-      return {"teacher_logits": np.asarray(self.arrays["logits"][index], np.float32)}
+      return {LOGITS_KEY: np.asarray(self.arrays["logits"][index], np.float32)}
     return {
-      "teacher_topk_ids": np.asarray(self.arrays["topk_ids"][index], np.int32),
-      "teacher_topk_logprobs": np.asarray(self.arrays["topk_logprobs"][index], np.float32),
+      TOPK_IDS_KEY: np.asarray(self.arrays["topk_ids"][index], np.int32),
+      TOPK_LOGPROBS_KEY: np.asarray(self.arrays["topk_logprobs"][index], np.float32),
     }
 
   def add_to_batch(self, host_batch: Mapping[str, Any]) -> dict[str, Any]:
     """`host_batch` plus its cached teacher outputs (looked up by ``host_batch['index']``)."""
     return {**host_batch, **self.lookup(host_batch["index"])}
+
+
+def read_manifest(directory: str) -> Manifest:
+  """The manifest of the cache in `directory`; FileNotFoundError if there is none."""
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no teacher cache at {directory} ({MANIFEST} is missing)")
+  with open(path) as f:
+    return Manifest(**json.load(f))
 
 
 def open_cache(
@@ -208,13 +217,9 @@ def open_cache(
 
   Raises:
     FileNotFoundError: no manifest in `directory`.
-    ValueError: a field differs; the message names it with both values.
+    CacheMismatchError: a field differs; the message names it with both values.
   """
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no teacher cache at {directory} ({MANIFEST} is missing)")
-  with open(path) as f:
-    manifest = Manifest(**json.load(f))
+  manifest = read_manifest(directory)
   expected = {
     "version": FORMAT_VERSION,
     "dataset": dataset,
@@ -225,10 +230,10 @@ def open_cache(
     expected["teacher_fingerprint"] = teacher_fingerprint
   for field, value in expected.items():
     if getattr(manifest, field) != value:
-      raise ValueError(
+      raise CacheMismatchError(
         f"teacher cache {directory} does not match this run: {field} is "
         f"{getattr(manifest, field)!r} in the cache, {value!r} here; rebuild it "
-        "with jaxkd.teacher_cache.write_cache"
+        "(delete the directory and run again)"
       )
   arrays = {
     name: np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r")
