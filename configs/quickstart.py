@@ -57,6 +57,7 @@ def get_config(arg=None):
     "teacher_train_examples": 0,  # 0 = all 60,000 training images.
   }
   config.log_every_steps = 50
+  config.eval_every_epochs = 1  # Curves with a point per epoch (jaxkd.report plots them).
   config.checkpoint_every_steps = 500
 
   if arg.smoke:  # Seconds, not minutes: exercises every stage, learns little.

@@ -29,6 +29,7 @@ from absl import logging
 from flax import nnx
 
 from jaxkd import checkpoint, data, distill, metrics, models, optim, parallel, plan, population
+from jaxkd import provenance
 from jaxkd import state as train_state
 from jaxkd import step, teachers
 from jaxkd.models import io as model_io
@@ -41,6 +42,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   run = plan.resolve(config, workdir)
   mesh = parallel.make_mesh(run.mesh_shape)
+  _record_provenance(config, workdir)
 
   # Models, teacher sources, method and optimiser.
   spec, members = run.spec, run.members
@@ -187,6 +189,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     os.path.join(workdir, "results.json"), {"step": run.total_steps, "members": by_member}
   )
   return {"members": by_member}
+
+
+def _record_provenance(config, workdir: str) -> None:
+  """Writes what produced the run (`jaxkd.provenance`); a resumed run says what changed."""
+  record = provenance.collect(config)
+  if jax.process_index() != 0:
+    return
+  saved = provenance.read(workdir)
+  for change in provenance.differences(saved, record) if saved else ():
+    logging.warning("Changed since this workdir's run started: %s", change)
+  provenance.write(workdir, record)
 
 
 def _cache_identity(run: plan.Plan) -> dict:

@@ -11,8 +11,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxkd"
 
 # Each module (or package) may import only modules of a strictly lower layer, or its own package.
 LAYERS = [
-  {"errors", "losses", "xla_flags", "state", "tasks", "parallel"},
-  {"configlib", "optim", "data", "models", "metrics", "checkpoint", "reference"},
+  {"errors"},
+  {"losses", "xla_flags", "state", "tasks", "parallel", "checkpoint"},
+  {"configlib", "optim", "data", "models", "metrics", "reference"},
   {"distill", "tools"},
   {"teachers"},
   {"step"},

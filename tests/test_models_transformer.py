@@ -1,6 +1,8 @@
 """Decoder-only LM and KV-cache generation: shapes, features, config, cache == full forward,
-left padding, sampling filters, jit, bf16, and parity with a PyTorch transcription of
-Hugging Face's LlamaForCausalLM after `load_torch_state_dict`."""
+left padding, packed documents, hidden states and soft-capping, sampling filters, jit, bf16, and
+parity with a PyTorch transcription of Hugging Face's LlamaForCausalLM after
+`load_torch_state_dict`. The Hugging Face families are checked against transformers in
+test_hf_import.py."""
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +25,10 @@ PROMPT, NEW = 5, 4
 TOP_P = 0.9
 
 
-@pytest.fixture(scope="module")
-def model():
+def _random_model(**kwargs):
   """lm_tiny with its initial distribution, N(0, 0.02) weights and unit RMSNorm scales, drawn in
   numpy into an abstract build: eager initialisation compiles every initialiser separately."""
-  model = nnx.eval_shape(lambda: models.create("lm_tiny", num_classes=VOCAB))
+  model = nnx.eval_shape(lambda: models.create("lm_tiny", num_classes=VOCAB, **kwargs))
   rng = np.random.default_rng(3)
 
   def value(path, variable):
@@ -46,6 +47,11 @@ def model():
     ),
   )
   return model
+
+
+@pytest.fixture(scope="module")
+def model():
+  return _random_model()
 
 
 def _prompt(batch=2, length=PROMPT, seed=0):
@@ -155,6 +161,88 @@ def test_left_padded_prompt_generates_as_if_alone(model):
   np.testing.assert_allclose(logits[0], alone_logits[0, 2 : 2 + NEW], atol=1e-5)
   np.testing.assert_allclose(logits[1], alone_logits[1, PROMPT - 1 : -1], atol=1e-5)
   np.testing.assert_array_equal(tokens, np.argmax(logits, -1))
+
+
+@nnx.jit
+def _packed_forward(model, tokens, positions, segment_ids, token_mask):
+  """The packed batch in one call, and again through the cache in two chunks (6 + 3 tokens)."""
+  rows = dict(positions=positions, segment_ids=segment_ids, token_mask=token_mask)
+  full, _ = model(tokens, **rows)
+  cache = model.init_cache(tokens.shape[0], tokens.shape[1])
+  chunks = []
+  for columns in (slice(0, 6), slice(6, None)):
+    logits, _, cache = model(
+      tokens[:, columns], cache=cache, **{key: value[:, columns] for key, value in rows.items()}
+    )
+    chunks.append(logits)
+  return full, jnp.concatenate(chunks, axis=1)
+
+
+# Besides lm_tiny: a sliding window (3) shorter than the documents, learned positions, LayerNorm,
+# sandwich norms and attention soft-capping, which all interact with packing.
+_PACKED_VARIANT = dict(
+  layer_types=("sliding_attention", "full_attention"),
+  sliding_window=3,
+  positions="learned",
+  max_positions=16,
+  norm_type="layer",
+  sandwich_norm=True,
+  attn_logit_softcap=1.0,
+)
+
+
+@pytest.mark.parametrize("kwargs", [{}, _PACKED_VARIANT], ids=["lm_tiny", "window_learned"])
+def test_packed_documents_give_the_logits_of_each_document_alone(kwargs):
+  model = _random_model(**kwargs)
+  length = PROMPT + NEW
+  a, b = _prompt(1, 5, seed=6)[0], _prompt(1, 4, seed=7)[0]
+  # Row 0: a | b. Row 1: two padding tokens | b | a[:3]. Segments 1-based, 0 on padding.
+  tokens = np.stack([np.concatenate([a, b]), np.concatenate([[0, 0], b, a[:3]])])
+  segment_ids = np.array([[1] * 5 + [2] * 4, [0, 0] + [1] * 4 + [2] * 3])
+  positions = np.array([[*range(5), *range(4)], [0, 0, *range(4), *range(3)]])
+  token_mask = segment_ids > 0
+  packed, cached = map(
+    np.asarray, _packed_forward(model, tokens, positions, segment_ids, token_mask)
+  )
+  # Each document alone, first in its row, right-filled (a causal model ignores what follows).
+  alone = np.stack([np.concatenate([a, b]), np.concatenate([b, a])])
+  alone_logits = np.asarray(_forward(model, alone)[0])
+  assert packed.shape == (2, length, VOCAB)
+  for row, columns, alone_row, alone_columns in [
+    (0, slice(0, 5), 0, slice(0, 5)),
+    (0, slice(5, 9), 1, slice(0, 4)),
+    (1, slice(2, 6), 1, slice(0, 4)),
+    (1, slice(6, 9), 0, slice(0, 3)),
+  ]:
+    np.testing.assert_allclose(
+      packed[row, columns], alone_logits[alone_row, alone_columns], atol=1e-5
+    )
+  np.testing.assert_allclose(cached[token_mask], packed[token_mask], atol=1e-5)
+
+
+@nnx.jit
+def _hidden_and_logits(model, tokens):
+  hidden, features = model(tokens, return_hidden=True, return_features=True)
+  return hidden, features["final"], model.unembedding(), model(tokens)[0]
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(tie_embeddings=True, final_logit_softcap=0.5)])
+def test_logits_are_the_soft_capped_hidden_states_times_the_unembedding(kwargs):
+  model = _random_model(**kwargs)
+  hidden, final, unembedding, logits = map(
+    np.asarray, _hidden_and_logits(model, _prompt(length=PROMPT + NEW))
+  )
+  assert hidden.shape == (2, PROMPT + NEW, 64) and unembedding.shape == (64, VOCAB)
+  np.testing.assert_array_equal(hidden, final)
+  if model.lm_head is None:
+    np.testing.assert_array_equal(unembedding, np.asarray(model.embed_tokens.embedding[...]).T)
+  raw = hidden.astype(np.float64) @ unembedding.astype(np.float64)
+  cap = model.final_logit_softcap
+  assert cap == kwargs.get("final_logit_softcap")
+  expected = raw if cap is None else cap * np.tanh(raw / cap)
+  if cap is not None:
+    assert np.abs(raw).max() > 2 * cap  # the cap bends the largest logits
+  np.testing.assert_allclose(logits, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_greedy_is_deterministic(model):

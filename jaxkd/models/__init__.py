@@ -19,6 +19,7 @@ from jaxkd.models import imagenet_resnet  # noqa: F401
 from jaxkd.models import imagenet_mobilenet  # noqa: F401
 from jaxkd.models import vit  # noqa: F401
 from jaxkd.models import transformer  # noqa: F401
+from jaxkd.models import hf  # noqa: F401  (Hugging Face import / export)
 from jaxkd.models.torch_import import load_torch_model, load_torch_state_dict
 
 __all__ = ["create", "names", "register", "load_torch_model", "load_torch_state_dict"]

@@ -7,8 +7,10 @@ The whole generation is one compiled program per (model structure, batch, prompt
 
 Prompts are a [B, P] block. Equal-length prompts need no mask; ragged prompts are LEFT-padded
 with `prompt_mask` False on the padding, so that every sequence's last prompt token sits in
-slot P-1 and generation proceeds in lock step. RoPE positions count real tokens only, so a
-left-padded prompt generates exactly what it would alone.
+slot P-1 and generation proceeds in lock step. Positions (RoPE angles or learned-table rows)
+count real tokens only, so a left-padded prompt generates exactly what it would alone, as
+Hugging Face's `generate` does. The cache keeps every slot; sliding-window layers mask the keys
+outside their window.
 """
 
 import functools
