@@ -66,9 +66,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.b1 = 0.9  # AdamW β1.
   config.optimizer.b2 = 0.999  # AdamW β2.
   config.optimizer.weight_decay = 5e-4  # SGD: L2 added to the gradient; AdamW: decoupled.
-  config.optimizer.schedule = "cosine"  # 'step', 'cosine' or 'constant'.
+  config.optimizer.schedule = "cosine"  # 'step', 'cosine', 'constant' or 'wsd'.
   config.optimizer.decay_epochs = ()  # 'step': epochs after which lr is multiplied by…
   config.optimizer.decay_factor = 0.1  # … this factor.
+  # 'wsd' (warmup-stable-decay, MiniCPM; Peng et al. 2024's best with a WSD α): lr until the
+  # last `decay_fraction` of all steps, then `decay_shape` down to lr · end_lr_factor.
+  config.optimizer.decay_fraction = 0.1
+  config.optimizer.decay_shape = "linear"  # 'linear', 'cosine', '1-sqrt' or 'exponential'.
+  config.optimizer.end_lr_factor = 0.0
   config.optimizer.warmup_epochs = 0.0  # Linear warm-up from 0, in (fractional) epochs.
 
   # Student population (jaxkd.population): `size` students trained in one compiled step, sharing

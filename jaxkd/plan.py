@@ -108,6 +108,19 @@ def check(config) -> None:
     _choice("teacher.model", config.teacher.model, models.names())
   _choice("optimizer.name", config.optimizer.name, optim.OPTIMIZERS)
   _choice("optimizer.schedule", config.optimizer.schedule, optim.SCHEDULES)
+  _choice("optimizer.decay_shape", config.optimizer.decay_shape, optim.DECAY_SHAPES)
+  _require(
+    0 <= config.optimizer.decay_fraction <= 1,
+    "optimizer.decay_fraction",
+    config.optimizer.decay_fraction,
+    "must be in [0, 1]",
+  )
+  _require(
+    config.optimizer.end_lr_factor >= 0,
+    "optimizer.end_lr_factor",
+    config.optimizer.end_lr_factor,
+    "must be 0 or positive",
+  )
   _require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
   _require(
     config.optimizer.weight_decay >= 0,

@@ -16,13 +16,21 @@ from jaxkd.losses.logit import kd
 from jaxkd.losses.logit import reverse_kl
 from jaxkd.losses.logit import skew_kl
 from jaxkd.losses.logit import skew_reverse_kl
+from jaxkd.losses.logit import soft_cross_entropy
 from jaxkd.losses.logit import tvd
 from jaxkd.losses.sequence import SparseTeacher
+from jaxkd.losses.sequence import decode_sparse_teacher
+from jaxkd.losses.sequence import encode_sparse_teacher
 from jaxkd.losses.sequence import per_token_divergence
+from jaxkd.losses.sequence import sequence_cross_entropy
 from jaxkd.losses.sequence import sequence_loss
+from jaxkd.losses.sequence import slice_vocab
+from jaxkd.losses.sequence import sparse_bytes_per_token
+from jaxkd.losses.sequence import sparse_id_dtype
 from jaxkd.losses.sequence import sparse_teacher_from_logits
 from jaxkd.losses.sequence import sparse_topk_kd
 from jaxkd.losses.sequence import token_mean
+from jaxkd.losses.sequence import truncate_teacher
 
 B, S, V = 2, 5, 11
 
@@ -404,16 +412,33 @@ _sparse_per_token = jax.jit(
 
 
 class SparseTopKTest(parameterized.TestCase):
-  @parameterized.product(missing=["renormalize", "residual"], temperature=[1.0, 2.0])
-  def test_full_support_equals_dense_kd(self, missing, temperature):
+  @parameterized.parameters(
+    ("renormalize", "kl", 1.0),
+    ("residual", "kl", 2.0),
+    ("renormalize", "cross_entropy", 2.0),
+    ("residual", "cross_entropy", 1.0),
+  )
+  def test_full_support_equals_dense_kd(self, missing, form, temperature):
+    # k = V and p = 1 keep the whole distribution: value and gradient of the dense loss (KL: `kd`;
+    # cross-entropy: `soft_cross_entropy`, both x T^2).
     student, teacher = _logits(0), _logits(1)
-    sparse = sparse_teacher_from_logits(teacher, V)
-    np.testing.assert_allclose(
-      _sparse_per_token(student, sparse, missing=missing, temperature=temperature),
-      kd(student, teacher, temperature=temperature, reduction="none"),
-      rtol=1e-5,
-      atol=1e-6,
+    sparse = truncate_teacher(teacher, top_p=1.0, top_k=V)
+    self.assertTrue(np.all(np.asarray(sparse.ids) >= 0))
+    dense_fn = (
+      kd
+      if form == "kl"
+      else functools.partial(soft_cross_entropy, scale_by_temperature_squared=True)
     )
+    sparse_value, sparse_grad = jax.jit(
+      jax.value_and_grad(
+        lambda s: sparse_topk_kd(s, sparse, form=form, missing=missing, temperature=temperature)
+      )
+    )(student)
+    dense_value, dense_grad = jax.jit(
+      jax.value_and_grad(lambda s: dense_fn(s, teacher, temperature=temperature))
+    )(student)
+    np.testing.assert_allclose(sparse_value, dense_value, rtol=1e-6)
+    np.testing.assert_allclose(sparse_grad, dense_grad, rtol=1e-5, atol=1e-7)
 
   def test_residual_bucket_by_hand(self):
     student, teacher = _logits(0), _logits(1)
@@ -540,6 +565,285 @@ class SparseTopKTest(parameterized.TestCase):
   def test_rejects_unknown_mode(self):
     with self.assertRaisesRegex(ValueError, "missing"):
       sparse_topk_kd(_logits(0), sparse_teacher_from_logits(_logits(1), 3), missing="uniform")
+
+
+class SparseTopKFormTest(parameterized.TestCase):
+  @parameterized.parameters("renormalize", "residual")
+  def test_cross_entropy_form_by_hand(self, missing):
+    # The pre-training-distillation NLL: -sum over the buckets of p~ log q (residual: one more bucket).
+    student, teacher = _logits(0), _logits(1)
+    sparse = sparse_teacher_from_logits(teacher, 4)
+    log_q = np.take_along_axis(_np_log_softmax(student), np.asarray(sparse.ids), -1)
+    p = np.exp(np.asarray(sparse.logprobs, np.float64))
+    if missing == "renormalize":
+      expected = -(p / p.sum(-1, keepdims=True) * log_q).sum(-1)
+    else:
+      q_rest = 1 - np.exp(log_q).sum(-1)
+      expected = -(p * log_q).sum(-1) - (1 - p.sum(-1)) * np.log(q_rest)
+    np.testing.assert_allclose(
+      sparse_topk_kd(student, sparse, form="cross_entropy", missing=missing, reduction="none"),
+      expected,
+      rtol=1e-5,
+    )
+
+  def test_rejects_unknown_form(self):
+    with self.assertRaisesRegex(ValueError, "form"):
+      sparse_topk_kd(_logits(0), sparse_teacher_from_logits(_logits(1), 3), form="nll")
+
+
+def _np_truncate(logits, top_p, top_k):
+  """numpy reference of top-p (Holtzman et al.: the smallest most-probable set of mass >= p) then
+  top-k, returning the kept boolean [..., V] mask."""
+  probs = np.exp(_np_log_softmax(logits))
+  order = np.argsort(-probs, axis=-1, kind="stable")
+  sorted_probs = np.take_along_axis(probs, order, -1)
+  cumulative = np.cumsum(sorted_probs, -1)
+  nucleus_size = (cumulative < top_p).sum(-1, keepdims=True) + 1  # first index reaching top_p
+  rank = np.arange(logits.shape[-1])
+  kept_sorted = (rank < nucleus_size) & (rank < top_k)
+  kept = np.zeros_like(kept_sorted)
+  np.put_along_axis(kept, order, kept_sorted, -1)
+  return kept
+
+
+class TruncateTeacherTest(parameterized.TestCase):
+  @parameterized.parameters((0.95, 100), (0.5, 3), (0.9, 5), (0.99, 2))
+  def test_kept_set_matches_reference(self, top_p, top_k):
+    teacher = _logits(1, (4, 6, 40))
+    sparse = truncate_teacher(teacher, top_p=top_p, top_k=min(top_k, 40))
+    kept = _np_truncate(np.asarray(teacher), top_p, top_k)
+    ids, logprobs = np.asarray(sparse.ids), np.asarray(sparse.logprobs)
+    used = ids >= 0
+    np.testing.assert_array_equal(used.sum(-1), kept.sum(-1))
+    for index in np.ndindex(ids.shape[:-1]):
+      self.assertEqual(set(ids[index][used[index]]), set(np.flatnonzero(kept[index])))
+    # Full-vocabulary log-probs at the kept ids; unused slots are (-1, -inf).
+    full = _np_log_softmax(teacher)
+    np.testing.assert_allclose(
+      logprobs[used],
+      np.take_along_axis(full, np.where(used, ids, 0), -1)[used],
+      rtol=1e-5,
+      atol=1e-6,
+    )
+    self.assertTrue(np.all(np.isneginf(logprobs[~used])))
+
+  def test_nucleus_smaller_than_k_pads(self):
+    # Probabilities 0.6, 0.3, 0.06, 0.04: the 0.8 nucleus is two tokens, k = 3 leaves one slot unused.
+    teacher = jnp.log(jnp.array([0.06, 0.6, 0.04, 0.3]))
+    sparse = truncate_teacher(teacher, top_p=0.8, top_k=3)
+    np.testing.assert_array_equal(sparse.ids, [1, 3, -1])
+    np.testing.assert_allclose(sparse.logprobs, [np.log(0.6), np.log(0.3), -np.inf], rtol=1e-6)
+
+  @parameterized.product(temperature=[0.5, 2.0], missing=["renormalize", "residual"])
+  def test_target_is_softmax_of_truncated_logits(self, temperature, missing):
+    # 'renormalize' trains on softmax(Truncate(z) / tau) exactly (Peng et al. 2024); the teacher alone
+    # is tempered (student_temperature=1), no tau^2. 'residual' adds the truncated mass as one bucket.
+    student, teacher = _logits(0), _logits(1)
+    sparse = truncate_teacher(teacher, top_p=0.9, top_k=6)
+    kept = _np_truncate(np.asarray(teacher), 0.9, 6)
+    truncated = np.where(kept, np.asarray(teacher, np.float64), -np.inf)
+    log_q = _np_log_softmax(student)
+    if missing == "renormalize":
+      log_p = _np_log_softmax(truncated / temperature)
+      expected = (np.exp(log_p) * np.where(kept, log_p - log_q, 0.0)).sum(-1)
+    else:
+      # Stored p = softmax(z) on K; buckets p_K and r = 1 - sum p_K, re-tempered together.
+      log_p_kept = np.where(kept, _np_log_softmax(teacher), -np.inf)
+      log_r = np.log1p(-np.exp(log_p_kept).sum(-1))
+      buckets = np.concatenate([log_p_kept, log_r[..., None]], -1) / temperature
+      buckets = buckets - np.log(np.exp(buckets).sum(-1, keepdims=True))
+      log_q_rest = np.log1p(-np.where(kept, np.exp(log_q), 0.0).sum(-1))
+      log_q_buckets = np.concatenate([log_q, log_q_rest[..., None]], -1)
+      finite = np.isfinite(buckets)
+      expected = (np.exp(buckets) * np.where(finite, buckets - log_q_buckets, 0.0)).sum(-1)
+    value = sparse_topk_kd(
+      student,
+      sparse,
+      missing=missing,
+      temperature=temperature,
+      student_temperature=1.0,
+      scale_by_temperature_squared=False,
+      reduction="none",
+    )
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+  def test_k_above_vocab_is_one_clear_line(self):
+    with self.assertRaisesRegex(
+      ValueError, r"^top-k of k=12 entries needs 1 <= k <= the vocabulary size 11$"
+    ):
+      truncate_teacher(_logits(1), top_k=12)
+    with self.assertRaisesRegex(ValueError, "k=12"):
+      sparse_teacher_from_logits(_logits(1), 12)
+    too_many = SparseTeacher(ids=jnp.zeros((B, S, 12), jnp.int32), logprobs=jnp.zeros((B, S, 12)))
+    with self.assertRaisesRegex(
+      ValueError, "k=12 entries per position, more than the student vocabulary size 11"
+    ):
+      sparse_topk_kd(_logits(0), too_many)
+
+  def test_rejects_bad_top_p(self):
+    with self.assertRaisesRegex(ValueError, "top_p"):
+      truncate_teacher(_logits(1), top_p=0.0, top_k=3)
+
+
+class CompactStorageTest(parameterized.TestCase):
+  @parameterized.parameters(
+    (1000, np.uint16), (65535, np.uint16), (65536, np.int32), (151936, np.int32)
+  )
+  def test_id_dtype_by_vocab_size(self, vocab_size, dtype):
+    self.assertEqual(sparse_id_dtype(vocab_size), np.dtype(dtype))
+
+  def test_bytes_per_token(self):
+    # Peng et al.'s k = 100 at V = 32000 (uint16 ids, float16 log-probs) vs 128000 bytes of fp32 logits.
+    self.assertEqual(sparse_bytes_per_token(32000, 100), 400)
+    self.assertEqual(sparse_bytes_per_token(151936, 100, "bfloat16"), 600)
+    self.assertEqual(sparse_bytes_per_token(151936, 100, "float32"), 800)
+
+  @parameterized.parameters(
+    (300, "float16", "renormalize"),
+    (300, "bfloat16", "residual"),
+    (70000, "float16", "residual"),
+    (70000, "bfloat16", "renormalize"),
+  )
+  def test_round_trip(self, vocab_size, logprob_dtype, missing):
+    rng = np.random.default_rng(0)
+    # 60 likely tokens: the 0.9 nucleus is smaller than k = 100 and leaves unused slots.
+    teacher = rng.normal(size=(2, 3, vocab_size)) * 2
+    teacher[..., :60] += 12
+    teacher = jnp.asarray(teacher, jnp.float32)
+    student = jnp.asarray(rng.normal(size=(2, 3, vocab_size)) * 4, jnp.float32)
+    sparse = truncate_teacher(teacher, top_p=0.9, top_k=100)
+    ids, logprobs = encode_sparse_teacher(sparse, vocab_size, logprob_dtype)
+    self.assertEqual(ids.dtype, sparse_id_dtype(vocab_size))
+    self.assertEqual(logprobs.dtype, jnp.dtype(logprob_dtype))
+    decoded = decode_sparse_teacher(ids, logprobs, vocab_size)
+    self.assertEqual(decoded.ids.dtype, np.int32)
+    self.assertEqual(decoded.logprobs.dtype, np.float32)
+    # Ids and unused slots survive exactly; log-probs within half a unit in the last place.
+    np.testing.assert_array_equal(decoded.ids, sparse.ids)
+    used = np.asarray(sparse.ids) >= 0
+    self.assertFalse(used.all())
+    self.assertTrue(np.all(np.isneginf(decoded.logprobs[~used])))
+    exact = np.asarray(sparse.logprobs)[used]
+    ulp = 2.0 ** (np.floor(np.log2(np.abs(exact))) - (10 if logprob_dtype == "float16" else 7))
+    self.assertTrue(np.all(np.abs(decoded.logprobs[used] - exact) <= ulp / 2))
+    # The KD loss of the decoded teacher is within the rounding of the exact one.
+    loss = jax.jit(lambda t: sparse_topk_kd(student, t, missing=missing))
+    np.testing.assert_allclose(
+      loss(decoded), loss(sparse), rtol=2e-3 if logprob_dtype == "float16" else 2e-2
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-entropy with the targets, LM guards
+# ---------------------------------------------------------------------------------------------
+
+
+def _hf_causal_lm_loss(logits, labels):
+  """Transcribed from transformers' ForCausalLMLoss (loss/loss_utils.py): shift, then
+  cross_entropy(ignore_index=-100, reduction='mean')."""
+  import torch.nn.functional as F
+
+  logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+  labels = labels[:, 1:].reshape(-1)
+  return F.cross_entropy(logits, labels, ignore_index=-100, reduction="mean")
+
+
+class CrossEntropyTest(parameterized.TestCase):
+  def test_hugging_face_causal_lm_loss(self):
+    torch = pytest.importorskip("torch")
+    logits = _logits(0)
+    labels = np.array([[-100, -100, 3, 7, 1], [-100, 2, 9, 4, -100]])
+    expected, expected_grad = _torch_value_and_grad(
+      lambda s, _, labels: _hf_causal_lm_loss(s, labels), logits, logits, torch.tensor(labels)
+    )
+    shifted = jnp.asarray(labels[:, 1:])
+    value, grad = jax.value_and_grad(
+      lambda s: sequence_cross_entropy(s[:, :-1], shifted, shifted != -100)
+    )(logits)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-8)
+
+  def test_garbage_and_ignored_labels_at_masked_positions(self):
+    logits, mask = _logits(0), _mask()
+    targets = jnp.asarray(np.random.default_rng(0).integers(0, V, (B, S)), jnp.int32)
+    dirty_logits = jnp.where(mask[..., None], logits, jnp.nan)
+    dirty_targets = jnp.where(mask, targets, -100)
+    loss = lambda z, t: sequence_cross_entropy(z, t, mask)
+    value, grad = jax.value_and_grad(loss)(dirty_logits, dirty_targets)
+    clean_value, clean_grad = jax.value_and_grad(loss)(logits, targets)
+    np.testing.assert_allclose(value, clean_value, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(grad)[~np.asarray(mask)], 0.0)
+    np.testing.assert_allclose(grad, clean_grad, rtol=1e-6)
+    per_position = _np_log_softmax(logits)
+    expected = -np.take_along_axis(per_position, np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(value, expected[np.asarray(mask)].mean(), rtol=1e-5)
+
+  def test_float_targets_rejected(self):
+    with self.assertRaisesRegex(TypeError, "targets must be integer"):
+      sequence_cross_entropy(_logits(0), jnp.zeros((B, S)), _mask())
+
+
+class IntegerMaskTest(parameterized.TestCase):
+  """Labels passed as a mask (TRL's -100 convention) are refused with the fix in the message."""
+
+  MESSAGE = r"mask has integer dtype int32; .* pass `labels != -100`"
+
+  def test_token_mean(self):
+    with self.assertRaisesRegex(TypeError, self.MESSAGE):
+      token_mean(jnp.ones((B, S)), jnp.full((B, S), -100, jnp.int32))
+
+  @parameterized.named_parameters(
+    ("sequence_loss", lambda m: sequence_loss(kd, _logits(0), _logits(1), m)),
+    ("per_token_divergence", lambda m: per_token_divergence(jsd, _logits(0), _logits(1), m)),
+    (
+      "sequence_cross_entropy",
+      lambda m: sequence_cross_entropy(_logits(0), jnp.zeros((B, S), jnp.int32), m),
+    ),
+    (
+      "sparse",
+      lambda m: sequence_loss(
+        sparse_topk_kd, _logits(0), sparse_teacher_from_logits(_logits(1), 3), m
+      ),
+    ),
+  )
+  def test_sequence_losses(self, loss_fn):
+    labels = jnp.asarray(_labels()[0], jnp.int32)
+    with self.assertRaisesRegex(TypeError, self.MESSAGE):
+      loss_fn(labels)
+    # The fix the message names works.
+    self.assertTrue(np.all(np.isfinite(loss_fn(labels != -100))))
+
+  def test_float_mask_accepted(self):
+    np.testing.assert_allclose(token_mean(jnp.array([1.0, 3.0]), jnp.array([1.0, 0.0])), 1.0)
+
+
+class SliceVocabTest(parameterized.TestCase):
+  def test_padded_teacher_sliced_to_student(self):
+    # 3 padding rows whose logits sit 30 below the real ones: they carry ~1e-13 of the mass.
+    student, teacher = _logits(0), _logits(1)
+    padded = jnp.concatenate([teacher, jnp.full((B, S, 3), -30.0)], -1)
+    with self.assertRaisesRegex(ValueError, "slice_vocab"):
+      sequence_loss(kd, student, padded, _mask())
+    sliced = slice_vocab(padded, V)
+    np.testing.assert_array_equal(sliced, teacher)
+    np.testing.assert_allclose(
+      sequence_loss(kd, student, sliced, _mask(), temperature=1.0),
+      sequence_loss(kd, student, teacher, _mask(), temperature=1.0),
+      rtol=1e-6,
+    )
+
+  def test_real_tokens_past_the_student_vocab_raise(self):
+    teacher = _logits(1, (B, S, V + 4))
+    with self.assertRaisesRegex(
+      ValueError, r"the 4 teacher entries past 11 carry up to .* real tokens"
+    ):
+      slice_vocab(teacher, V)
+    # Under a trace the check cannot run: the slice alone.
+    self.assertEqual(jax.jit(lambda t: slice_vocab(t, V))(teacher).shape, (B, S, V))
+
+  def test_student_larger_than_teacher(self):
+    with self.assertRaisesRegex(ValueError, "the student's is larger"):
+      slice_vocab(_logits(1), V + 1)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ DATASETS = {
   "fashion_mnist": DatasetSpec(
     num_classes=10, image_shape=(28, 28, 1), mean=(0.2860,), std=(0.3530,)
   ),
-  # RepDistiller / mdistiller constants (see /work/shared/reference/cifar100_benchmark.md).
+  # RepDistiller / mdistiller constants (their CIFAR-100 data loaders).
   "cifar100": DatasetSpec(
     num_classes=100,
     image_shape=(32, 32, 3),

@@ -4,31 +4,40 @@ Every logit term of `jaxkd.distill.logit` already works per token: with logits `
 and a ``[B, S]`` mask, ``kd`` is the masked per-token mean of `jaxkd.losses.sequence`
 (``sequence_loss(kd, student_logits, teacher_logits, mask)``). This module adds the one term
 whose teacher is not a dense distribution: ``sparse_topk_kd``, forward KL from the teacher's
-top-k log-probabilities to the dense student (`jaxkd.losses.sequence.sparse_topk_kd`).
+top-k log-probabilities to the dense student (`jaxkd.losses.sequence.sparse_topk_kd`), as KL
+(``form='kl'``) or as NLL (``form='cross_entropy'``, −Σ p log q, pre-training distillation's).
 
 Its teacher is the batch's cached top-k pair (`jaxkd.teachers.cache`, kind ``'topk'``) when the
 batch carries one: the stored log-probabilities are of the full vocabulary, so the
-``'residual'`` mode knows the missing mass. With a live teacher, its top-``k`` (option) is taken
-inside the step (all classes when ``k`` exceeds the vocabulary). ``teacher_temperature`` is the
-temperature the log-probabilities were taken at (1 for a live teacher, whose logits the term
-reads untempered).
+``'residual'`` mode knows the missing mass. With a live teacher, the teacher is truncated inside
+the step: top-``top_p`` nucleus, then top-``k`` (`jaxkd.losses.truncate_teacher`; all classes
+when ``k`` exceeds the vocabulary). ``teacher_temperature`` is the temperature the
+log-probabilities were taken at (1 for a live teacher, whose logits the term reads untempered);
+``temper_student=False`` tempers the teacher alone (Peng et al. 2024).
 """
 
-from jaxkd.distill import LossDef, LossInputs, register
+from jaxkd.distill import LossDef, LossInputs, defaults_of, register
 from jaxkd.losses import sequence
 
 
 def _sparse_topk_kd(inputs: LossInputs):
   teacher = inputs.teacher_topk
   if teacher is None:
-    k = min(inputs.options["k"], inputs.teacher_logits.shape[-1])
-    teacher = sequence.sparse_teacher_from_logits(inputs.teacher_logits, k)
+    vocab_size = inputs.teacher_logits.shape[-1]
+    teacher = sequence.truncate_teacher(
+      inputs.teacher_logits,
+      top_p=inputs.options["top_p"],
+      top_k=min(inputs.options["k"], vocab_size),
+    )
   values = sequence.sparse_topk_kd(
     inputs.student_logits,
     teacher,
+    form=inputs.options["form"],
     missing=inputs.options["missing"],
     temperature=inputs.hparams["temperature"],
     teacher_temperature=inputs.hparams["teacher_temperature"],
+    # Pre-training distillation tempers the teacher alone (Peng et al. 2024).
+    student_temperature=None if inputs.options["temper_student"] else 1.0,
     scale_by_temperature_squared=inputs.options["scale_by_temperature_squared"],
     eps=inputs.options["eps"],
     reduction="none",
@@ -36,13 +45,25 @@ def _sparse_topk_kd(inputs: LossInputs):
   return inputs.mean(values)
 
 
+_OPTIONS = ("form", "missing", "scale_by_temperature_squared", "eps")
 register(
   LossDef(
     name="sparse_topk_kd",
     compute=_sparse_topk_kd,
-    hparams={"temperature": 1.0, "teacher_temperature": 1.0},
-    options={"k": 64, "missing": "renormalize", "scale_by_temperature_squared": True, "eps": 1e-6},
+    hparams={
+      key: float(value)
+      for key, value in defaults_of(
+        sequence.sparse_topk_kd, ("temperature", "teacher_temperature")
+      ).items()
+    },
+    # A live teacher is truncated here (top-p, then top-k); a cached one was when it was stored.
+    options={
+      "k": 64,
+      "top_p": 1.0,
+      "temper_student": True,
+      **defaults_of(sequence.sparse_topk_kd, _OPTIONS),
+    },
     ranges={"temperature": "positive", "teacher_temperature": "positive"},
-    choices={"missing": ("renormalize", "residual")},
+    choices={"form": ("kl", "cross_entropy"), "missing": ("renormalize", "residual")},
   )
 )

@@ -43,11 +43,24 @@ from jaxkd.losses.relation import rkd
 from jaxkd.losses.relation import similarity_preserving
 
 # --- sequence / LLM losses (sequence.py, chunked.py) ---
+from jaxkd.losses.chunked import LMHead
 from jaxkd.losses.chunked import chunked_kd
-from jaxkd.losses.chunked import chunked_per_token_divergence
+from jaxkd.losses.chunked import chunked_lm_loss
+from jaxkd.losses.chunked import soft_cap
 from jaxkd.losses.sequence import SparseTeacher
+from jaxkd.losses.sequence import bool_mask
+from jaxkd.losses.sequence import check_top_k
+from jaxkd.losses.sequence import check_vocab_sizes
+from jaxkd.losses.sequence import decode_sparse_teacher
+from jaxkd.losses.sequence import encode_sparse_teacher
+from jaxkd.losses.sequence import per_token_cross_entropy
 from jaxkd.losses.sequence import per_token_divergence
+from jaxkd.losses.sequence import sequence_cross_entropy
 from jaxkd.losses.sequence import sequence_loss
+from jaxkd.losses.sequence import slice_vocab
+from jaxkd.losses.sequence import sparse_bytes_per_token
+from jaxkd.losses.sequence import sparse_id_dtype
 from jaxkd.losses.sequence import sparse_teacher_from_logits
 from jaxkd.losses.sequence import sparse_topk_kd
 from jaxkd.losses.sequence import token_mean
+from jaxkd.losses.sequence import truncate_teacher

@@ -245,11 +245,13 @@ def open_cache(
 def dense_logits(topk_ids: jax.Array, topk_logprobs: jax.Array, num_classes: int) -> jax.Array:
   """``[..., C]`` logits of a top-k teacher (``[..., k]`` ids and log-probabilities: ``[B, k]``
   per example, ``[B, S, k]`` per token): its log-probabilities at the stored ids, ``-inf``
-  elsewhere, so a softmax renormalises the teacher over its k classes."""
-  positions = topk_ids.reshape(-1, topk_ids.shape[-1])
-  rows = jnp.arange(positions.shape[0])[:, None]
-  logits = jnp.full((positions.shape[0], num_classes), -jnp.inf, jnp.float32)
-  logits = logits.at[rows, positions].set(
-    topk_logprobs.reshape(positions.shape).astype(jnp.float32)
+  elsewhere, so a softmax renormalises the teacher over its k classes. Unused slots (id -1, a
+  nucleus smaller than k: `jaxkd.losses.truncate_teacher`) write nothing."""
+  ids = topk_ids.reshape(-1, topk_ids.shape[-1])
+  rows = jnp.arange(ids.shape[0])[:, None]
+  ids = jnp.where(ids < 0, num_classes, ids)  # out of bounds: dropped by the scatter
+  logits = jnp.full((ids.shape[0], num_classes), -jnp.inf, jnp.float32)
+  logits = logits.at[rows, ids].set(
+    topk_logprobs.reshape(ids.shape).astype(jnp.float32), mode="drop"
   )
   return logits.reshape(*topk_ids.shape[:-1], num_classes)
