@@ -22,14 +22,25 @@ def base_config() -> ml_collections.ConfigDict:
   config.method = ""
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = "fashion_mnist"  # A key of jaxkd.data.DATASETS: 'fashion_mnist', 'cifar100'.
-  config.data.source = "idx"  # 'idx': four IDX files in data.dir; 'tfds': prepared array_record.
+  # Images: a key of jaxkd.data.DATASETS ('fashion_mnist', 'cifar100'). Text: a corpus of
+  # jaxkd.data.LOCAL_CORPORA ('stdlib': this Python's standard library sources; 'text_files':
+  # the files under data.dir) or, with source 'tfds_text', a TFDS dataset name.
+  config.data.name = "fashion_mnist"
+  # Images: 'idx' (four IDX files in data.dir) or 'tfds' (prepared array_record). Text: 'text'
+  # (a local corpus, split by file) or 'tfds_text' (a TFDS text dataset, its `text_key`).
+  config.data.source = "idx"
   config.data.dir = ""  # '' = the default place (Debian's IDX directory / the TFDS data dir).
   config.data.train_examples = 0  # 0 = the whole train split; N = its first N examples.
   config.data.batch_size = 128  # Global batch (split over all devices of all processes).
   config.data.eval_batch_size = 1000  # Global batch of the test-split evaluation.
+  config.data.eval_examples = 0  # 0 = the whole test split; N = its first N examples.
   config.data.augment = "none"  # A name in jaxkd.data.AUGMENTATIONS, applied inside the step.
   config.data.num_threads = 2  # grain threads reading and normalising host batches.
+  # Text (language models, jaxkd.tasks.CausalLM): packed examples of seq_len tokens.
+  config.data.seq_len = 256
+  # 'bytes' (256 byte ids + BOS, EOS, PAD) or a Hugging Face directory with tokenizer.json.
+  config.data.tokenizer = "bytes"
+  config.data.text_key = "text"  # 'tfds_text': the feature holding the text.
 
   # The model being trained; jaxkd.models.create(model, num_classes=<dataset's>, **kwargs).
   config.student = ml_collections.ConfigDict()
@@ -52,7 +63,12 @@ def base_config() -> ml_collections.ConfigDict:
   # fixed views (data.augment='none'); evaluation still runs the teacher.
   config.teacher.cache = ml_collections.ConfigDict()
   config.teacher.cache.dir = ""  # '' = run the teacher inside every step.
-  config.teacher.cache.topk = 0  # 0 = dense logits; k = the k largest log-probabilities.
+  # 0 = dense logits; k = the top-p nucleus, then at most k classes, of the teacher at τ
+  # (pre-training distillation's storage, Peng et al. 2024: p 0.95, k 100 (50 best), τ 1).
+  config.teacher.cache.topk = 0
+  config.teacher.cache.top_p = 1.0
+  config.teacher.cache.temperature = 1.0  # τ of the stored distribution.
+  config.teacher.cache.dtype = "float32"  # 'float32', 'float16' or 'bfloat16' (log-)probabilities.
 
   # The distillation method (jaxkd.distill): loss name → weight, and one settings dict per loss.
   config.distill = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxkd import checkpoint, data, distill, models, optim, parallel, population, tasks, teachers
 from jaxkd.errors import ConfigError
+from jaxkd.models import hf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,9 @@ class Plan:
   Attributes:
     config: the config the plan was resolved from (for provenance; read nothing else from it).
     task: how the step reads a batch (`jaxkd.tasks`).
-    spec: the dataset's static facts (`jaxkd.data.DatasetSpec`).
+    spec: an image dataset's static facts (`jaxkd.data.DatasetSpec`); None for text.
+    num_classes: the models' head size (classes, or the tokenizer's vocabulary).
+    tokenizer: text only: the tokenizer of the corpus (`jaxkd.data.Tokenizer`).
     train_source, test_source: the opened data splits.
     num_train: training examples used (``data.train_examples`` or the whole split).
     steps_per_epoch, total_steps: the schedule's length in steps.
@@ -51,7 +54,9 @@ class Plan:
 
   config: ml_collections.ConfigDict
   task: tasks.Task
-  spec: data.DatasetSpec
+  spec: data.DatasetSpec | None
+  num_classes: int
+  tokenizer: Any
   train_source: Any
   test_source: Any
   num_train: int
@@ -83,13 +88,24 @@ def _choice(field: str, value, choices) -> None:
 
 def check(config) -> None:
   """The static checks: every value that can be judged from the config alone."""
-  _choice("data.name", config.data.name, tuple(data.DATASETS))
-  _choice("data.source", config.data.source, data.SOURCES)
+  _choice("data.source", config.data.source, (*data.SOURCES, *data.TEXT_SOURCES))
+  if config.data.source == "text":
+    _choice("data.name", config.data.name, tuple(data.LOCAL_CORPORA))
+  elif config.data.source in data.SOURCES:
+    _choice("data.name", config.data.name, tuple(data.DATASETS))
   _choice("data.augment", config.data.augment, data.AUGMENTATIONS)
+  if config.data.source in data.TEXT_SOURCES:
+    _require(
+      config.data.augment == "none",
+      "data.augment",
+      config.data.augment,
+      "text is not augmented: use 'none'",
+    )
   for field in (
     "data.batch_size",
     "data.eval_batch_size",
     "data.num_threads",
+    "data.seq_len",
     "num_epochs",
     "log_every_steps",
     "checkpoint_every_steps",
@@ -99,6 +115,7 @@ def check(config) -> None:
     _require(value > 0, field, value, "must be positive")
   for field, value in (
     ("data.train_examples", config.data.train_examples),
+    ("data.eval_examples", config.data.eval_examples),
     ("stop_at_step", config.stop_at_step),
     ("eval_every_epochs", config.eval_every_epochs),
   ):
@@ -163,12 +180,12 @@ def teacher_settings(config, *, in_step: bool) -> teachers.Settings:
   return teachers.settings(config.teacher, in_step=in_step)
 
 
-def _check_heads(field: str, logits: jax.ShapeDtypeStruct, spec: data.DatasetSpec) -> None:
+def _check_heads(field: str, logits: jax.ShapeDtypeStruct, num_classes: int) -> None:
   _require(
-    logits.shape[-1] == spec.num_classes,
+    logits.shape[-1] == num_classes,
     field,
     logits.shape[-1],
-    f"the model has {logits.shape[-1]} outputs, the dataset {spec.num_classes} classes",
+    f"the model has {logits.shape[-1]} outputs, the data {num_classes} classes (vocabulary)",
   )
 
 
@@ -183,18 +200,16 @@ def _probe(field: str, task: tasks.Task, model) -> tuple[jax.ShapeDtypeStruct, d
     ) from None
 
 
-def _abstract_student(config, spec: data.DatasetSpec) -> nnx.Module:
+def _abstract_student(config, num_classes: int) -> nnx.Module:
   try:
     return nnx.eval_shape(
-      lambda: models.create(
-        config.student.model, num_classes=spec.num_classes, **config.student.kwargs
-      )
+      lambda: models.create(config.student.model, num_classes=num_classes, **config.student.kwargs)
     )
   except (TypeError, ValueError) as error:
     raise ConfigError(f"config.student.kwargs: {str(error).splitlines()[0]}") from None
 
 
-def _teacher_info(config, settings: teachers.Settings, task, spec) -> dict:
+def _teacher_info(config, settings: teachers.Settings, task, num_classes: int) -> dict:
   """The teacher's feature shapes (checked against the data), {} without a teacher."""
   if not settings.checkpoints:
     return {}
@@ -208,17 +223,17 @@ def _teacher_info(config, settings: teachers.Settings, task, spec) -> dict:
       f"{record['name']!r}"
     )
   logits, features = _probe("teacher.checkpoint", task, teachers.abstract_model(record))
-  _check_heads("teacher.checkpoint", logits, spec)
+  _check_heads("teacher.checkpoint", logits, num_classes)
   return features
 
 
-def _run_record(config, spec: data.DatasetSpec, members) -> dict:
+def _run_record(config, num_classes: int, members) -> dict:
   """What a checkpoint's state is; passed through JSON, as it is stored, so that tuples compare
   equal to the lists read back."""
   record = {
     "student.model": config.student.model,
     "student.kwargs": config.student.kwargs.to_dict(),
-    "num_classes": spec.num_classes,
+    "num_classes": num_classes,
     "data.name": config.data.name,
   }
   if members is not None:
@@ -245,9 +260,8 @@ def resolve(config, workdir: str) -> Plan:
     )
 
   # Data: opening a split raises DataUnavailableError (its own one paragraph) when absent.
-  spec = data.DATASETS[config.data.name]
-  train_source = data.open_split(config.data.name, config.data.source, "train", config.data.dir)
-  test_source = data.open_split(config.data.name, config.data.source, "test", config.data.dir)
+  spec, tokenizer, train_source, test_source = _open_data(config)
+  num_classes = spec.num_classes if spec is not None else tokenizer.vocab_size
   _require(
     config.data.train_examples <= len(train_source),
     "data.train_examples",
@@ -256,6 +270,12 @@ def resolve(config, workdir: str) -> Plan:
   )
   num_train = config.data.train_examples or len(train_source)
   _require(
+    config.data.eval_examples <= len(test_source),
+    "data.eval_examples",
+    config.data.eval_examples,
+    f"the test split has only {len(test_source)} examples",
+  )
+  _require(
     num_train >= config.data.batch_size,
     "data.batch_size",
     config.data.batch_size,
@@ -263,21 +283,25 @@ def resolve(config, workdir: str) -> Plan:
   )
   steps_per_epoch = num_train // config.data.batch_size
   total_steps = config.num_epochs * steps_per_epoch
-  task = tasks.Classification(
-    image_shape=spec.image_shape, augment=data.build_augment(config.data.augment, spec)
-  )
+  if spec is None:
+    task = tasks.CausalLM(seq_len=config.data.seq_len)
+  else:
+    task = tasks.Classification(
+      image_shape=spec.image_shape, augment=data.build_augment(config.data.augment, spec)
+    )
 
   # Models: the student and the teacher must read the data and have one output per class.
-  student_logits, student_features = _probe("student.model", task, _abstract_student(config, spec))
-  _check_heads("student.model", student_logits, spec)
+  student = _abstract_student(config, num_classes)
+  student_logits, student_features = _probe("student.model", task, student)
+  _check_heads("student.model", student_logits, num_classes)
   settings = teacher_settings(config, in_step=False)
-  teacher_features = _teacher_info(config, settings, task, spec)
+  teacher_features = _teacher_info(config, settings, task, num_classes)
 
   try:
     method = distill.plan(
       config.distill,
       info=distill.FeatureInfo(
-        student=student_features, teacher=teacher_features, num_classes=spec.num_classes
+        student=student_features, teacher=teacher_features, num_classes=num_classes
       ),
       has_teacher=bool(settings.checkpoints),
       steps_per_epoch=steps_per_epoch,
@@ -303,12 +327,14 @@ def resolve(config, workdir: str) -> Plan:
   except ValueError as error:
     raise ConfigError(f"config.{error}") from None
 
-  run_record = _run_record(config, spec, members)
+  run_record = _run_record(config, num_classes, members)
   _check_workdir(workdir, run_record)
   return Plan(
     config=config,
     task=task,
     spec=spec,
+    num_classes=num_classes,
+    tokenizer=tokenizer,
     train_source=train_source,
     test_source=test_source,
     num_train=num_train,
@@ -329,10 +355,49 @@ def resolve(config, workdir: str) -> Plan:
   )
 
 
+def _open_data(config):
+  """``(spec, tokenizer, train_source, test_source)``: an image dataset's spec and no tokenizer,
+  or no spec and the tokenizer of a text corpus."""
+  if config.data.source not in data.TEXT_SOURCES:
+    open_split = lambda split: data.open_split(
+      config.data.name, config.data.source, split, config.data.dir
+    )
+    return data.DATASETS[config.data.name], None, open_split("train"), open_split("test")
+  tokenizer = _tokenizer(config.data.tokenizer)
+  try:
+    train_source, test_source = (
+      data.open_text_split(
+        config.data.name,
+        split,
+        seq_len=config.data.seq_len,
+        source=data.TEXT_SOURCES[config.data.source],
+        data_dir=config.data.dir,
+        tokenizer=tokenizer,
+        text_key=config.data.text_key,
+      )
+      for split in ("train", "test")
+    )
+  except ValueError as error:
+    raise ConfigError(f"config.{error}") from None
+  return None, tokenizer, train_source, test_source
+
+
+def _tokenizer(name: str):
+  """'bytes', or the tokenizer of a Hugging Face directory."""
+  if name == "bytes":
+    return data.ByteTokenizer()
+  try:
+    return hf.load_tokenizer(name)
+  except (OSError, ValueError) as error:
+    raise ConfigError(f"config.data.tokenizer={name!r}: {error}") from None
+
+
 def _check_cache_manifest(settings: teachers.Settings, dataset: str, num_train: int) -> None:
   """What can be checked of an existing cache without the teacher's weights."""
   try:
     manifest = teachers.cache.read_manifest(settings.cache_dir)
+  except teachers.cache.CacheMismatchError as error:
+    raise ConfigError(f"config.teacher.cache.dir: {error}") from None
   except FileNotFoundError:
     _require(
       jax.process_count() == 1,
@@ -349,12 +414,20 @@ def _check_cache_manifest(settings: teachers.Settings, dataset: str, num_train: 
       settings.cache_dir,
       f"the cache was computed for {field} {getattr(manifest, field)!r}, this run has {value!r}",
     )
-  _require(
-    manifest.k == (settings.cache_topk or None),
-    "teacher.cache.topk",
-    settings.cache_topk,
-    f"the cache at {settings.cache_dir} holds {manifest.kind} outputs (k={manifest.k})",
-  )
+  stored = {
+    "topk": (manifest.k or 0, settings.cache_topk),
+    "top_p": (manifest.top_p, settings.cache_top_p),
+    "temperature": (manifest.temperature, settings.cache_temperature),
+    "dtype": (manifest.dtype, settings.cache_dtype),
+  }
+  for field, (in_cache, asked) in stored.items():
+    _require(
+      in_cache == asked,
+      f"teacher.cache.{field}",
+      asked,
+      f"the cache at {settings.cache_dir} holds {manifest.kind} outputs with {field} "
+      f"{in_cache!r}; use another directory",
+    )
 
 
 def _check_workdir(workdir: str, run_record: Mapping[str, Any]) -> None:

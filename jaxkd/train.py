@@ -47,7 +47,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Models, teacher sources, method and optimiser.
   spec, members = run.spec, run.members
   make_student = functools.partial(
-    models.create, config.student.model, num_classes=spec.num_classes, **config.student.kwargs
+    models.create, config.student.model, num_classes=run.num_classes, **config.student.kwargs
   )
   student = make_student(seed=config.seed)
   teacher = teachers.load(
@@ -108,6 +108,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       run.test_source,
       spec,
       global_batch_size=config.data.eval_batch_size,
+      num_examples=config.data.eval_examples,
       num_threads=config.data.num_threads,
     )
     sums = _sum_batches(eval_step, state, teacher.state, mesh, batches)
@@ -178,7 +179,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       os.path.join(run_dir, "model"),
       step.student_model(learner.student, run_state),
       config.student.model,
-      num_classes=spec.num_classes,
+      num_classes=run.num_classes,
       **config.student.kwargs,
     )
     _write_json(os.path.join(run_dir, "results.json"), {"step": run.total_steps, **run_results})
@@ -204,11 +205,13 @@ def _record_provenance(config, workdir: str) -> None:
 
 def _cache_identity(run: plan.Plan) -> dict:
   """What a teacher cache over the run's training examples is computed from."""
-  examples = run.train_source.read(np.arange(run.num_train))
+  source = run.train_source
+  if isinstance(source, data.TextSource):  # its fingerprint covers content and tokenizer
+    data_fingerprint = source.fingerprint
+  else:
+    data_fingerprint = teachers.cache.fingerprint(source.read(np.arange(run.num_train)))
   return dict(
-    dataset=run.config.data.name,
-    num_examples=run.num_train,
-    data_fingerprint=teachers.cache.fingerprint(examples),
+    dataset=run.config.data.name, num_examples=run.num_train, data_fingerprint=data_fingerprint
   )
 
 

@@ -14,13 +14,13 @@ LAYERS = [
   {"errors"},
   {"losses", "xla_flags", "state", "tasks", "parallel", "checkpoint"},
   {"configlib", "optim", "data", "models", "metrics", "reference"},
-  {"distill", "tools"},
+  {"distill"},
   {"teachers"},
   {"step"},
   {"population"},
   {"plan", "provenance"},
   {"train", "report"},
-  {"experiments"},
+  {"experiments", "tools"},
   {"main"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -10,7 +10,7 @@ import pytest
 
 from jaxkd.data import text
 from jaxkd.data.tokenizer import ByteTokenizer
-from jaxkd.errors import ConfigError, DataUnavailableError
+from jaxkd.errors import DataUnavailableError
 
 BOS, EOS, PAD = 256, 257, 258
 _KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids", "target_bytes")
@@ -272,7 +272,7 @@ def test_split_packs_once_per_process(tmp_path):
 def test_missing_or_empty_local_data_is_reported(tmp_path):
   with pytest.raises(DataUnavailableError, match="No files at"):
     text.open_text_split("text_files", "train", seq_len=8, data_dir=str(tmp_path / "nowhere"))
-  with pytest.raises(ConfigError, match="data.dir"):
+  with pytest.raises(ValueError, match="data.dir"):
     text.open_text_split("text_files", "train", seq_len=8)
   with pytest.raises(DataUnavailableError, match="No Python sources under"):
     text.open_text_split("stdlib", "train", seq_len=8, data_dir=str(tmp_path))
@@ -280,11 +280,11 @@ def test_missing_or_empty_local_data_is_reported(tmp_path):
   empty_split = next(s for s in text.SPLITS if s != _reference_split("only.txt"))
   with pytest.raises(DataUnavailableError, match="holds none of its 1 files"):
     text.open_text_split("text_files", empty_split, seq_len=8, data_dir=str(tmp_path))
-  with pytest.raises(ConfigError, match="not a local corpus"):
+  with pytest.raises(ValueError, match="not a local corpus"):
     text.open_text_split("stdlb", "train", seq_len=8)
-  with pytest.raises(ConfigError, match="data.source"):
+  with pytest.raises(ValueError, match="data.source"):
     text.open_text_split("stdlib", "train", seq_len=8, source="idx")
-  with pytest.raises(ConfigError, match="split"):
+  with pytest.raises(ValueError, match="split"):
     text.open_text_split("stdlib", "dev", seq_len=8)
 
 
@@ -377,7 +377,7 @@ def test_tfds_text_records_are_packed(tmp_path, monkeypatch, batched):
 
 def test_tfds_records_without_the_text_feature(tmp_path, monkeypatch):
   _prepare_tfds(tmp_path, monkeypatch, "no_text", _FakeTextDataSource(["a"]))
-  with pytest.raises(ConfigError, match="no feature 'content'"):
+  with pytest.raises(ValueError, match="no feature 'content'"):
     text.open_text_split(
       "no_text", "train", seq_len=8, source="tfds", data_dir=str(tmp_path), text_key="content"
     )

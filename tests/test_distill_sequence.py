@@ -182,12 +182,12 @@ def test_cached_topk_language_model_step_equals_the_live_teachers(tmp_path):
   cached = teachers.with_cache(
     live,
     str(tmp_path),
-    topk=k,
+    storage=dict(kind="topk", k=k),
     teacher_fingerprint="toy-teacher",
     identity=dict(dataset="toy", num_examples=B, data_fingerprint="toy"),
     batches=lambda: [{**host_batch, "mask": np.ones(B, bool)}],
   )
-  assert cached.cache.arrays["topk_ids"].shape == (B, S, k)
+  assert cached.cache.shards[0]["topk_ids"].shape == (B, S, k)
   optimizer = optax.sgd(0.1)
   losses = []
   for sources in (live, cached):

@@ -1,6 +1,10 @@
 """Cached teacher: write once keyed by example index, read by memory map, train without running
 the teacher (same loss as the live teacher), refuse mismatched data or teacher."""
 
+import dataclasses
+import json
+import os
+
 import jax
 import numpy as np
 import optax
@@ -9,7 +13,7 @@ from flax import nnx
 
 import tiny_models
 from jaxkd import parallel, teachers
-from jaxkd.losses import logit
+from jaxkd.losses import logit, sequence
 from jaxkd.teachers import cache as teacher_cache
 
 NUM_EXAMPLES = 24
@@ -59,7 +63,7 @@ def test_dense_cache_round_trip(tmp_path):
   manifest = _write(tmp_path, teacher)
   assert manifest.kind == "dense" and manifest.num_classes == 10
   cache = _open(tmp_path, teacher)
-  assert isinstance(cache.arrays["logits"], np.memmap)
+  assert isinstance(cache.shards[0]["logits"], np.memmap)
   data, _ = _dataset()
   index = np.array([5, 0, 23, 11])
   expected, _ = tiny_models.forward(teacher, data["image"][index])
@@ -186,3 +190,57 @@ def test_training_from_a_full_topk_cache_matches_the_dense_cache(tmp_path):
     for kind in ("dense", "topk")
   ]
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-6), ("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_topk_top_p_cache_stores_the_truncated_teacher_compactly(tmp_path, dtype, atol):
+  """Pre-training distillation's storage: top-p nucleus then top-k at temperature τ, uint16 ids
+  (10 classes) and `dtype` log-probabilities, equal to `truncate_teacher` of the live teacher."""
+  teacher = tiny_models.tiny_cnn(width=8, seed=2)
+  manifest = _write(tmp_path, teacher, kind="topk", k=4, top_p=0.5, temperature=0.1, dtype=dtype)
+  assert manifest.bytes_per_position == 4 * (2 + (4 if dtype == "float32" else 2))
+  cache = _open(tmp_path, teacher)
+  assert cache.shards[0]["topk_ids"].dtype == np.uint16
+  data, _ = _dataset()
+  index = np.array([3, 17, 0])
+  logits, _ = tiny_models.forward(teacher, data["image"][index])
+  expected = sequence.truncate_teacher(logits, top_p=0.5, top_k=4, temperature=0.1)
+  entries = cache.lookup(index)
+  np.testing.assert_array_equal(entries["teacher_topk_ids"], expected.ids)
+  kept = np.asarray(expected.ids) >= 0
+  assert not kept.all()  # the nucleus ended before k for some examples: padded slots
+  np.testing.assert_allclose(
+    entries["teacher_topk_logprobs"][kept], np.asarray(expected.logprobs)[kept], atol=atol
+  )
+  assert np.all(entries["teacher_topk_logprobs"][~kept] == -np.inf)
+
+
+def test_each_process_writes_its_own_shard(tmp_path):
+  """A cache written in two shards (two processes' slices) reads back as one."""
+  teacher = tiny_models.tiny_cnn(width=8, seed=2)
+  data, data_fingerprint = _dataset()
+  batches = [{**b, "mask": np.ones(len(b["index"]), bool)} for b in _batches(data)]
+  for process in (0, 1):  # what `write_cache` does on each process of a 2-process run
+    shard = teacher_cache._shard_dir(str(tmp_path), process, 2)
+    os.makedirs(shard)
+    rows = [b for i, b in enumerate(batches) if i % 2 == process]
+    np.save(os.path.join(shard, "index.npy"), np.concatenate([b["index"] for b in rows]))
+    np.save(
+      os.path.join(shard, "logits.npy"),
+      np.concatenate([tiny_models.forward(teacher, b["image"])[0] for b in rows]),
+    )
+  manifest = teacher_cache.Manifest(
+    dataset="tiny",
+    num_examples=NUM_EXAMPLES,
+    data_fingerprint=data_fingerprint,
+    teacher_fingerprint="t",
+    kind="dense",
+    num_classes=10,
+    num_shards=2,
+  )
+  with open(os.path.join(tmp_path, teacher_cache.MANIFEST), "w") as f:
+    json.dump(dataclasses.asdict(manifest), f)
+  cache = _open(tmp_path, dataset="tiny")
+  index = np.array([23, 0, 9, 12])
+  expected, _ = tiny_models.forward(teacher, data["image"][index])
+  np.testing.assert_allclose(cache.lookup(index)["teacher_logits"], expected, rtol=1e-6)

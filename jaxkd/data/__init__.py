@@ -1,4 +1,9 @@
-"""Input data: random-access sources, the deterministic batch pipeline, in-step augmentations."""
+"""Input data: random-access sources, the deterministic batch pipeline, in-step augmentations.
+
+Images come from IDX files or TFDS (`sources.py`); text from local corpora or TFDS, packed into
+language-model examples (`text.py`). `config.data.source` names which: 'idx' and 'tfds' are
+image sources, 'text' and 'tfds_text' text sources (`TEXT_SOURCES`).
+"""
 
 from jaxkd.data.augment import AUGMENTATIONS, build as build_augment
 from jaxkd.data.pipeline import eval_batches, global_batch_indices, normalize, train_batches
@@ -11,9 +16,20 @@ from jaxkd.data.sources import (
   RecordSource,
   open_split,
 )
+from jaxkd.data.text import LOCAL_CORPORA, TextSource, open_text_split
+from jaxkd.data.tokenizer import ByteTokenizer, Tokenizer
+
+# config.data.source → the source of `open_text_split`.
+TEXT_SOURCES = {"text": "local", "tfds_text": "tfds"}
 
 __all__ = [
   "AUGMENTATIONS",
+  "ByteTokenizer",
+  "LOCAL_CORPORA",
+  "TEXT_SOURCES",
+  "TextSource",
+  "Tokenizer",
+  "open_text_split",
   "DATASETS",
   "SOURCES",
   "ArraySource",

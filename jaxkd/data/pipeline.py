@@ -54,13 +54,12 @@ def normalize(images: np.ndarray, spec: DatasetSpec) -> np.ndarray:
   return (images.astype(np.float32) / 255.0 - mean) / std
 
 
-def _read(source, indices: np.ndarray, spec: DatasetSpec) -> dict[str, np.ndarray]:
+def _read(source, indices: np.ndarray, spec: DatasetSpec | None) -> dict[str, np.ndarray]:
+  """The examples at `indices` with their 'index'; images normalised (`spec`), text as read."""
   examples = source.read(indices)
-  return {
-    "image": normalize(examples["image"], spec),
-    "label": examples["label"],
-    "index": indices.astype(np.int32),
-  }
+  if spec is not None:
+    examples = {"image": normalize(examples["image"], spec), "label": examples["label"]}
+  return {**examples, "index": indices.astype(np.int32)}
 
 
 def _threaded(batches: grain.MapDataset, num_threads: int, prefetch: int) -> Iterator[dict]:
@@ -73,7 +72,7 @@ def _threaded(batches: grain.MapDataset, num_threads: int, prefetch: int) -> Ite
 
 def train_batches(
   source,
-  spec: DatasetSpec,
+  spec: DatasetSpec | None,
   *,
   seed: int,
   start_step: int,
@@ -85,8 +84,9 @@ def train_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Host-local batches `start_step … num_steps − 1` over the first `num_examples` examples.
 
-  Each batch: 'image' float32 [b, H, W, C] normalised, 'label' int32 [b], 'index' int32 [b]
-  (the example's index in the split), with b = global_batch_size / process_count.
+  Each batch: 'image' float32 [b, H, W, C] normalised and 'label' int32 [b] (images, `spec` a
+  DatasetSpec), or the token arrays of `jaxkd.data.text` (text, `spec` None); 'index' int32 [b]
+  (the example's index in the split); b = global_batch_size / process_count.
   """
 
   def host_batch(step: int) -> dict[str, np.ndarray]:
@@ -99,14 +99,21 @@ def train_batches(
 
 
 def eval_batches(
-  source, spec: DatasetSpec, *, global_batch_size: int, num_threads: int = 2, prefetch: int = 4
+  source,
+  spec: DatasetSpec | None,
+  *,
+  global_batch_size: int,
+  num_examples: int = 0,
+  num_threads: int = 2,
+  prefetch: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """The whole split in order, in host-local batches with a boolean 'mask'.
+  """The first `num_examples` examples of the split (0 = all) in order, in host-local batches
+  with a boolean 'mask'.
 
   The last global batch is padded (by repeating example 0) to the full size so that every
   batch has one shape and compiles once; padded rows have mask False and count nowhere.
   """
-  num_examples = len(source)
+  num_examples = num_examples or len(source)
   num_batches = -(-num_examples // global_batch_size)
 
   def host_batch(batch_index: int) -> dict[str, np.ndarray]:
@@ -116,6 +123,8 @@ def eval_batches(
     mask = positions < num_examples
     batch = _read(source, np.where(mask, positions, 0), spec)
     batch["mask"] = mask
+    if "loss_mask" in batch:  # a padded row repeats example 0: none of its tokens count
+      batch["loss_mask"] &= mask[:, None]
     return batch
 
   return _threaded(grain.MapDataset.range(num_batches).map(host_batch), num_threads, prefetch)

@@ -51,13 +51,14 @@ DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 class ArraySource:
-  """A dataset held in memory as `{'image': [N, H, W, C] uint8, 'label': [N] int32}`."""
+  """A dataset held in memory as arrays with a leading example axis, e.g.
+  `{'image': [N, H, W, C] uint8, 'label': [N] int32}`."""
 
   def __init__(self, arrays: dict[str, np.ndarray]):
     self.arrays = arrays
 
   def __len__(self) -> int:
-    return len(self.arrays["label"])
+    return len(next(iter(self.arrays.values())))
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     return {key: array[indices] for key, array in self.arrays.items()}

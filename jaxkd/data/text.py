@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from jaxkd.data.tokenizer import ByteTokenizer, Tokenizer
-from jaxkd.errors import ConfigError, DataUnavailableError
+from jaxkd.errors import DataUnavailableError
 
 SPLITS = ("train", "validation", "test")
 # Fraction of the files of a local corpus in each split, in the order of SPLITS.
@@ -132,7 +132,7 @@ def _list_stdlib(data_dir: str) -> tuple[str, list[str]]:
 
 def _list_text_files(data_dir: str) -> tuple[str, list[str]]:
   if not data_dir:
-    raise ConfigError(
+    raise ValueError(
       "data.dir: the 'text_files' corpus needs a directory or glob of text files "
       "(e.g. `--config.data.dir='~/books/**/*.txt'`)."
     )
@@ -258,7 +258,7 @@ def record_texts(
     )
     for key, record in zip(keys, batch):
       if text_key not in record:
-        raise ConfigError(
+        raise ValueError(
           f"data.text_key: the records of {split!r} have no feature {text_key!r} "
           f"(they have {sorted(record)})."
         )
@@ -274,7 +274,7 @@ class TextSource:
 
   def __init__(self, packed: PackedSplit, tokenizer: Tokenizer, seq_len: int):
     if seq_len < 1:
-      raise ConfigError(f"seq_len must be positive, got {seq_len}")
+      raise ValueError(f"seq_len must be positive, got {seq_len}")
     self.packed = packed
     self.tokenizer = tokenizer
     self.seq_len = seq_len
@@ -410,9 +410,9 @@ def open_text_split(
   tokenizer = tokenizer or ByteTokenizer()
   if source == "local":
     if name not in LOCAL_CORPORA:
-      raise ConfigError(f"data.name: {name!r} is not a local corpus: one of {list(LOCAL_CORPORA)}")
+      raise ValueError(f"data.name: {name!r} is not a local corpus: one of {list(LOCAL_CORPORA)}")
     if split not in SPLITS:
-      raise ConfigError(f"split {split!r} is not one of {SPLITS}")
+      raise ValueError(f"split {split!r} is not one of {SPLITS}")
     root, files = LOCAL_CORPORA[name](data_dir)
     split_files = [path for path in files if split_of(path) == split]
     if not split_files:
@@ -432,5 +432,5 @@ def open_text_split(
       ),
     )
   else:
-    raise ConfigError(f"data.source: {source!r} is not one of {TEXT_SOURCES}")
+    raise ValueError(f"data.source: {source!r} is not one of {TEXT_SOURCES}")
   return TextSource(packed, tokenizer, seq_len)

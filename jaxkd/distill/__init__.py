@@ -510,12 +510,14 @@ def build(
 
 
 def describe() -> list[dict[str, Any]]:
-  """Every registered term's settings: name, hparams (defaults), options (defaults), whether it
-  reads the teacher, for docs and tools."""
+  """Every registered term's settings, for docs and tools: name, hparams and options with their
+  defaults, and whether it reads the teacher, trains an adapter, keeps method state."""
   return [
     {
       "name": loss_def.name,
       "teacher": loss_def.needs_teacher,
+      "adapter": loss_def.adapter is not None,
+      "state": loss_def.init_state is not None,
       "hparams": dict(loss_def.hparams),
       "options": {**_COMMON_OPTIONS, **loss_def.options},
     }

@@ -1,14 +1,19 @@
 """The KD experiment in one command: teacher, then the same student from scratch and with KD.
 
-For a config with ``experiment = 'compare'`` and a `compare` section (configs/quickstart.py):
+For a config with ``experiment = 'compare'`` and a `compare` section (configs/quickstart.py,
+configs/lm_kd.py):
 
 1. trains `config.teacher` (`model`, `kwargs`) with cross-entropy on `compare.teacher_*`
    settings → `<workdir>/teacher/`, exported to `<workdir>/teacher/model/`;
 2. for each of `compare.seeds` seeds, trains `config.student` twice on the same data, order
    and initialisation: with cross-entropy only (`<workdir>/scratch/seed_<s>/`) and with
-   `config.distill` from that teacher (`<workdir>/kd/seed_<s>/`);
-3. evaluates all of them on the test split against the teacher (top-1, argmax agreement,
-   KL(teacher ‖ student)) and writes the table to `<workdir>/results.md` and `results.json`.
+   `config.distill` from that teacher (`<workdir>/kd/seed_<s>/`). With
+   `compare.cache_teacher`, the KD students read the teacher's outputs stored once in
+   `<workdir>/teacher/cache/` (`config.teacher.cache`: dense, or top-p-k truncated);
+3. evaluates all of them on the test split against the teacher and writes the table to
+   `<workdir>/results.md` and `results.json`, and the curves and the gain to `curves.png` and
+   `gains.png` (`jaxkd.report`). Images: top-1, argmax agreement, KL(teacher ‖ student) per
+   example. Language models: bits per byte, next-token top-1, agreement and KL per token.
 
 Every run is an ordinary `train.train_and_evaluate` workdir, so an interrupted comparison
 resumes where it stopped and a finished one only re-evaluates.
@@ -20,13 +25,25 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import nnx
 
-from jaxkd import data, models, plan, train
+from jaxkd import plan, report, teachers, train
+from jaxkd.models import io as model_io
 
 _ROLES = ("scratch", "kd")
+# The table's metric columns: (results key, header, scale, digits), images and language models.
+_IMAGE_COLUMNS = (
+  ("accuracy", "top-1 (%)", 100.0, 2),
+  ("agreement", "agreement with teacher (%)", 100.0, 2),
+  ("kl", "KL(teacher ‖ student)", 1.0, 3),
+)
+_LM_COLUMNS = (
+  ("bits_per_byte", "bits per byte", 1.0, 4),
+  ("accuracy", "next-token top-1 (%)", 100.0, 2),
+  ("agreement", "agreement with teacher (%)", 100.0, 2),
+  ("kl", "KL(teacher ‖ student) per token", 1.0, 4),
+)
 
 
 def teacher_config(config) -> ml_collections.ConfigDict:
@@ -57,49 +74,61 @@ def student_config(config, role: str, seed: int, teacher_dir: str) -> ml_collect
   return student
 
 
-def _num_params(model_name: str, kwargs, num_classes: int) -> int:
-  abstract_model = nnx.eval_shape(
-    lambda: models.create(model_name, num_classes=num_classes, **kwargs)
-  )
-  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract_model, nnx.Param)))
+def _num_params(model_dir: str) -> int:
+  """Trainable parameters of an exported model (built abstractly from its model.json)."""
+  model = teachers.abstract_model(model_io.read_metadata(model_dir))
+  return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def _mean_std(values, sign: str = "", digits: int = 2) -> str:
-  """`mean ± sample std` (ddof = 1), or the value alone for a single run; `sign='+'` marks
-  positive means."""
-  values = np.asarray(values, np.float64)
-  if len(values) == 1:
-    return f"{values[0]:{sign}.{digits}f}"
-  return f"{values.mean():{sign}.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+def _columns(summary: dict):
+  return _LM_COLUMNS if "bits_per_byte" in summary["teacher"] else _IMAGE_COLUMNS
+
+
+def _cell(runs, key, scale, digits, sign=""):
+  return report.stat(run[key] for run in runs).format(digits, scale, sign)
 
 
 def results_table(summary: dict) -> str:
-  """Markdown table of a `run` summary: accuracies in %, KL at T = 1 in nats per test example."""
+  """Markdown table of a `run` summary: mean ± sample std over seeds (`jaxkd.report.stat`),
+  and the gain of KD over scratch on the first column, paired by seed."""
+  columns = _columns(summary)
   teacher = summary["teacher"]
   num_seeds = len(summary["runs"]["scratch"])
   seeds = f"{num_seeds} seed{'s' if num_seeds > 1 else ''}"
+  header = "| model | parameters | " + " | ".join(label for _, label, _, _ in columns) + " |"
+  # The teacher has no teacher to agree with.
+  teacher_cells = [
+    "—" if key in ("agreement", "kl") else _cell([teacher], key, scale, digits)
+    for key, _, scale, digits in columns
+  ]
   lines = [
-    "| model | parameters | top-1 (%) | agreement with teacher (%) | KL(teacher ‖ student) |",
-    "|---|---|---|---|---|",
+    header,
+    "|" + "---|" * (len(columns) + 2),
     f"| teacher `{teacher['model']}` | {teacher['parameters']:,} | "
-    f"{100 * teacher['accuracy']:.2f} | — | — |",
+    + " | ".join(teacher_cells)
+    + " |",
   ]
   labels = {"scratch": "student from scratch", "kd": "student with KD"}
   for role in _ROLES:
     runs = summary["runs"][role]
+    cells = [_cell(runs, key, scale, digits) for key, _, scale, digits in columns]
     lines.append(
       f"| {labels[role]} `{summary['student']['model']}` ({seeds}) | "
-      f"{summary['student']['parameters']:,} | "
-      f"{_mean_std([100 * r['accuracy'] for r in runs])} | "
-      f"{_mean_std([100 * r['agreement'] for r in runs])} | "
-      f"{_mean_std([r['kl'] for r in runs], digits=3)} |"
+      f"{summary['student']['parameters']:,} | " + " | ".join(cells) + " |"
     )
-  gain = [
-    100 * (kd["accuracy"] - scratch["accuracy"])
+  key, _, scale, digits = columns[0]
+  differences = [
+    {key: kd[key] - scratch[key]}
     for kd, scratch in zip(summary["runs"]["kd"], summary["runs"]["scratch"])
   ]
-  lines.append(f"| KD − scratch, paired by seed | | {_mean_std(gain, sign='+')} | | |")
+  gain = _cell(differences, key, scale, digits, sign="+")
+  lines.append(f"| KD − scratch, paired by seed | | {gain} |" + " |" * (len(columns) - 1))
   return "\n".join(lines)
+
+
+def student_cache_dir(workdir: str) -> str:
+  """Where the KD students of a comparison read the stored teacher outputs."""
+  return os.path.join(workdir, "teacher", "cache")
 
 
 def run(config, workdir: str) -> dict:
@@ -112,6 +141,8 @@ def run(config, workdir: str) -> dict:
       configs[f"{role}/seed_{seed}"] = student_config(
         config, role, seed, os.path.join(teacher_dir, "model")
       )
+      if role == "kd" and config.compare.get("cache_teacher", False):
+        configs[f"{role}/seed_{seed}"].teacher.cache.dir = student_cache_dir(workdir)
   # Every run is checked before the first one starts: a typo must not wait for the teacher.
   for run_config in configs.values():
     plan.check(run_config)
@@ -124,16 +155,15 @@ def run(config, workdir: str) -> dict:
     results[name] = train.train_and_evaluate(run_config, os.path.join(workdir, name))
     seconds[name] = time.perf_counter() - run_start
 
-  num_classes = data.DATASETS[config.data.name].num_classes
   summary = {
     "teacher": {
       "model": config.teacher.model,
       **results["teacher"],
-      "parameters": _num_params(config.teacher.model, config.teacher.kwargs, num_classes),
+      "parameters": _num_params(os.path.join(teacher_dir, "model")),
     },
     "student": {
       "model": config.student.model,
-      "parameters": _num_params(config.student.model, config.student.kwargs, num_classes),
+      "parameters": _num_params(os.path.join(workdir, f"kd/seed_{seeds[0]}", "model")),
     },
     "seeds": seeds,
     "runs": {role: [results[f"{role}/seed_{seed}"] for seed in seeds] for role in _ROLES},
@@ -146,4 +176,7 @@ def run(config, workdir: str) -> dict:
       f.write(table + "\n")
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(summary, f, indent=2)
+    runs = report.load_runs([workdir])
+    report.plot_curves(runs, os.path.join(workdir, "curves.png"))
+    report.plot_gains(report.group(runs), os.path.join(workdir, "gains.png"))
   return summary

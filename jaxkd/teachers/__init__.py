@@ -152,7 +152,10 @@ class Settings:
     checkpoints: the teacher model directories; none = no teacher model, several = an ensemble.
     rule: how an ensemble combines (`ENSEMBLE_RULES`).
     cache_dir: where the cached outputs live ('' = run the teacher in the step).
-    cache_topk: 0 = dense logits, k = the k largest log-probabilities.
+    cache_topk: 0 = dense logits; k = the top-`cache_top_p` nucleus, then at most k classes, of
+      the distribution at `cache_temperature` (`jaxkd.teachers.cache`).
+    cache_top_p, cache_temperature: see `cache_topk`.
+    cache_dtype: storage dtype of the logits / log-probabilities.
     in_step: whether the training step reads the teacher (the method has teacher terms).
   """
 
@@ -160,6 +163,9 @@ class Settings:
   rule: str = "mean_logits"
   cache_dir: str = ""
   cache_topk: int = 0
+  cache_top_p: float = 1.0
+  cache_temperature: float = 1.0
+  cache_dtype: str = "float32"
   in_step: bool = False
 
   @property
@@ -180,12 +186,23 @@ def settings(teacher_config: Mapping[str, Any], *, in_step: bool) -> Settings:
     rule=teacher_config["ensemble"],
     cache_dir=cache["dir"],
     cache_topk=int(cache["topk"]),
+    cache_top_p=float(cache["top_p"]),
+    cache_temperature=float(cache["temperature"]),
+    cache_dtype=cache["dtype"],
     in_step=in_step,
   )
   if resolved.rule not in ENSEMBLE_RULES:
     raise ValueError(f"teacher.ensemble={resolved.rule!r}: must be one of {ENSEMBLE_RULES}")
   if resolved.cache_topk < 0:
     raise ValueError(f"teacher.cache.topk={resolved.cache_topk}: must be 0 (dense) or positive")
+  if not 0 < resolved.cache_top_p <= 1:
+    raise ValueError(f"teacher.cache.top_p={resolved.cache_top_p}: must be in (0, 1]")
+  if not resolved.cache_temperature > 0:
+    raise ValueError(f"teacher.cache.temperature={resolved.cache_temperature}: must be positive")
+  if resolved.cache_dtype not in cache_lib.STORAGE_DTYPES:
+    raise ValueError(
+      f"teacher.cache.dtype={resolved.cache_dtype!r}: must be one of {cache_lib.STORAGE_DTYPES}"
+    )
   if resolved.cache_dir and not checkpoints:
     raise ValueError(
       "teacher.cache.dir is set but teacher.checkpoint is empty: the cache is computed from "
@@ -330,7 +347,13 @@ def load(
   return with_cache(
     live,
     resolved.cache_dir,
-    topk=resolved.cache_topk,
+    storage=dict(
+      kind="topk" if resolved.cache_topk else "dense",
+      k=resolved.cache_topk or None,
+      top_p=resolved.cache_top_p,
+      temperature=resolved.cache_temperature,
+      dtype=resolved.cache_dtype,
+    ),
     teacher_fingerprint=cache_lib.fingerprint(_stacked_state(teacher_models)),
     identity=cache_identity(),
     batches=cache_batches,
@@ -341,7 +364,7 @@ def with_cache(
   live: Teachers,
   directory: str,
   *,
-  topk: int,
+  storage: Mapping[str, Any],
   teacher_fingerprint: str,
   identity: Mapping[str, Any],
   batches: Callable[[], Iterable[Mapping[str, Any]]],
@@ -352,12 +375,12 @@ def with_cache(
   Args:
     live: from `from_models`.
     directory: the cache directory.
-    topk: 0 = dense logits, k = the k largest log-probabilities.
+    storage: how to store the outputs: `cache.write_cache`'s kind, k, top_p, temperature,
+      dtype.
     teacher_fingerprint: `cache.fingerprint` of the teacher weights (host arrays).
     identity: ``{dataset, num_examples, data_fingerprint}`` of the covered examples.
     batches: ``() -> host batches`` in eval form, called only when writing.
   """
-  kind, k = ("topk", topk) if topk else ("dense", None)
   identity = dict(identity, teacher_fingerprint=teacher_fingerprint)
   teacher = live.eval
   if not os.path.exists(os.path.join(directory, cache_lib.MANIFEST)):
@@ -368,8 +391,7 @@ def with_cache(
       directory,
       teacher_logits=lambda batch: outputs(live.state, batch).logits,
       batches=batches(),
-      kind=kind,
-      k=k,
+      **storage,
       **identity,
     )
   cache = cache_lib.open_cache(directory, **identity)
