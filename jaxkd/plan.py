@@ -305,12 +305,21 @@ def resolve(config, workdir: str) -> Plan:
       ),
       has_teacher=bool(settings.checkpoints),
       steps_per_epoch=steps_per_epoch,
+      total_steps=total_steps,
     )
     if settings.rule == "per_teacher" and len(settings.checkpoints) > 1:
       distill.check_per_teacher(method)
   except ValueError as error:
     raise ConfigError(f"config.distill: {error}") from None
   settings = dataclasses.replace(settings, in_step=method.needs_teacher)
+  if method.lm_head:
+    _require(
+      isinstance(task, tasks.CausalLM),
+      "distill.losses",
+      list(config.distill.losses),
+      "chunked_lm reads a language model's hidden states: the data must be text",
+    )
+    task = dataclasses.replace(task, lm_head=True)
   if settings.train_source == "cached":
     _require(
       config.data.augment == "none",

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxkd import distill, step
+from jaxkd import distill, step, tasks
 from jaxkd.state import TrainState, step_key
 
 SEED_KEY = "seed"
@@ -226,6 +226,7 @@ def eval_step(learner: step.Learner, states: TrainState, batch, teacher):
   """`jaxkd.step.eval_step` for stacked members: the teacher runs once; sums are ``[P]``."""
   view = learner.task.view(batch, None)
   teacher_logits = teacher(view, batch).logits
+  teacher_logits = None if teacher_logits is None else tasks.dense_logits(teacher_logits)
   return jax.vmap(lambda state: step.evaluate(learner, state, view, batch, teacher_logits))(states)
 
 

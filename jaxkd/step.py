@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxkd import distill, parallel, tasks
 from jaxkd.losses import logit
+from jaxkd.losses.chunked import LMHead
 from jaxkd.state import TrainState, split_params, step_key
 from jaxkd.teachers import TeacherOutputs
 
@@ -94,7 +95,8 @@ def update(learner: Learner, state: TrainState, hparams, view, batch, teacher: T
       step=state.step,
       rng=step_key(state, METHOD_STREAM),
     )
-    metrics["accuracy"] = _mean(jnp.argmax(logits, -1) == labels, mask)
+    if not isinstance(logits, LMHead):  # chunked losses never build the logits
+      metrics["accuracy"] = _mean(jnp.argmax(logits, -1) == labels, mask)
     new_rest = (split_params(nnx.state(student))[1], split_params(nnx.state(adapters))[1])
     return loss, (metrics, new_rest, method_state)
 
@@ -117,7 +119,9 @@ def update(learner: Learner, state: TrainState, hparams, view, batch, teacher: T
 def eval_step(learner: Learner, state: TrainState, batch: Batch, teacher: TeacherFn):
   """Sums over the scored examples (tokens) of `batch`, both models in eval mode (`evaluate`)."""
   view = learner.task.view(batch, None)
-  return evaluate(learner, state, view, batch, teacher(view, batch).logits)
+  teacher_logits = teacher(view, batch).logits
+  teacher_logits = None if teacher_logits is None else tasks.dense_logits(teacher_logits)
+  return evaluate(learner, state, view, batch, teacher_logits)
 
 
 def evaluate(learner: Learner, state: TrainState, view, batch, teacher_logits):
@@ -131,7 +135,7 @@ def evaluate(learner: Learner, state: TrainState, view, batch, teacher_logits):
   labels, mask = learner.task.targets(batch)
   student = nnx.merge(learner.student, state.student)
   logits, _ = learner.task.apply(student, view, batch, train=False, return_features=False)
-  logits = logits.astype(jnp.float32)
+  logits = tasks.dense_logits(logits).astype(jnp.float32)
   predictions = jnp.argmax(logits, -1)
   nll = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
   sums = {

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxkd.losses.chunked import LMHead, soft_cap
+
 Batch = Mapping[str, jax.Array]
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -82,9 +84,15 @@ _LM_MODEL_INPUTS = ("positions", "segment_ids")
 
 @dataclasses.dataclass(frozen=True)
 class CausalLM:
-  """Next-token prediction over packed token sequences of length `seq_len`."""
+  """Next-token prediction over packed token sequences of length `seq_len`.
+
+  With `lm_head`, a model returns its `jaxkd.losses.LMHead` (final hidden states, unembedding,
+  soft-cap) in place of ``[B, S, V]`` logits, for terms that compute the loss chunk by chunk
+  and never hold the logits (`chunked_lm`).
+  """
 
   seq_len: int
+  lm_head: bool = False
   name: str = "causal_lm"
 
   def view(self, batch, rng):
@@ -93,7 +101,12 @@ class CausalLM:
 
   def apply(self, model, view, batch, *, train, return_features):
     extras = {key: batch[key] for key in _LM_MODEL_INPUTS if key in batch}
-    return model(view, train=train, return_features=return_features, **extras)
+    outputs, features = model(
+      view, train=train, return_features=return_features, return_hidden=self.lm_head, **extras
+    )
+    if self.lm_head:
+      outputs = LMHead(outputs, model.unembedding(), model.final_logit_softcap)
+    return outputs, features
 
   def targets(self, batch):
     return batch["targets"], _boolean(batch["loss_mask"], "loss_mask")
@@ -107,6 +120,22 @@ class CausalLM:
       "positions": tokens,
       "segment_ids": tokens,
     }
+
+
+def dense_logits(outputs: jax.Array | LMHead) -> jax.Array:
+  """Logits of a model's outputs: the array itself, or an `LMHead`'s logits (materialised:
+  for evaluation, where a step's memory is not the limit)."""
+  if isinstance(outputs, LMHead):
+    logits = jnp.einsum(
+      "bsd,dv->bsv", outputs.hidden, outputs.unembed, preferred_element_type=jnp.float32
+    )
+    return soft_cap(logits, outputs.softcap)
+  return outputs
+
+
+def num_classes(outputs) -> int:
+  """Classes (vocabulary entries) of a model's (abstract) outputs: logits or an `LMHead`."""
+  return outputs.unembed.shape[-1] if isinstance(outputs, LMHead) else outputs.shape[-1]
 
 
 def _boolean(mask: jax.Array, name: str) -> jax.Array:

@@ -91,7 +91,9 @@ def _build(config, **kwargs):
   )
 
 
-ALL_TERMS = [name for name in distill.names() if name != "ce"]
+# Every term of the image models' registry; `chunked_lm` reads LM hidden states
+# (tests/test_distill_sequence.py).
+ALL_TERMS = [name for name in distill.names() if name != "ce" and not distill.get(name).lm_head]
 # The tiny models have no transformer blocks: hidden-state terms read the pooled features.
 TERM_SETTINGS = {
   "hidden_mse": {"features": ["pooled"]},

@@ -1,5 +1,6 @@
 """Token-level distillation through the method registry and the step: [B, S, V] logits."""
 
+import dataclasses
 import functools
 
 import jax
@@ -202,3 +203,92 @@ def test_cached_topk_language_model_step_equals_the_live_teachers(tmp_path):
     losses.append(float(metrics["sparse_topk_kd"]))
   assert cached.train.source == "cached"
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def _one_step(config, task, student, teacher, batch):
+  method = tiny_models.method(config, student, teacher, task=task, total_steps=10)
+  mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  optimizer = optax.sgd(0.1)
+  sources = tiny_models.teacher_sources([teacher], method, mesh, task=task)
+  state = tiny_models.init_state(student, method, optimizer, mesh=mesh)
+  train_step = tiny_models.train_step(
+    student, method, optimizer, mesh, sources.train, state, task=task, donate=False
+  )
+  return train_step(state, method.hparams, sources.state, parallel.host_to_global(mesh, batch))
+
+
+def test_chunked_lm_step_equals_the_dense_step():
+  """`chunked_lm` (hidden states, chunk by chunk) trains exactly like CE + KD on the logits."""
+  student, teacher = _lms()
+  batch = _token_batch()
+  dense_state, dense = _one_step(
+    {
+      "losses": {"ce": 0.7, "kd": 0.3},
+      "kd": {"temperature": 2.0, "scale_by_temperature_squared": False},
+    },
+    TASK,
+    student,
+    teacher,
+    batch,
+  )
+  chunked_state, chunked = _one_step(
+    {
+      "losses": {"chunked_lm": 1.0},
+      "chunked_lm": {"alpha": 0.3, "temperature": 2.0, "chunk_size": 4},
+    },
+    dataclasses.replace(TASK, lm_head=True),
+    student,
+    teacher,
+    batch,
+  )
+  np.testing.assert_allclose(chunked["loss"], dense["loss"], rtol=1e-5)
+  np.testing.assert_allclose(chunked["chunked_lm/kd"], dense["kd"], rtol=1e-5)
+  np.testing.assert_allclose(chunked["chunked_lm/ce"], dense["ce"], rtol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    jax.device_get(chunked_state.student),
+    jax.device_get(dense_state.student),
+  )
+
+
+@pytest.mark.parametrize(
+  "alpha, step, expected",
+  [
+    ({"schedule": "constant", "peak": 0.9}, 3, 0.9),
+    ({"schedule": "linear", "init": 1.0, "end": 0.0}, 4, 0.6),
+    ({"schedule": "wsd", "peak": 0.8, "warmup_fraction": 0.2, "decay_fraction": 0.2}, 1, 0.4),
+    ({"schedule": "wsd", "peak": 0.8, "warmup_fraction": 0.2, "decay_fraction": 0.2}, 5, 0.8),
+    ({"schedule": "wsd", "peak": 0.8, "warmup_fraction": 0.2, "decay_fraction": 0.2}, 9, 0.4),
+  ],
+)
+def test_alpha_schedule_mixes_lm_and_kd(alpha, step, expected):
+  """(1 − α(step))·CE + α(step)·KD over a 10-step run (Peng et al. 2024's schedules)."""
+  student_logits, teacher_logits = _logits(4)
+  batch = _token_batch()
+  student, teacher = _lms()
+  config = {"losses": {"ce": 1.0, "kd": 1.0}, "kd": {"temperature": 1.0}, "alpha": alpha}
+  method = tiny_models.method(config, student, teacher, task=TASK, total_steps=10)
+  labels, mask = TASK.targets(jax.tree.map(jnp.asarray, batch))
+  loss, metrics, _ = method.loss(
+    method.hparams,
+    student_logits=student_logits,
+    student_features={},
+    teacher=teachers.TeacherOutputs(logits=teacher_logits, features={}),
+    labels=labels,
+    mask=mask,
+    index=None,
+    adapters=None,
+    method_state={},
+    step=jnp.int32(step),
+    rng=jax.random.key(0),
+  )
+  np.testing.assert_allclose(metrics["alpha"], expected, rtol=1e-6)
+  np.testing.assert_allclose(
+    loss, (1 - expected) * metrics["ce"] + expected * metrics["kd"], rtol=1e-6
+  )
+
+
+def test_chunked_lm_with_logit_terms_is_refused():
+  student, teacher = _lms()
+  with pytest.raises(ValueError, match="chunked_lm reads hidden states"):
+    tiny_models.method({"losses": {"chunked_lm": 1.0, "ce": 1.0}}, student, teacher, task=TASK)

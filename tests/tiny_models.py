@@ -85,13 +85,16 @@ def forward(model, images, train: bool = False, return_features: bool = False):
 # --- The engine as jaxkd.train assembles it, for tests that drive steps by hand. ---
 
 
-def method(config, student, teacher=None, *, task=TASK, steps_per_epoch=1, **build_kwargs):
+def method(
+  config, student, teacher=None, *, task=TASK, steps_per_epoch=1, total_steps=1, **build_kwargs
+):
   """`config.distill` planned against the models and built (adapters, state)."""
   method_plan = distill.plan(
     config,
     info=distill.feature_info(task, student, teacher),
     has_teacher=teacher is not None,
     steps_per_epoch=steps_per_epoch,
+    total_steps=total_steps,
   )
   return distill.build(method_plan, **build_kwargs)
 

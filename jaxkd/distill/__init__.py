@@ -30,6 +30,17 @@ Every term also accepts ``warmup_epochs`` (an option): its weight ramps up as
 ``min(epoch / warmup_epochs, 1)`` with the 1-based epoch of the step, mdistiller's DKD warm-up
 (`jaxkd.losses.dkd_warmup_factor`).
 
+An optional ``alpha`` section mixes the terms as ``(1 − α)·LM + α·KD`` (pre-training
+distillation, Peng et al. 2024): every teacher-free term is multiplied by ``1 − α(step)`` and
+every teacher term by ``α(step)``, on top of its weight; ``α`` follows a schedule
+(`jaxkd.optim.scalar_schedule`)::
+
+    config.distill.alpha = dict(schedule='constant', peak=0.9)
+    config.distill.alpha = dict(schedule='linear', init=1.0, end=0.0)            # decreasing α
+    config.distill.alpha = dict(schedule='wsd', peak=0.9, warmup_fraction=0.1, decay_fraction=0.1)
+
+A term that computes both parts itself (``chunked_lm``) receives ``α`` and is not rescaled.
+
 Adding a method = one module that calls `register` with a `LossDef` + its tests; the module is
 imported at the bottom of this file. `describe()` lists every term's settings (the table of
 docs/engine.md is generated from it).
@@ -47,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxkd import tasks
+from jaxkd import optim, tasks
 from jaxkd.losses.logit import dkd_warmup_factor
 from jaxkd.losses.sequence import SparseTeacher, token_mean
 
@@ -91,6 +102,8 @@ class LossInputs:
     adapter: this term's trainable adapter module (``None`` if it has none).
     state: this term's method state (``None`` if it has none).
     train: whether this is a training step (adapters with BatchNorm use it).
+    alpha: ``α(step)`` of the method's alpha schedule, or None without one.
+    log: extra scalars the term reports, by name (logged as ``<term>/<name>``).
   """
 
   student_logits: jax.Array
@@ -109,6 +122,8 @@ class LossInputs:
   adapter: nnx.Module | None
   state: Any
   train: bool = True
+  alpha: jax.Array | None = None
+  log: dict = dataclasses.field(default_factory=dict)
 
   def mean(self, values: jax.Array) -> jax.Array:
     """Mean of per-example (per-token) `values` over the scored ones."""
@@ -145,6 +160,8 @@ class LossDef:
       method state (CRD memory banks), or ``None``.
     needs_train_labels: ``fn(options) -> bool``, whether the term reads every training label
       (`LossInputs.train_labels`; CRD's other-class negatives), or ``None`` (never).
+    lm_head: the term reads the models' `jaxkd.losses.LMHead` (hidden states, unembedding) in
+      place of logits and mixes the label and teacher parts itself (``chunked_lm``).
   """
 
   name: str
@@ -159,6 +176,7 @@ class LossDef:
   adapter: Callable[[Mapping[str, Any], FeatureInfo, nnx.Rngs], nnx.Module] | None = None
   init_state: Callable[[Mapping[str, Any], FeatureInfo, int, jax.Array], Any] | None = None
   needs_train_labels: Callable[[Mapping[str, Any]], bool] | None = None
+  lm_head: bool = False
 
 
 _REGISTRY: dict[str, LossDef] = {}
@@ -205,6 +223,52 @@ class Term:
 
 
 @dataclasses.dataclass(frozen=True)
+class Alpha:
+  """``α(step)`` of ``(1 − α)·LM + α·KD``: `jaxkd.optim.scalar_schedule` over the run."""
+
+  schedule: str = "constant"
+  peak: float = 1.0
+  init: float = 0.0
+  end: float = 0.0
+  warmup_fraction: float = 0.0
+  decay_fraction: float = 0.0
+  decay_shape: str = "linear"
+  total_steps: int = 1
+
+  def __call__(self, step: jax.Array) -> jax.Array:
+    return self.function()(step)
+
+  def function(self):
+    return optim.scalar_schedule(
+      self.schedule,
+      total_steps=self.total_steps,
+      peak_value=self.peak,
+      init_value=self.init,
+      end_value=self.end,
+      warmup_steps=round(self.warmup_fraction * self.total_steps),
+      decay_steps=round(self.decay_fraction * self.total_steps),
+      decay_shape=self.decay_shape,
+    )
+
+
+def _alpha(settings: Mapping[str, Any], total_steps: int) -> Alpha:
+  """The ``alpha`` section checked: ValueError naming ``alpha.<field>``."""
+  fields = {field.name for field in dataclasses.fields(Alpha)} - {"total_steps"}
+  unknown = set(settings) - fields
+  if unknown:
+    raise ValueError(f"unknown setting alpha.{sorted(unknown)[0]}; alpha takes {sorted(fields)}")
+  alpha = Alpha(**settings, total_steps=max(total_steps, 1))
+  if alpha.schedule not in optim.SCALAR_SCHEDULES:
+    raise ValueError(f"alpha.schedule={alpha.schedule!r}: must be one of {optim.SCALAR_SCHEDULES}")
+  for name in ("peak", "init", "end"):
+    _check_range(f"alpha.{name}", getattr(alpha, name), "unit_interval")
+  for name in ("warmup_fraction", "decay_fraction"):
+    _check_range(f"alpha.{name}", getattr(alpha, name), "unit_interval")
+  alpha.function()  # the schedule's own checks (warm-up and decay within the run, the shape)
+  return alpha
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodPlan:
   """A checked `config.distill` (static): what `build` builds and the step needs to know.
 
@@ -216,6 +280,8 @@ class MethodPlan:
     needs_train_labels: the first term that reads every training label, or ''.
     info: the feature shapes the method was planned for.
     steps_per_epoch: for epoch-based schedules.
+    alpha: the `Alpha` schedule mixing label and teacher terms, or None.
+    lm_head: the terms read `LMHead`s, not logits (`LossDef.lm_head`).
   """
 
   terms: tuple[Term, ...]
@@ -226,6 +292,8 @@ class MethodPlan:
   needs_train_labels: str
   info: FeatureInfo
   steps_per_epoch: int
+  alpha: Alpha | None = None
+  lm_head: bool = False
 
 
 def feature_info(task: tasks.Task, student: nnx.Module, teacher: nnx.Module | None = None):
@@ -233,7 +301,9 @@ def feature_info(task: tasks.Task, student: nnx.Module, teacher: nnx.Module | No
   student_logits, student_features = tasks.probe(task, student)
   teacher_features = tasks.probe(task, teacher)[1] if teacher is not None else {}
   return FeatureInfo(
-    student=student_features, teacher=teacher_features, num_classes=student_logits.shape[-1]
+    student=student_features,
+    teacher=teacher_features,
+    num_classes=tasks.num_classes(student_logits),
   )
 
 
@@ -275,18 +345,27 @@ def _settings(loss_def: LossDef, settings: Mapping[str, Any]):
 
 
 def plan(
-  config: Mapping[str, Any], *, info: FeatureInfo, has_teacher: bool, steps_per_epoch: int = 1
+  config: Mapping[str, Any],
+  *,
+  info: FeatureInfo,
+  has_teacher: bool,
+  steps_per_epoch: int = 1,
+  total_steps: int = 1,
 ) -> MethodPlan:
   """Checks `config.distill` against the models' features; ValueError on the first problem.
 
   Args:
-    config: ``losses`` (name → weight) and one optional sub-dict of settings per loss.
+    config: ``losses`` (name → weight), one optional sub-dict of settings per loss, and an
+      optional ``alpha`` section (module docstring).
     info: the feature shapes the models return (`jaxkd.tasks.probe`).
     has_teacher: whether the run has a teacher (teacher terms need one).
     steps_per_epoch: for ``warmup_epochs``.
+    total_steps: the run's length, for the alpha schedule.
   """
   config = dict(config)
   weights = dict(config.pop("losses", None) or {})
+  alpha = config.pop("alpha", None)
+  alpha = _alpha(dict(alpha), total_steps) if alpha else None
   if not weights:
     raise ValueError(f"distill.losses is empty; name at least one of: {', '.join(names())}")
   loss_defs = [get(name) for name in weights]
@@ -328,6 +407,13 @@ def plan(
     for term in terms
     if term.loss.needs_train_labels and term.loss.needs_train_labels(term.options)
   ]
+  lm_head = [term.name for term in terms if term.loss.lm_head]
+  dense = [term.name for term in terms if not term.loss.lm_head and not term.loss.student_features]
+  if lm_head and dense:
+    raise ValueError(
+      f"{lm_head[0]} reads hidden states and never builds the logits, which {dense[0]} needs: "
+      f"use {lm_head[0]} alone (it computes the cross-entropy and the KD term)"
+    )
   return MethodPlan(
     terms=tuple(terms),
     hparams=hparams,
@@ -337,6 +423,8 @@ def plan(
     needs_train_labels=readers[0] if readers else "",
     info=info,
     steps_per_epoch=steps_per_epoch,
+    alpha=alpha,
+    lm_head=bool(lm_head),
   )
 
 
@@ -378,12 +466,17 @@ class Method:
     return bool(self.initial_state)
 
   def schedule(self, term: Term, step: jax.Array) -> jax.Array:
-    """Weight multiplier of `term` at `step`: the linear warm-up over epochs, 1 without."""
+    """Weight multiplier of `term` at `step`: its warm-up over epochs, times α(step) (teacher
+    terms) or 1 − α(step) (label terms) with an alpha schedule."""
+    factor = jnp.float32(1.0)
     warmup_epochs = term.options["warmup_epochs"]
-    if not warmup_epochs:
-      return jnp.float32(1.0)
-    epoch = step // self.plan.steps_per_epoch + 1  # 1-based, as mdistiller's kwargs["epoch"]
-    return dkd_warmup_factor(epoch, warmup_epochs)
+    if warmup_epochs:
+      epoch = step // self.plan.steps_per_epoch + 1  # 1-based, as mdistiller's kwargs["epoch"]
+      factor = dkd_warmup_factor(epoch, warmup_epochs)
+    if self.plan.alpha is not None and not term.loss.lm_head:
+      alpha = self.plan.alpha(step)
+      factor = factor * (alpha if term.loss.needs_teacher else 1.0 - alpha)
+    return factor
 
   def loss(
     self,
@@ -420,15 +513,21 @@ class Method:
     if teacher.per_teacher:
       check_per_teacher(self.plan)
     train_labels = None if self.train_labels is None else jnp.asarray(self.train_labels)
+    alpha = None if self.plan.alpha is None else self.plan.alpha(step)
     total = jnp.float32(0.0)
     metrics = {}
     new_state = dict(method_state)
     for term, term_rng in zip(self.plan.terms, jax.random.split(rng, len(self.plan.terms))):
       adapter = adapters[term.name] if adapters is not None and term.name in adapters else None
+      logged = {}
 
-      def evaluate(teacher_logits, teacher_features, term=term, adapter=adapter, rng=term_rng):
+      def evaluate(
+        teacher_logits, teacher_features, term=term, adapter=adapter, rng=term_rng, log=logged
+      ):
         inputs = LossInputs(
-          student_logits=student_logits.astype(jnp.float32),
+          student_logits=student_logits
+          if term.loss.lm_head
+          else student_logits.astype(jnp.float32),
           student_features=student_features,
           teacher_logits=teacher_logits,
           teacher_topk=teacher.topk,
@@ -444,6 +543,8 @@ class Method:
           adapter=adapter,
           state=method_state.get(term.name),
           train=train,
+          alpha=alpha,
+          log=log,
         )
         result = term.loss.compute(inputs)
         return result if term.loss.init_state is not None else (result, None)
@@ -458,6 +559,9 @@ class Method:
       weight = hparams["losses"][term.name] * self.schedule(term, step)
       total = total + weight * value
       metrics[term.name] = value
+      metrics.update({f"{term.name}/{name}": scalar for name, scalar in logged.items()})
+    if alpha is not None:
+      metrics["alpha"] = alpha
     metrics["loss"] = total
     return total, metrics, new_state
 

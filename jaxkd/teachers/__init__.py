@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from jaxkd import models, parallel, tasks
+from jaxkd.losses.chunked import LMHead
 from jaxkd.losses.sequence import SparseTeacher
 from jaxkd.models import io as model_io
 from jaxkd.teachers import cache as cache_lib
@@ -45,8 +46,9 @@ class TeacherOutputs:
 
   Attributes:
     logits: float32 ``[B, C]`` (``[B, S, V]``), or ``None`` without a teacher; from a top-k
-      cache, the log-probabilities at the k ids and ``-inf`` elsewhere. With `per_teacher`, a
-      leading ``[N]`` teacher axis.
+      cache, the log-probabilities at the k ids and ``-inf`` elsewhere; an `LMHead` when the
+      task asks for one (`jaxkd.tasks.CausalLM.lm_head`). With `per_teacher`, a leading ``[N]``
+      teacher axis.
     features: the requested features by name (same leading axis with `per_teacher`).
     topk: the cached top-k teacher itself (ids and full-vocabulary log-probabilities), for
       terms that read the sparse form (`sparse_topk_kd`); else ``None``.
@@ -116,7 +118,9 @@ class Teacher:
       logits, features = self.task.apply(
         model, view, batch, train=False, return_features=bool(self.feature_names)
       )
-      return logits.astype(jnp.float32), {name: features[name] for name in self.feature_names}
+      if not isinstance(logits, LMHead):  # an LMHead keeps its dtypes (chunked losses)
+        logits = logits.astype(jnp.float32)
+      return logits, {name: features[name] for name in self.feature_names}
 
     if self.source == "live":
       outputs = TeacherOutputs(*forward(state))
