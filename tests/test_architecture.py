@@ -12,12 +12,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxkd"
 # Each module (or package) may import only modules of a strictly lower layer, or its own package.
 LAYERS = [
   {"errors"},
-  {"losses", "xla_flags", "state", "tasks", "parallel", "checkpoint"},
+  {"losses", "xla_flags", "parallel"},
+  {"state", "tasks", "checkpoint"},
   {"configlib", "optim", "data", "models", "metrics", "reference"},
   {"distill"},
   {"teachers"},
   {"step"},
-  {"population"},
+  {"population", "sampling"},
   {"plan", "provenance"},
   {"train", "report"},
   {"experiments", "tools"},
