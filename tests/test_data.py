@@ -1,6 +1,7 @@
 """Data: the IDX reader, the sources' error messages, the deterministic pipeline, crop+flip."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -201,3 +202,90 @@ def test_sources_read_the_labels_of_the_first_examples():
     {"image": np.zeros((5, 2, 2, 1), np.uint8), "label": np.array([4, 3, 2, 1, 0])}
   )
   assert arrays.labels(3).tolist() == [4, 3, 2]
+
+
+def test_num_worker_processes():
+  assert data.num_worker_processes(0) == 0 and data.num_worker_processes(3) == 3
+  assert data.num_worker_processes(-1) == len(os.sched_getaffinity(0))
+
+
+def _ks_statistic(a, b):
+  """Two-sample Kolmogorov–Smirnov statistic sup |F_a − F_b|."""
+  grid = np.sort(np.concatenate([a, b]))
+  cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+  return np.max(np.abs(cdf(a) - cdf(b)))
+
+
+def test_mixup_blends_each_image_with_its_neighbour_by_one_weight():
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3, 3, 2)), jnp.float32)
+  keys = jax.random.split(jax.random.key(0), 2000)
+  mixed = np.asarray(jax.jit(jax.vmap(data.augment.mixup, in_axes=(0, None)))(keys, images))
+  x, neighbour = np.asarray(images), np.roll(np.asarray(images), 1, axis=0)
+  # mixed = λ·x + (1 − λ)·x_{b−1}: λ by least squares, then the residual must vanish.
+  lam = np.einsum("kbhwc,bhwc->k", mixed - neighbour, x - neighbour) / np.sum((x - neighbour) ** 2)
+  np.testing.assert_allclose(
+    mixed,
+    lam[:, None, None, None, None] * x + (1 - lam[:, None, None, None, None]) * neighbour,
+    atol=1e-5,
+  )
+  # big_vision p = 1, n = 2: λ = max(u, 1 − u) with u ~ U(0, 1), i.e. λ ~ U(1/2, 1).
+  reference = np.random.default_rng(1).uniform(0.5, 1.0, len(lam))
+  assert lam.min() >= 0.5 - 1e-6 and lam.max() <= 1 + 1e-6
+  assert _ks_statistic(lam, reference) < 1.95 * np.sqrt(2 / len(lam))
+
+
+def _reference_rand_bbox(height, width, lam, center_y, center_x):
+  """clovaai/CutMix-PyTorch train.py `rand_bbox` (rows, columns), transcribed."""
+  cut_rat = np.sqrt(1.0 - lam)
+  cut_h, cut_w = int(height * cut_rat), int(width * cut_rat)
+  y1 = np.clip(center_y - cut_h // 2, 0, height)
+  y2 = np.clip(center_y + cut_h // 2, 0, height)
+  x1 = np.clip(center_x - cut_w // 2, 0, width)
+  x2 = np.clip(center_x + cut_w // 2, 0, width)
+  mask = np.zeros((height, width), bool)
+  mask[y1:y2, x1:x2] = True
+  return mask
+
+
+def test_cutmix_box_matches_the_reference():
+  rng = np.random.default_rng(0)
+  lam = rng.uniform(size=300).astype(np.float32)
+  center_y, center_x = rng.integers(0, 12, 300), rng.integers(0, 9, 300)
+  boxes = jax.jit(jax.vmap(lambda *args: data.augment.cutmix_box(12, 9, *args)))(
+    lam, center_y, center_x
+  )
+  for box, args in zip(np.asarray(boxes), zip(lam, center_y, center_x)):
+    np.testing.assert_array_equal(box, _reference_rand_bbox(12, 9, *args))
+
+
+def test_cutmix_pastes_one_box_from_the_neighbour():
+  height, width = 16, 12
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(4, height, width, 3)), jnp.float32)
+  keys = jax.random.split(jax.random.key(1), 1000)
+  mixed = np.asarray(jax.jit(jax.vmap(data.augment.cutmix, in_axes=(0, None)))(keys, images))
+  x, neighbour = np.asarray(images), np.roll(np.asarray(images), 1, axis=0)
+  from_neighbour = np.all(mixed == neighbour, axis=-1)
+  assert np.all(from_neighbour | np.all(mixed == x, axis=-1))
+  # One box for the whole batch, a rectangle.
+  box = from_neighbour[:, 0]
+  assert np.all(from_neighbour == box[:, None])
+  rows, cols = box.any(axis=2), box.any(axis=1)
+  np.testing.assert_array_equal(box, rows[:, :, None] & cols[:, None, :])
+  # Its area: λ ~ Beta(1, 1), a uniform centre, the reference's box.
+  rng = np.random.default_rng(2)
+  reference = [
+    _reference_rand_bbox(
+      height, width, rng.uniform(), rng.integers(0, height), rng.integers(0, width)
+    ).mean()
+    for _ in range(len(keys))
+  ]
+  assert _ks_statistic(box.mean(axis=(1, 2)), np.array(reference)) < 1.95 * np.sqrt(2 / len(keys))
+
+
+def test_mixing_augmentations_are_built_by_name():
+  spec = data.DATASETS["imagenet2012"]
+  assert data.build_augment("mixup", spec) is data.augment.mixup
+  assert data.build_augment("cutmix", spec) is data.augment.cutmix
+  assert set(data.AUGMENTATIONS) == {"none", "crop_flip", "mixup", "cutmix"}
+  with pytest.raises(ValueError, match="unknown augmentation"):
+    data.build_augment("randaugment", spec)

@@ -295,9 +295,10 @@ def chunked_lm_loss(
     )
 
   loss.defvjp(loss_fwd, loss_bwd)
-  total, ce, kd_value = loss(
-    to_chunks(student.hidden), student.unembed, weights, num_tokens, constants
-  )
+  # Unscored tokens' hidden states are zeroed: garbage there (NaN padding) reaches neither the
+  # value nor the unembedding's gradient (0 · NaN in hᵀ·dlogits would).
+  hidden = jnp.where(mask[..., None], student.hidden, 0)
+  total, ce, kd_value = loss(to_chunks(hidden), student.unembed, weights, num_tokens, constants)
   return total, jax.lax.stop_gradient({"ce": ce, "kd": kd_value})
 
 

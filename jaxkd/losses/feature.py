@@ -18,6 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd.losses.reduction import FINITE
+from jaxkd.losses.reduction import NON_NEGATIVE
+from jaxkd.losses.reduction import POSITIVE
+from jaxkd.losses.reduction import POSITIVE_INTEGER
+from jaxkd.losses.reduction import check_arguments
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 # torch.nn.functional.normalize's default floor on the norm.
 _NORMALIZE_EPS = 1e-12
@@ -70,6 +76,7 @@ def adaptive_avg_pool2d(features: jax.Array, output_size: int | tuple[int, int])
   Exact for any sizes (divisible or not), including torch's overlapping windows. An int
   `output_size` means a square output, like torch.
   """
+  check_arguments("adaptive_avg_pool2d", output_size=(output_size, POSITIVE_INTEGER))
   out_h, out_w = (output_size, output_size) if isinstance(output_size, int) else output_size
   in_h, in_w = features.shape[1:3]
   if (in_h, in_w) == (out_h, out_w):
@@ -154,6 +161,7 @@ def attention_transfer(
   Returns:
     float32 scalar, summed over stages.
   """
+  check_arguments("attention_transfer", p=(p, POSITIVE_INTEGER), eps=(eps, POSITIVE))
   total = jnp.zeros((), jnp.float32)
   for student, teacher in zip(_as_list(student_features), _as_list(teacher_features), strict=True):
     student, teacher = match_spatial(student, teacher)
@@ -191,6 +199,9 @@ def nst(
   Returns:
     float32 scalar, summed over stages.
   """
+  check_arguments(
+    "nst", degree=(degree, POSITIVE_INTEGER), offset=(offset, FINITE), eps=(eps, POSITIVE)
+  )
   total = jnp.zeros((), jnp.float32)
   for student, teacher in zip(_as_list(student_features), _as_list(teacher_features), strict=True):
     student, teacher = match_spatial(student, teacher)
@@ -230,6 +241,7 @@ def vid(
   Returns:
     float32 scalar.
   """
+  check_arguments("vid", eps=(eps, POSITIVE))
   predicted_mean, target = _as_float32(predicted_mean), _as_float32(target)
   if predicted_mean.shape[1] > target.shape[1]:
     raise ValueError(
@@ -264,6 +276,11 @@ def review_hcl(
   Returns:
     float32 scalar, summed over stages.
   """
+  check_arguments(
+    "review_hcl",
+    pool_sizes=(pool_sizes, POSITIVE_INTEGER),
+    level_decay=(level_decay, NON_NEGATIVE),
+  )
   total = jnp.zeros((), jnp.float32)
   for student, teacher in zip(_as_list(student_features), _as_list(teacher_features), strict=True):
     height = student.shape[1]
@@ -280,10 +297,19 @@ def review_hcl(
   return total
 
 
-def _token_mask(mask: jax.Array | None, hidden: jax.Array) -> jax.Array:
+def _scored_tokens(
+  mask: jax.Array | None, student: jax.Array, teacher: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(float32 token mask [B, S], student, teacher) with the unscored tokens' states zeroed.
+
+  Zeroing before the arithmetic, not only multiplying by the mask after it, keeps nan or inf at
+  padded tokens out of the value and the gradient (0 * nan = nan, also in the backward pass).
+  """
   if mask is None:
-    return jnp.ones(hidden.shape[:-1], jnp.float32)
-  return _as_float32(mask)
+    return jnp.ones(student.shape[:-1], jnp.float32), student, teacher
+  token_mask = _as_float32(mask)
+  scored = (token_mask != 0)[..., None]
+  return token_mask, jnp.where(scored, student, 0.0), jnp.where(scored, teacher, 0.0)
 
 
 def _mean_over_layers(layer_loss, student_hidden, teacher_hidden) -> jax.Array:
@@ -304,14 +330,15 @@ def hidden_mse(student_hidden, teacher_hidden, mask: jax.Array | None = None) ->
   Args:
     student_hidden: [B, S, D] or a list of them.
     teacher_hidden: [B, S, D] or a list of them.
-    mask: [B, S], 1 (True) for the tokens that count; None counts all.
+    mask: [B, S], 1 (True) for the tokens that count; None counts all. Whatever the states hold at
+      the other tokens (nan, inf) reaches neither the value nor the gradient.
 
   Returns:
     float32 scalar; 0 when no token is valid.
   """
 
   def layer_loss(student, teacher):
-    token_mask = _token_mask(mask, student)
+    token_mask, student, teacher = _scored_tokens(mask, student, teacher)
     squared_error = jnp.sum(jnp.square(student - teacher) * token_mask[..., None])
     return squared_error / jnp.maximum(jnp.sum(token_mask) * student.shape[-1], 1.0)
 
@@ -330,14 +357,17 @@ def hidden_cosine(
   Args:
     student_hidden: [B, S, D] or a list of them (projected to the teacher width).
     teacher_hidden: [B, S, D] or a list of them.
-    mask: [B, S], 1 (True) for the tokens that count; None counts all.
+    mask: [B, S], 1 (True) for the tokens that count; None counts all (other tokens as in
+      `hidden_mse`).
+    eps: floor of each norm (torch's 1e-8).
 
   Returns:
     float32 scalar; 0 when no token is valid.
   """
+  check_arguments("hidden_cosine", eps=(eps, POSITIVE))
 
   def layer_loss(student, teacher):
-    token_mask = _token_mask(mask, student)
+    token_mask, student, teacher = _scored_tokens(mask, student, teacher)
     cosine = jnp.sum(student * teacher, axis=-1) / (
       jnp.maximum(l2_norm(student, keepdims=False), eps)
       * jnp.maximum(l2_norm(teacher, keepdims=False), eps)

@@ -30,7 +30,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxkd.losses.reduction import NON_NEGATIVE
+from jaxkd.losses.reduction import NON_NEGATIVE_INTEGER
+from jaxkd.losses.reduction import NON_NEGATIVE_OR_INF
+from jaxkd.losses.reduction import POSITIVE
+from jaxkd.losses.reduction import UNIT_INTERVAL
 from jaxkd.losses.reduction import Reduction
+from jaxkd.losses.reduction import check_arguments
 from jaxkd.losses.reduction import expand_class_mask
 from jaxkd.losses.reduction import position_mask_and_class_counts
 from jaxkd.losses.reduction import reduce_loss
@@ -85,12 +91,16 @@ def _cross_entropy(log_p: Array, log_q: Array, axis: int) -> Array:
 
 def _log_mixture(log_p: Array, log_q: Array, weight_p: ArrayLike) -> Array:
   """``log(w p + (1 - w) q)`` elementwise, in log space (logsumexp of the weighted terms)."""
-  both_zero = (log_p == -jnp.inf) & (log_q == -jnp.inf)
-  # logaddexp(-inf, -inf) has a NaN gradient even when masked afterwards: feed it zeros.
-  safe_log_p = jnp.where(both_zero, 0.0, log_p)
-  safe_log_q = jnp.where(both_zero, 0.0, log_q)
   weight_p = jnp.asarray(weight_p, jnp.float32)
-  mixture = jnp.logaddexp(safe_log_p + jnp.log(weight_p), safe_log_q + jnp.log1p(-weight_p))
+  weighted_p = log_p + jnp.log(weight_p)
+  weighted_q = log_q + jnp.log1p(-weight_p)
+  # Both terms are -inf where p = q = 0, and also where one is zero and the other has weight 0
+  # (w = 0 or 1, the forward / reverse KL endpoints). logaddexp(-inf, -inf) has a NaN gradient
+  # even when masked afterwards: feed it zeros there.
+  both_zero = (weighted_p == -jnp.inf) & (weighted_q == -jnp.inf)
+  mixture = jnp.logaddexp(
+    jnp.where(both_zero, 0.0, weighted_p), jnp.where(both_zero, 0.0, weighted_q)
+  )
   return jnp.where(both_zero, -jnp.inf, mixture)
 
 
@@ -127,6 +137,7 @@ def _is_concrete_scalar(value) -> bool:
 
 
 def _tempered_divergence(
+  name,
   divergence,
   student_logits,
   teacher_logits,
@@ -140,6 +151,7 @@ def _tempered_divergence(
 
   The shared body of kd, reverse_kl and soft_cross_entropy, which differ only in the divergence.
   """
+  check_arguments(name, temperature=(temperature, POSITIVE))
   log_q = _log_softmax(student_logits, temperature, axis, where)
   log_p = _log_softmax(teacher_logits, temperature, axis, where)
   per_example = divergence(log_q, log_p) * _temperature_factor(
@@ -183,6 +195,7 @@ def kd(
     float32 scalar, or ``[...]`` per-position values for ``reduction='none'``.
   """
   return _tempered_divergence(
+    "kd",
     lambda log_q, log_p: _kl(log_p, log_q, axis),
     student_logits,
     teacher_logits,
@@ -225,6 +238,7 @@ def reverse_kl(
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
   return _tempered_divergence(
+    "reverse_kl",
     lambda log_q, log_p: _kl(log_q, log_p, axis),
     student_logits,
     teacher_logits,
@@ -279,6 +293,7 @@ def jsd(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
+  check_arguments("jsd", beta=(beta, UNIT_INTERVAL), temperature=(temperature, POSITIVE))
   log_q = _log_softmax(student_logits, temperature, axis, where)
   log_p = _log_softmax(teacher_logits, temperature, axis, where)
 
@@ -341,6 +356,7 @@ def skew_kl(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
+  check_arguments("skew_kl", alpha=(alpha, UNIT_INTERVAL), temperature=(temperature, POSITIVE))
   log_q = _log_softmax(student_logits, temperature, axis, where)
   log_p = _log_softmax(teacher_logits, temperature, axis, where)
   log_m = _log_mixture(log_p, log_q, alpha)
@@ -386,6 +402,9 @@ def skew_reverse_kl(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
+  check_arguments(
+    "skew_reverse_kl", alpha=(alpha, UNIT_INTERVAL), temperature=(temperature, POSITIVE)
+  )
   log_q = _log_softmax(student_logits, temperature, axis, where)
   log_p = _log_softmax(teacher_logits, temperature, axis, where)
   alpha = jnp.asarray(alpha, jnp.float32)
@@ -420,6 +439,7 @@ def tvd(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
+  check_arguments("tvd", temperature=(temperature, POSITIVE))
   q = jnp.exp(_log_softmax(student_logits, temperature, axis, where))
   p = jnp.exp(_log_softmax(teacher_logits, temperature, axis, where))
   per_example = 0.5 * jnp.sum(jnp.abs(p - q), axis=axis)
@@ -456,6 +476,7 @@ def soft_cross_entropy(
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
   return _tempered_divergence(
+    "soft_cross_entropy",
     lambda log_q, log_p: _cross_entropy(log_p, log_q, axis),
     student_logits,
     teacher_logits,
@@ -509,6 +530,9 @@ def akl(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
+  check_arguments(
+    "akl", head_threshold=(head_threshold, UNIT_INTERVAL), temperature=(temperature, POSITIVE)
+  )
   log_q = _log_softmax(student_logits, temperature, axis, where)
   log_p = _log_softmax(teacher_logits, temperature, axis, where)
   p = jnp.exp(log_p)
@@ -516,6 +540,12 @@ def akl(
   order = jnp.argsort(p, axis=axis, descending=True)
   sorted_p = jnp.take_along_axis(p, order, axis=axis)
   sorted_errors = jnp.abs(sorted_p - jnp.take_along_axis(q, order, axis=axis))
+  # The weights are ratios of gaps, which are as small as 1e-35 where p ≈ q; the gradient of a
+  # ratio divides by its denominator squared, which then underflows (inf, then NaN teacher
+  # gradients). Dividing the errors by a constant, their largest, leaves the ratios and their
+  # gradients exact and keeps the denominator in [1, C].
+  largest = jax.lax.stop_gradient(jnp.max(sorted_errors, axis=axis, keepdims=True))
+  sorted_errors = sorted_errors / jnp.where(largest > 0, largest, 1.0)
   is_top = jax.lax.broadcasted_iota(jnp.int32, p.shape, axis % p.ndim) == 0
   in_tail = (jnp.cumsum(sorted_p, axis=axis) > head_threshold) & ~is_top
   gap_head = jnp.sum(jnp.where(in_tail, 0.0, sorted_errors), axis=axis)
@@ -585,6 +615,17 @@ def dkd(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
+  check_arguments(
+    "dkd",
+    alpha=(alpha, NON_NEGATIVE),
+    beta=(beta, NON_NEGATIVE),
+    temperature=(temperature, POSITIVE),
+    gt_logit_offset=(gt_logit_offset, NON_NEGATIVE_OR_INF),
+  )
+  # Cast once: each logit feeds two softmaxes, and a low-precision input would otherwise have
+  # its two gradient contributions summed in its own dtype.
+  student_logits = jnp.asarray(student_logits, jnp.float32)
+  teacher_logits = jnp.asarray(teacher_logits, jnp.float32)
   log_q = _log_softmax(student_logits, temperature, axis, where)
   log_p = _log_softmax(teacher_logits, temperature, axis, where)
   is_gt = jax.nn.one_hot(labels, log_q.shape[axis], axis=axis, dtype=bool)
@@ -595,7 +636,7 @@ def dkd(
     return jnp.concatenate([log_target, log_rest], axis=axis)
 
   def without_target(logits):
-    tempered = jnp.asarray(logits, jnp.float32) / temperature
+    tempered = logits / temperature
     return _log_softmax(jnp.where(is_gt, tempered - gt_logit_offset, tempered), 1.0, axis, where)
 
   tckd = _kl(target_vs_rest(log_p), target_vs_rest(log_q), axis)
@@ -610,6 +651,9 @@ def dkd_warmup_factor(epoch: ArrayLike, warmup_epochs: ArrayLike = 20) -> Array:
   mdistiller ``DKD.forward_train`` multiplies the DKD loss by this, with ``epoch`` counted
   from 1 (its training loop starts at epoch 1), ``warmup_epochs = CFG.DKD.WARMUP = 20``.
   """
+  check_arguments(
+    "dkd_warmup_factor", epoch=(epoch, NON_NEGATIVE), warmup_epochs=(warmup_epochs, POSITIVE)
+  )
   return jnp.minimum(jnp.asarray(epoch, jnp.float32) / warmup_epochs, 1.0)
 
 
@@ -686,6 +730,13 @@ def dist(
   Returns:
     float32 scalar.
   """
+  check_arguments(
+    "dist",
+    beta=(beta, NON_NEGATIVE),
+    gamma=(gamma, NON_NEGATIVE),
+    temperature=(temperature, POSITIVE),
+    epsilon=(epsilon, POSITIVE),
+  )
   student_probs = _probabilities_2d(student_logits, temperature, axis)
   teacher_probs = _probabilities_2d(teacher_logits, temperature, axis)
   inter = 1.0 - jnp.mean(_pearson(student_probs, teacher_probs, -1, epsilon))
@@ -695,40 +746,27 @@ def dist(
   )
 
 
-def _isotonic_decreasing_solution(y: Array) -> Array:
-  """Primal of :func:`_isotonic_decreasing`: the min-max formula, O(n²) per row."""
+def _isotonic_decreasing(y: Array) -> Array:
+  r"""Decreasing isotonic regression along the last axis, :math:`\arg\min_{v_1 \ge \dots \ge v_n}
+  \tfrac12 \|v - y\|^2`, by the min-max formula, O(n²) per row.
+
+  The solution is piecewise constant: each block (a maximal run of equal values; adjacent blocks
+  strictly decrease) holds the mean of its ``y``.
+  """
   n = y.shape[-1]
   index = jnp.arange(n)
   first_le_last = index[:, None] <= index[None, :]  # [k, l] with k <= l
-  # sums[..., k, l] = y_k + ... + y_l, accumulated from k: no prefix-sum cancellation.
-  sums = jnp.cumsum(jnp.where(first_le_last, y[..., None, :], 0.0), axis=-1)
-  means = jnp.where(first_le_last, sums / (index[None, :] - index[:, None] + 1), -jnp.inf)
+  # mean(y_k..y_l) = y_k + mean(y_k - y_k, ..., y_l - y_k), the sum accumulated from k: no
+  # prefix-sum cancellation, and exactly y_k for tied values (whose blocks soft_rank finds by
+  # equality), where summing then dividing rounds.
+  offsets = jnp.where(first_le_last, y[..., None, :] - y[..., :, None], 0.0)
+  lengths = index[None, :] - index[:, None] + 1
+  means = y[..., :, None] + jnp.cumsum(offsets, axis=-1) / lengths
+  means = jnp.where(first_le_last, means, -jnp.inf)
   # v_i = min_{k <= i} max_{l >= i} mean(y_k..y_l): the min-max formula of isotonic
   # regression (Barlow et al. 1972), written for decreasing fits.
   best_last = jax.lax.cummax(means, axis=means.ndim - 1, reverse=True)
   return jnp.min(jnp.where(first_le_last, best_last, jnp.inf), axis=-2)
-
-
-@jax.custom_jvp
-def _isotonic_decreasing(y: Array) -> Array:
-  r"""Decreasing isotonic regression along the last axis, :math:`\arg\min_{v_1 \ge \dots \ge v_n}
-  \tfrac12 \|v - y\|^2`.
-
-  The solution is piecewise constant: each block (a maximal run of equal values; adjacent blocks
-  strictly decrease) holds the mean of its ``y``. Its Jacobian averages the tangent over each
-  block (Blondel et al. 2020, Sec. 5), which is what fast-soft-sort / torchsort's ``vjp`` do.
-  """
-  return _isotonic_decreasing_solution(y)
-
-
-@_isotonic_decreasing.defjvp
-def _isotonic_decreasing_jvp(primals, tangents):
-  (y,), (y_dot,) = primals, tangents
-  solution = _isotonic_decreasing(y)
-  # Equal values belong to one block: the solution is monotone and blocks differ.
-  same_block = (solution[..., :, None] == solution[..., None, :]).astype(jnp.float32)
-  block_mean = jnp.einsum("...ij,...j->...i", same_block, y_dot) / jnp.sum(same_block, axis=-1)
-  return solution, block_mean
 
 
 def soft_rank(
@@ -747,9 +785,10 @@ def soft_rank(
          = s - v(s - \rho) \text{ (unsorted back)}, \quad s = \mathrm{sort}_\downarrow(x / \varepsilon),
 
   with ``v`` the decreasing isotonic regression. Hard ranks 1..n (smallest value → 1) are
-  recovered exactly once every gap between sorted values exceeds ε; as ε grows the ranks
-  collapse to ``x/ε − mean(x/ε) + (n+1)/2``, an affine map of ``x`` (exactly, once every gap is
-  below ε). Ties get equal ranks. Shift-invariant; ``Σ r = n(n+1)/2``.
+  recovered exactly once every gap between sorted values exceeds ε (in float32, gaps of
+  ``|x / ε|`` beyond about 1e7 are only resolved down to their float32 spacing); as ε grows the
+  ranks collapse to ``x/ε − mean(x/ε) + (n+1)/2``, an affine map of ``x`` (exactly, once every
+  gap is below ε). Ties get equal ranks. Shift-invariant; ``Σ r = n(n+1)/2``.
 
   Paper: Blondel, Teboul, Berthet & Djolonga, "Fast Differentiable Sorting and Ranking",
   ICML 2020, arXiv:2002.08871. Reproduces ``torchsort.soft_rank(values, regularization='l2',
@@ -767,12 +806,23 @@ def soft_rank(
   Returns:
     float32 array of ``values``' shape.
   """
+  check_arguments("soft_rank", regularization_strength=(regularization_strength, POSITIVE))
   values = jnp.moveaxis(jnp.asarray(values, jnp.float32), axis, -1)
   scaled = values / regularization_strength
   descending = jnp.argsort(-scaled, axis=-1)
   sorted_values = jnp.take_along_axis(scaled, descending, axis=-1)
   weights = jnp.arange(scaled.shape[-1], 0, -1, dtype=jnp.float32)
-  sorted_ranks = sorted_values - _isotonic_decreasing(sorted_values - weights)
+  # The isotonic fit v of s - ρ is the mean of s - ρ over each of its blocks (runs of equal
+  # values), so r_i = s_i - v_i = mean_{j in block(i)} (s_i - s_j) + mean_{j in block(i)} ρ_j.
+  # Pairwise differences are exact for ties and accurate within a block, where forming s - ρ, or
+  # s minus its block mean, loses ρ once |s| >> n (the ranks of values / ε = 1e8 came out as
+  # even numbers, those of 1e12 as zeros). Holding the blocks constant gives torchsort's
+  # Jacobian, the identity minus the block average (Blondel et al. 2020, Sec. 5).
+  solution = jax.lax.stop_gradient(_isotonic_decreasing(sorted_values - weights))
+  same_block = (solution[..., :, None] == solution[..., None, :]).astype(jnp.float32)
+  block_size = jnp.sum(same_block, axis=-1)
+  deviation = jnp.sum(same_block * (sorted_values[..., :, None] - sorted_values[..., None, :]), -1)
+  sorted_ranks = (deviation + jnp.sum(same_block * weights, axis=-1)) / block_size
   ranks = jnp.take_along_axis(sorted_ranks, jnp.argsort(descending, axis=-1), axis=-1)
   return jnp.moveaxis(ranks, -1, axis)
 
@@ -844,6 +894,14 @@ def correlation_kd(
   Returns:
     float32 scalar, or ``[...]`` for ``reduction='none'``.
   """
+  check_arguments(
+    "correlation_kd",
+    pearson_weight=(pearson_weight, NON_NEGATIVE),
+    spearman_weight=(spearman_weight, NON_NEGATIVE),
+    temperature=(temperature, POSITIVE),
+    regularization_strength=(regularization_strength, POSITIVE),
+    epsilon=(epsilon, POSITIVE),
+  )
   log_q = _log_softmax(student_logits, temperature, axis, None)
   log_p = _log_softmax(teacher_logits, temperature, axis, None)
   pearson = _pearson(jnp.exp(log_q), jnp.exp(log_p), axis, epsilon)
@@ -899,6 +957,7 @@ def standardize(
   Returns:
     float32 array of ``logits``' shape.
   """
+  check_arguments("standardize", ddof=(ddof, NON_NEGATIVE_INTEGER), epsilon=(epsilon, POSITIVE))
   logits = jnp.asarray(logits, jnp.float32)
   included = logits > -jnp.inf
   if where is not None:
@@ -906,10 +965,14 @@ def standardize(
   count = jnp.sum(included, axis=axis, keepdims=True, dtype=jnp.float32)
   total = jnp.sum(jnp.where(included, logits, 0.0), axis=axis, keepdims=True)
   centered = jnp.where(included, logits - total / jnp.maximum(count, 1.0), 0.0)
-  squares = jnp.sum(jnp.square(centered), axis=axis, keepdims=True)
+  # std(c) = m std(c / m): the squares of logits beyond ~1e19 would overflow float32 (and make
+  # every output 0). A constant m leaves the value and the gradient of the 1-homogeneous std exact.
+  scale = jax.lax.stop_gradient(jnp.max(jnp.abs(centered), axis=axis, keepdims=True))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  squares = jnp.sum(jnp.square(centered / scale), axis=axis, keepdims=True)
   variance = squares / jnp.maximum(count - ddof, 1.0)
   positive = variance > 0
-  std = jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
+  std = scale * jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1.0)), 0.0)
   return jnp.where(included, centered / (std + epsilon), -jnp.inf)
 
 

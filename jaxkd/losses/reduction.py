@@ -1,4 +1,4 @@
-"""The reduction shared by every logit loss.
+"""The reduction shared by every logit loss, and the hyperparameter checks shared by every loss.
 
 Reference implementations disagree on how a per-class divergence becomes a scalar, and the
 choice changes the loss scale by a factor of the number of classes. The four reductions:
@@ -10,12 +10,18 @@ choice changes the loss scale by a factor of the number of classes. The four red
   TRL ``reduction='mean'``, torch ``F.mse_loss``.
 * ``'sum'``: sum over everything.
 * ``'none'``: the per-example values (class axis summed), leading dimensions kept.
+
+:func:`check_arguments` refuses a concrete hyperparameter outside its domain (a temperature of 0, a
+negative weight, a mixture coefficient outside [0, 1]) with a ValueError naming it. Traced values
+(under ``jax.jit``, ``vmap`` or ``grad``) cannot be inspected and pass unchecked.
 """
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Reduction = Literal["batchmean", "mean", "sum", "none"]
 REDUCTIONS = ("batchmean", "mean", "sum", "none")
@@ -99,3 +105,45 @@ def reduce_loss(
     counts = jnp.where(positions, counts, 0.0)
   count = jnp.sum(counts)
   return total / jnp.maximum(count, 1.0)
+
+
+class Domain(NamedTuple):
+  """The values a hyperparameter may take: a description for the error and an elementwise test."""
+
+  description: str
+  contains: Callable[[np.ndarray], np.ndarray]
+
+
+def _is_integer(values: np.ndarray) -> np.ndarray:
+  return np.isfinite(values) & (values == np.floor(values))
+
+
+POSITIVE = Domain("a finite number > 0", lambda v: np.isfinite(v) & (v > 0))
+NON_NEGATIVE = Domain("a finite number >= 0", lambda v: np.isfinite(v) & (v >= 0))
+# +inf is a meaningful offset (dkd's exact removal of the ground-truth class).
+NON_NEGATIVE_OR_INF = Domain("a number >= 0 (inf allowed)", lambda v: v >= 0)
+FINITE = Domain("a finite number", np.isfinite)
+UNIT_INTERVAL = Domain("a number in [0, 1]", lambda v: (v >= 0) & (v <= 1))
+POSITIVE_INTEGER = Domain("an integer >= 1", lambda v: _is_integer(v) & (v >= 1))
+NON_NEGATIVE_INTEGER = Domain("an integer >= 0", lambda v: _is_integer(v) & (v >= 0))
+
+
+def check_arguments(function: str, **arguments: tuple[Any, Domain]) -> None:
+  """Raises a ValueError naming the first concrete argument outside its domain.
+
+  NaN is outside every domain. An array argument (per-example weights) must lie in the domain
+  everywhere. Traced values cannot be inspected here and pass; the caller refuses bad config values
+  before compiling.
+
+  Args:
+    function: the loss's name, for the message.
+    **arguments: ``name=(value, domain)`` for each hyperparameter to check.
+
+  Raises:
+    ValueError: ``"<function>: <name> must be <domain>, got <value>"``.
+  """
+  for name, (value, domain) in arguments.items():
+    if isinstance(value, jax.core.Tracer):
+      continue
+    if not np.all(domain.contains(np.asarray(value, np.float64))):
+      raise ValueError(f"{function}: {name} must be {domain.description}, got {value!r}")

@@ -16,6 +16,11 @@ import optax
 
 from jaxkd.losses.feature import _HIGHEST, _NORMALIZE_EPS, _as_float32, _as_list
 from jaxkd.losses.feature import l2_norm, l2_normalize
+from jaxkd.losses.reduction import NON_NEGATIVE
+from jaxkd.losses.reduction import POSITIVE
+from jaxkd.losses.reduction import POSITIVE_INTEGER
+from jaxkd.losses.reduction import UNIT_INTERVAL
+from jaxkd.losses.reduction import check_arguments
 
 
 def _flatten(features: jax.Array) -> jax.Array:
@@ -44,6 +49,7 @@ def similarity_preserving(
   Returns:
     float32 scalar.
   """
+  check_arguments("similarity_preserving", eps=(eps, POSITIVE))
   total = jnp.zeros((), jnp.float32)
   for student, teacher in zip(_as_list(student_features), _as_list(teacher_features), strict=True):
     batch = student.shape[0]
@@ -112,6 +118,13 @@ def rkd(
   Returns:
     float32 scalar.
   """
+  check_arguments(
+    "rkd",
+    distance_weight=(distance_weight, NON_NEGATIVE),
+    angle_weight=(angle_weight, NON_NEGATIVE),
+    smooth_l1_beta=(smooth_l1_beta, POSITIVE),
+    eps=(eps, POSITIVE),
+  )
   student, teacher = _flatten(student_embed), jax.lax.stop_gradient(_flatten(teacher_embed))
   distance_loss = _smooth_l1(
     _normalize_by_mean_positive(pairwise_distances(student, eps=eps)),
@@ -150,6 +163,7 @@ def pkt(student_embed: jax.Array, teacher_embed: jax.Array, *, eps: float = 1e-7
   Returns:
     float32 scalar.
   """
+  check_arguments("pkt", eps=(eps, POSITIVE))
   student_affinity = _cosine_affinity(_flatten(student_embed), eps)
   teacher_affinity = _cosine_affinity(_flatten(teacher_embed), eps)
   return jnp.mean(
@@ -168,12 +182,18 @@ def correlation_congruence(student_embed: jax.Array, teacher_embed: jax.Array) -
   pairs. Gradients flow into both sides (both embeddings are trained).
 
   Args:
-    student_embed: [B, D].
+    student_embed: [B, D], B >= 2 (one example has no pair: the reference's mean is NaN, here a
+      ValueError).
     teacher_embed: [B, D].
 
   Returns:
     float32 scalar.
   """
+  if student_embed.shape[0] < 2:
+    raise ValueError(
+      f"correlation_congruence pairs consecutive examples: it needs a batch of 2 or more, got "
+      f"{student_embed.shape[0]}"
+    )
   delta = jnp.abs(_flatten(student_embed) - _flatten(teacher_embed))
   return jnp.mean(jnp.sum(delta[:-1] * delta[1:], axis=1))
 
@@ -202,6 +222,9 @@ def crd_memory_init(key: jax.Array, n_data: int, feat_dim: int) -> CRDMemory:
 
   As ContrastMemory.__init__ (`torch.rand(...) * 2 stdv − stdv`, `params[2:4] = −1`).
   """
+  check_arguments(
+    "crd_memory_init", n_data=(n_data, POSITIVE_INTEGER), feat_dim=(feat_dim, POSITIVE_INTEGER)
+  )
   stdv = 1.0 / (feat_dim / 3) ** 0.5
   student_key, teacher_key = jax.random.split(key)
   bank_shape = (n_data, feat_dim)
@@ -242,6 +265,11 @@ def crd_sample_contrast_index(
   Returns:
     int32 [B, 1 + K].
   """
+  check_arguments(
+    "crd_sample_contrast_index",
+    n_data=(n_data, POSITIVE_INTEGER),
+    num_negatives=(num_negatives, POSITIVE_INTEGER),
+  )
   index = jnp.asarray(index, jnp.int32)
   batch = index.shape[0]
   if dataset_labels is None:
@@ -319,6 +347,11 @@ def crd(
   `n_data` is the bank's number of rows. The banks carry no gradient; the embeddings do (both
   `Embed` heads are trained).
 
+  Domain: Z is a float32 number, as the reference's, so the first batch's mean(exp(s/T)) · n_data
+  must stay below float32's 3.4e38: scores s/T below about 88 - 2.3 log10(n_data), i.e. T above
+  about 0.013 for the unit-norm embeddings and banks of the recipe (T = 0.07 is far inside). Past it
+  Z is inf and the loss is inf, as in the reference.
+
   Args:
     student_embed: [B, feat_dim] `Embed` output of the student (L2-normalised).
     teacher_embed: [B, feat_dim] `Embed` output of the teacher.
@@ -332,6 +365,12 @@ def crd(
   Returns:
     (float32 scalar loss, updated `CRDMemory`).
   """
+  check_arguments(
+    "crd",
+    temperature=(temperature, POSITIVE),
+    momentum=(momentum, UNIT_INTERVAL),
+    eps=(eps, POSITIVE),
+  )
   student_embed, teacher_embed = _as_float32(student_embed), _as_float32(teacher_embed)
   n_data = memory.student_bank.shape[0]
   log_student_scores, student_normalizer = _log_normalized(

@@ -395,8 +395,14 @@ def _outside_logprob(student_logprobs: jax.Array, ids: jax.Array, keep: jax.Arra
   rows = jnp.arange(flat_ids.shape[0])[:, None]
   # Padding ids point one past the vocabulary and are dropped by the scatter.
   kept_vocab = jnp.zeros(flat_logprobs.shape, bool).at[rows, flat_ids].set(True, mode="drop")
-  outside = jax.nn.logsumexp(flat_logprobs, axis=-1, where=~kept_vocab)
-  return outside.reshape(student_logprobs.shape[:-1])
+  outside = ~kept_vocab & (flat_logprobs > -jnp.inf)
+  # A student with no mass outside the kept ids: -inf, with a zero (not NaN) gradient.
+  any_outside = jnp.any(outside, axis=-1, keepdims=True)
+  log_outside = jax.nn.logsumexp(
+    jnp.where(outside, flat_logprobs, 0.0), axis=-1, where=outside | ~any_outside
+  )
+  log_outside = jnp.where(any_outside[:, 0], log_outside, -jnp.inf)
+  return log_outside.reshape(student_logprobs.shape[:-1])
 
 
 def sparse_topk_kd(
