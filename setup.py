@@ -21,6 +21,7 @@ setuptools.setup(
     "tensorboardX>=2.6",
     "etils[epath]>=1.5",
     "matplotlib>=3.8",
+    "pillow>=10",  # ImageNet's JPEGs (jaxkd.data.imagenet)
     "numpy>=1.26",
   ],
   package_data={"jaxkd.reference": ["published.json"]},
@@ -35,7 +36,12 @@ setuptools.setup(
       "transformers>=5",
       "safetensors>=0.8",
       "tokenizers>=0.19",
+      # gs:// workdirs tested against a local GCS emulator (tests/fake_gcs.py).
+      "gcsfs>=2024.2",
+      "gcp-storage-emulator>=2024.8",
     ],
+    # gs:// workdirs, teachers and caches on Cloud Storage without TensorFlow.
+    "gcs": ["gcsfs>=2024.2"],
     # Hugging Face teachers (jaxkd.models.hf): safetensors weights and tokenizer.json.
     "hf": ["safetensors>=0.8", "tokenizers>=0.19"],
     # `tensorboard --logdir <workdir>` to read the event files jaxkd writes.

@@ -36,9 +36,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.eval_examples = 0  # 0 = the whole test split; N = its first N examples.
   config.data.augment = "none"  # A name in jaxkd.data.AUGMENTATIONS, applied inside the step.
   config.data.num_threads = 2  # grain threads reading and normalising host batches.
+  # grain worker processes computing host batches (decoded datasets: ImageNet's JPEGs): 0 =
+  # threads only, -1 = one per CPU core; each holds about num_threads + 1 batches in memory.
+  config.data.num_workers = 0
   # Text (language models, jaxkd.tasks.CausalLM): packed examples of seq_len tokens.
   config.data.seq_len = 256
-  # 'bytes' (256 byte ids + BOS, EOS, PAD) or a Hugging Face directory with tokenizer.json.
+  # 'bytes' (256 byte ids + BOS, EOS, PAD), a Hugging Face directory with tokenizer.json, or
+  # 'teacher' (the Hugging Face teacher's own, teacher.checkpoint).
   config.data.tokenizer = "bytes"
   config.data.text_key = "text"  # 'tfds_text': the feature holding the text.
 
@@ -46,10 +50,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.student = ml_collections.ConfigDict()
   config.student.model = "small_cnn"  # A name in jaxkd.models.names().
   config.student.kwargs = ml_collections.ConfigDict()  # Extra create() arguments (widths, ...).
+  # Language models: () = student.model from scratch; layer indices of a transformer_lm teacher
+  # = the student is that teacher with only these layers, its weights copied (MiniLM- and
+  # Gemma-style initialisation), e.g. (0, 2, 4) of 6.
+  config.student.teacher_layers = ()
+  # Also write the trained student as a Hugging Face directory (<workdir>/hf: config.json,
+  # model.safetensors, the tokenizer) for serving; transformer_lm students only.
+  config.student.export_hugging_face = False
 
   # The teacher: a jaxkd.models.io directory (what every finished run exports to
-  # <workdir>/model, or `python -m jaxkd.tools.import_torch` writes). Without one, the run is
-  # plain supervised training; with one, evaluation also reports agreement and KL with it.
+  # <workdir>/model, or `python -m jaxkd.tools.import_torch` writes), or a Hugging Face causal
+  # LM directory (config.json + safetensors: jaxkd.models.hf). Without one, the run is plain
+  # supervised training; with one, evaluation also reports agreement and KL with it.
   config.teacher = ml_collections.ConfigDict()
   config.teacher.model = ""  # Expected architecture name (checked against the directory).
   config.teacher.checkpoint = ""  # '' = no teacher; 'dir1,dir2,...' = an ensemble.
@@ -57,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   # distribution) or 'per_teacher' (every teacher term per teacher, averaged).
   config.teacher.ensemble = "mean_logits"
   config.teacher.kwargs = ml_collections.ConfigDict()  # create() arguments when a run trains it.
+  config.teacher.dtype = "float32"  # Compute dtype: 'float32' or 'bfloat16' (large teachers).
   # Cached teacher (jaxkd.teachers.cache): with a dir, the teacher's outputs on every training
   # example are computed once into it (if absent; reused and verified against the data and the
   # teacher weights otherwise) and training reads them instead of running the teacher. Only for
@@ -101,12 +114,38 @@ def base_config() -> ml_collections.ConfigDict:
   config.population.size = 1  # 1 = one student, the plain run.
   config.population.sweep = ml_collections.ConfigDict()  # Key → list of `size` values.
 
+  # Language models: sampling as a batch source (jaxkd.sampling). With probability `fraction`
+  # a batch's continuation after its first `prompt_len` tokens is generated: 'seq_kd' by the
+  # teacher (sequence-level KD), 'on_policy' by the student (GKD), 'speculative' by the
+  # student with proposals outside the teacher's top-`speculative_k` replaced by the teacher's
+  # samples (speculative KD); otherwise the data's continuation is scored. -1 = the kind's
+  # default (fraction 1, 0.5 on_policy; temperature 0.9 (0.5 speculative); top_p 1 (0.5)).
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.kind = ""  # '' = train on the data as it is.
+  config.sampling.prompt_len = 0  # 0 = half of data.seq_len.
+  config.sampling.fraction = -1.0
+  config.sampling.temperature = -1.0  # 0 = greedy.
+  config.sampling.top_k = 0  # 0 = no top-k.
+  config.sampling.top_p = -1.0
+  config.sampling.teacher_temperature = 0.2  # speculative: the teacher's replacements.
+  config.sampling.teacher_top_p = 0.5
+  config.sampling.speculative_k = 25
+  config.sampling.draft_tokens = 5  # speculative: student proposals per teacher forward.
+
   config.num_epochs = 10  # Length of the run; steps = num_epochs · (train examples // batch).
   config.stop_at_step = 0  # 0 = run to the end; N = checkpoint and exit after step N (job limits).
   config.log_every_steps = 100  # Console line + metrics.jsonl/TensorBoard train scalars.
   config.eval_every_epochs = 0  # 0 = evaluate at the end only.
   config.checkpoint_every_steps = 1000  # Also at the end and at stop_at_step.
   config.keep_checkpoints = 2  # Older checkpoints are deleted.
+  # A step whose loss or gradient is not finite is never applied. 'stop': end the run with one
+  # line naming the step; 'skip': go on, and end once more than max_skipped_steps were skipped.
+  config.nonfinite = "stop"
+  # A workdir holding checkpoints of another run (model, data, method, optimiser, batch size,
+  # schedule): 'refuse' (one line naming what differs), 'fresh' (start over; the earlier run
+  # moves to <workdir>/previous-<n>/) or 'continue' (its weights, the new settings).
+  config.workdir_mismatch = "refuse"
+  config.max_skipped_steps = 10
 
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})  # -1: all remaining devices.
   # Multi-process runs: '' = single process, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /

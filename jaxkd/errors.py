@@ -22,5 +22,13 @@ class CheckpointError(UserError):
   """A checkpoint or model directory that cannot be read or written; the message names it."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """A model directory that is not there (or has no `model.json`); the message names the path."""
+
+
 class IncompatibleCheckpointError(CheckpointError, ValueError):
   """The workdir holds checkpoints of a different run than the config describes."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """The train state holds NaN or infinity (training diverged); the message names the leaf."""

@@ -21,26 +21,35 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import sys
 from collections.abc import Iterable, Mapping
 
 import flax
 import jax
 from absl import app, flags, logging
+from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from jaxkd import data, errors, parallel, step, tasks, teachers, xla_flags
+from jaxkd import cli, data, errors, metrics, parallel, plan, step, tasks, teachers, xla_flags
 from jaxkd.errors import ConfigError, UserError
 from jaxkd.models import io as model_io
-from jaxkd.train import summarize
 
+# Its own flags, not absl's global ones: `jaxkd.main` (importable beside it) defines --config.
+_FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "A configs/*.py file (get_config(arg); ':arg' picks a variant).", lock_config=True
+  "config",
+  None,
+  "A configs/*.py file (get_config(arg); ':arg' picks a variant).",
+  flag_values=_FLAGS,
+  lock_config=True,
 )
-_MODEL = flags.DEFINE_string("model", None, "The model directory to evaluate (jaxkd.models.io).")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the results as JSON to this path.")
-flags.mark_flags_as_required(["config", "model"])
+_MODEL = flags.DEFINE_string(
+  "model", None, "The model directory to evaluate (jaxkd.models.io).", flag_values=_FLAGS
+)
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Also write the results as JSON to this path.", flag_values=_FLAGS
+)
+flags.mark_flags_as_required(["config", "model"], flag_values=_FLAGS)
 
 
 @flax.struct.dataclass
@@ -53,50 +62,34 @@ class _Weights:
 def _open_test_split(config) -> tuple[tasks.Task, data.DatasetSpec | None, int, object]:
   """``(task, spec, num_classes, test_source)`` of the config's data (spec None for text)."""
   source = config.data.source
-  if source in data.SOURCES:
-    if config.data.name not in data.DATASETS:
-      raise ConfigError(
-        f"config.data.name={config.data.name!r}: must be one of {', '.join(data.DATASETS)}"
-      )
-    spec = data.DATASETS[config.data.name]
-    test = data.open_split(config.data.name, source, "test", config.data.dir)
-    return tasks.Classification(image_shape=spec.image_shape), spec, spec.num_classes, test
-  if source not in data.TEXT_SOURCES:
+  if source not in (*data.SOURCES, *data.TEXT_SOURCES):
     raise ConfigError(
       f"config.data.source={source!r}: must be one of "
       f"{', '.join((*data.SOURCES, *data.TEXT_SOURCES))}"
     )
-  tokenizer = _tokenizer(config.data.tokenizer)
-  try:
-    test = data.open_text_split(
-      config.data.name,
-      "test",
-      seq_len=config.data.seq_len,
-      source=data.TEXT_SOURCES[source],
-      data_dir=config.data.dir,
-      tokenizer=tokenizer,
-      text_key=config.data.text_key,
+  if source in data.SOURCES and config.data.name not in data.DATASETS:
+    raise ConfigError(
+      f"config.data.name={config.data.name!r}: must be one of {', '.join(data.DATASETS)}"
     )
-  except ValueError as error:
-    raise ConfigError(f"config.{error}") from None
-  return tasks.CausalLM(seq_len=config.data.seq_len), None, tokenizer.vocab_size, test
+  tokenizer = plan.open_tokenizer(config)
+  test = plan.open_split(config, "test", tokenizer)
+  if tokenizer is not None:
+    return tasks.CausalLM(seq_len=config.data.seq_len), None, tokenizer.vocab_size, test
+  spec = data.DATASETS[config.data.name]
+  return tasks.Classification(image_shape=spec.image_shape), spec, spec.num_classes, test
 
 
-def _tokenizer(name: str):
-  if name == "bytes":
-    return data.ByteTokenizer()
-  from jaxkd.models import hf  # Deferred: the Hugging Face extra, only for its tokenizers.
-
+def _check_fits(what: str, directory: str, task: tasks.Task, num_classes: int) -> None:
+  """The model in `directory` reads the task's batches and has one output per class."""
+  if teachers.is_hugging_face(directory):
+    try:
+      record = teachers.read_record(directory)
+    except ValueError as error:
+      raise UserError(f"{what}: {error}") from None
+  else:
+    record = model_io.read_metadata(directory)  # CheckpointNotFoundError, CheckpointError
   try:
-    return hf.load_tokenizer(name)
-  except (OSError, ValueError) as error:
-    raise ConfigError(f"config.data.tokenizer={name!r}: {error}") from None
-
-
-def _check_fits(what: str, record: Mapping, task: tasks.Task, num_classes: int) -> None:
-  """The model of `record` reads the task's batches and has one output per class."""
-  try:
-    logits, _ = tasks.probe(task, teachers.abstract_model(record))
+    logits, _ = tasks.probe(task, teachers.abstract_model(directory))
   except (TypeError, ValueError) as error:
     raise UserError(
       f"{what} ({record['name']}) does not accept the data's inputs: "
@@ -133,7 +126,7 @@ def _sum(eval_step, weights, teacher_state, mesh, batches: Iterable[Mapping]) ->
 
 def evaluate(config, model_dir: str) -> dict:
   """The evaluation of the model in `model_dir` (see the module docstring) as a dict:
-  `jaxkd.train.summarize`'s numbers plus what was evaluated ('model', 'architecture',
+  `jaxkd.metrics.summarize`'s numbers plus what was evaluated ('model', 'architecture',
   'teacher', 'dataset', 'scored': examples or tokens counted)."""
   parallel.maybe_initialize_distributed(config)
   try:
@@ -154,10 +147,9 @@ def evaluate(config, model_dir: str) -> dict:
       f"config.teacher.model={config.teacher.model!r}, but {settings.checkpoints[0]} holds a "
       f"{teacher_record['name']!r}"
     )
-  record = model_io.read_metadata(model_dir)
-  _check_fits(f"--model {model_dir}", record, task, num_classes)
+  _check_fits(f"--model {model_dir}", model_dir, task, num_classes)
   if teacher_record is not None:
-    _check_fits("config.teacher.checkpoint", teacher_record, task, num_classes)
+    _check_fits("config.teacher.checkpoint", settings.checkpoints[0], task, num_classes)
 
   model = model_io.load(model_dir, mesh=mesh)
   teacher = teachers.load(settings, task=task, feature_names=(), mesh=mesh)
@@ -172,17 +164,17 @@ def evaluate(config, model_dir: str) -> dict:
     global_batch_size=config.data.eval_batch_size,
     num_examples=config.data.eval_examples,
     num_threads=config.data.num_threads,
-    num_workers=config.data.get("num_workers", 0),
+    num_workers=config.data.num_workers,
   )
   with contextlib.closing(batches):  # stops the worker processes, if any, now
     sums = _sum(eval_step, _Weights(student=nnx.state(model)), teacher.state, mesh, batches)
   return {
     "model": model_dir,
-    "architecture": record["name"],
+    "architecture": teachers.read_record(model_dir)["name"],
     "teacher": ",".join(settings.checkpoints) or None,
     "dataset": config.data.name,
     "scored": int(sums["count"]),
-    **summarize(sums),
+    **metrics.summarize(sums),
   }
 
 
@@ -210,35 +202,14 @@ def format_table(results: Mapping) -> str:
   return "\n".join(lines)
 
 
-def _flag_error_message(error: BaseException) -> str:
-  """One line for a command-line error (as `jaxkd.main` words it)."""
-  # config_flags re-raises an error of get_config, its traceback pasted into the message, as
-  # the same type: the innermost user error of the chain is the one to show.
-  user_error, cause = None, error
-  while cause is not None:
-    if isinstance(cause, UserError):
-      user_error = cause
-    cause = cause.__cause__ or cause.__context__
-  if user_error is not None:
-    return str(user_error)
-  if isinstance(error, (AttributeError, KeyError)):
-    # ml_collections' answer to a misspelt `--config.<field>`: AttributeError(KeyError(...)).
-    while error.args and isinstance(error.args[0], BaseException):
-      error = error.args[0]
-    message = str(error.args[0] if error.args else error).replace("\n", ": ")
-    return f"--config override of a field the config does not have: {message}"
-  return " ".join(str(error).split())
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing; an error ends the program with one `error:` line and status 1."""
   try:
-    remaining_argv = flags.FLAGS(argv)
-    _CONFIG.value.get("data")  # A config file that cannot be loaded fails here.
-    return remaining_argv
-  except (flags.Error, AttributeError, KeyError, OSError) as error:
-    print(f"error: {_flag_error_message(error)}", file=sys.stderr)
-  sys.exit(1)
+    remaining_argv = cli.read_flags(argv, _FLAGS, _CONFIG)
+  except UserError as error:
+    cli.exit_with_error(error)
+  flags.FLAGS(argv[:1])  # absl's own flags (logging) keep their defaults
+  return remaining_argv
 
 
 def main(argv):
@@ -249,18 +220,15 @@ def main(argv):
   try:
     results = evaluate(_CONFIG.value, _MODEL.value)
   except errors.UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    cli.exit_with_error(error)
   if jax.process_index() != 0:
     return
   print(format_table(results))
   if _OUTPUT.value:
     try:
-      with open(_OUTPUT.value, "w") as f:
-        json.dump(results, f, indent=2)
+      epath.Path(_OUTPUT.value).write_text(json.dumps(results, indent=2))
     except OSError as error:
-      print(f"error: --output {_OUTPUT.value}: {error.strerror}", file=sys.stderr)
-      sys.exit(1)
+      cli.exit_with_error(UserError(f"--output {_OUTPUT.value}: {error.strerror}"))
 
 
 if __name__ == "__main__":

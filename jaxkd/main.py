@@ -5,6 +5,10 @@ error. The program runs `train.train_and_evaluate`, or the experiment the config
 `config.experiment` (`jaxkd.experiments`, e.g. the quickstart's teacher → scratch / KD
 comparison). Problems a user fixes (`jaxkd.errors.UserError`: the config, the data, the disk)
 end the program with one `error:` line on stderr, the last thing printed, and exit status 1.
+SIGTERM or SIGINT (preemption) checkpoints the step the run reached and exits with status
+`jaxkd.preemption.EXIT_CODE` (75); the same command resumes. Log lines that tell a user nothing
+are dropped (`_is_noise`): orbax's and grain's file operations, and jax's probe of a TPU backend
+on a machine without libtpu.
 On XLA:CPU the measured-faster options of `jaxkd.xla_flags` are set before JAX starts.
 """
 
@@ -14,9 +18,10 @@ import sys
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
-from jaxkd import errors, experiments, plan, xla_flags
+from jaxkd import cli, errors, experiments, plan, preemption, xla_flags
 from jaxkd.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,70 +31,68 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, metri
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _flag_error_message(error: BaseException) -> str:
-  """One line for a command-line error, without the traceback config_flags would embed."""
-  # config_flags re-raises an error of get_config with its traceback pasted into the message;
-  # the innermost user error of the chain is the one to show.
-  user_error, cause = None, error
-  while cause is not None:
-    if isinstance(cause, errors.UserError):
-      user_error = cause
-    cause = cause.__cause__ or cause.__context__
-  if user_error is not None:
-    return str(user_error)
-  if isinstance(error, (AttributeError, KeyError)):
-    # ml_collections' answer to `--config.<field>` for a field the config lacks:
-    # AttributeError(KeyError("'name'\nDid you mean ...?")).
-    while error.args and isinstance(error.args[0], BaseException):
-      error = error.args[0]
-    message = str(error.args[0] if error.args else error).replace("\n", ": ")
-    return f"--config override of a field the config does not have: {message}"
-  return str(error)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing; any error ends the program with one line and status 1."""
+  """absl's `flags_parser`: a mistake ends the program with the one line."""
   try:
-    remaining_argv = flags.FLAGS(argv)
-    # A config file that cannot be loaded is reported only when the config is first read.
-    _CONFIG.value.get("seed")
-    return remaining_argv
-  except (flags.Error, AttributeError, KeyError) as error:
-    message = _flag_error_message(error)
-  except OSError as error:
-    message = f"--config: {' '.join(str(error.__cause__ or error).split())}"
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
+    return cli.read_flags(argv, flags.FLAGS, _CONFIG)
+  except errors.UserError as error:
+    cli.exit_with_error(error)
 
 
-def _keep_library_warnings_only() -> None:
-  """orbax and grain log every file operation at INFO; keep their warnings, drop the rest."""
-  libraries = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain"))
-  logging.get_absl_handler().addFilter(
-    lambda record: (
-      record.levelno >= python_logging.WARNING
-      or not any(library in record.pathname for library in libraries)
-    )
+def _is_noise(record: python_logging.LogRecord) -> bool:
+  """Log records that say nothing to a user.
+
+  * orbax and grain log every file operation at INFO (their warnings are kept).
+  * jax logs at INFO every optional backend it probes and cannot start: on any machine without
+    libtpu, "Unable to initialize backend 'tpu': ... Failed to open libtpu.so". jax itself warns
+    (WARNING, kept) when the hardware of such a backend is present but cannot be used, and a
+    backend the user asks for with JAX_PLATFORMS fails loudly, so the line adds nothing.
+  """
+  if record.levelno >= python_logging.WARNING:
+    return False
+  if any(f"{os.sep}{library}{os.sep}" in record.pathname for library in ("orbax", "grain")):
+    return True
+  return record.name.startswith("jax") and record.getMessage().startswith(
+    "Unable to initialize backend"
   )
 
 
+def _drop_log_noise() -> None:
+  """Installs `_is_noise` on absl's handler, which every library's logging reaches."""
+  logging.get_absl_handler().addFilter(lambda record: not _is_noise(record))
+
+
+def _check_workdir_flag(workdir: str) -> None:
+  """The flag's own value: a directory path (the plan checks what the directory holds)."""
+  if not workdir.strip():
+    raise errors.UserError("--workdir is empty: name the run's directory")
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise errors.UserError(f"--workdir={workdir} is a file, not a directory")
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  _keep_library_warnings_only()
-  config = _CONFIG.value
-  # XLA reads XLA_FLAGS when the first backend starts: the config is read, nothing has run yet.
-  xla_flags.configure_cpu(population=config.population.size > 1)
-  if not jax.config.jax_compilation_cache_dir:  # Unless JAX_COMPILATION_CACHE_DIR says where.
-    # Reruns, and the runs of one comparison (its seeds), share their compiled programs.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "xla_cache"))
+  _drop_log_noise()
   try:
+    if len(argv) > 1:
+      raise errors.UserError(
+        f"unexpected arguments: {' '.join(argv[1:])} (every option is --name=value)"
+      )
+    _check_workdir_flag(_WORKDIR.value)
+    config = _CONFIG.value
+    # XLA reads XLA_FLAGS when the first backend starts: the config is read, nothing has run.
+    xla_flags.configure_cpu(population=config.population.size > 1)
+    if not jax.config.jax_compilation_cache_dir:  # Unless JAX_COMPILATION_CACHE_DIR says where.
+      # Reruns, and the runs of one comparison (its seeds), share their compiled programs.
+      jax.config.update("jax_compilation_cache_dir", os.path.join(_WORKDIR.value, "xla_cache"))
     plan.check_experiment(config.experiment, experiments.EXPERIMENTS)
     run = experiments.EXPERIMENTS.get(config.experiment, train_and_evaluate)
     run(config, _WORKDIR.value)
   except errors.UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    cli.exit_with_error(error)
+  except preemption.Preempted as stopped:
+    print(f"jaxkd: {stopped}", file=sys.stderr, flush=True)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,12 @@ def shard_state(mesh: Mesh, tree: Any, leading_axes: int = 0) -> Any:
   return jax.device_put(jax.tree.map(host_copy, tree), state_shardings(mesh, tree, leading_axes))
 
 
+def place_state(mesh: Mesh, tree: Any, leading_axes: int = 0) -> Any:
+  """`tree` placed on `mesh` following `state_shardings`, without a host copy: for arrays that
+  are never donated (a teacher's weights), which may then share buffers with `tree`."""
+  return jax.device_put(tree, state_shardings(mesh, tree, leading_axes))
+
+
 def host_to_global(mesh: Mesh, host_batch: Mapping[str, Any]) -> dict[str, jax.Array]:
   """Assembles global batch arrays from each process's local slice.
 

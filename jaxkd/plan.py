@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 from flax import nnx
 
-from jaxkd import checkpoint, data, distill, models, optim, parallel, population, tasks, teachers
+from jaxkd import checkpoint, data, distill, models, optim, parallel, population, sampling
+from jaxkd import tasks, teachers
 from jaxkd.errors import ConfigError
 from jaxkd.models import hf
 
@@ -35,6 +38,7 @@ class Plan:
   Attributes:
     config: the config the plan was resolved from (for provenance; read nothing else from it).
     task: how the step reads a batch (`jaxkd.tasks`).
+    student_model, student_kwargs: the student's `jaxkd.models.create` name and arguments.
     spec: an image dataset's static facts (`jaxkd.data.DatasetSpec`); None for text.
     num_classes: the models' head size (classes, or the tokenizer's vocabulary).
     tokenizer: text only: the tokenizer of the corpus (`jaxkd.data.Tokenizer`).
@@ -43,17 +47,24 @@ class Plan:
     steps_per_epoch, total_steps: the schedule's length in steps.
     stop_step: the last step this invocation runs (``stop_at_step`` or the end).
     eval_every_steps: 0 = evaluate at the end only.
+    eval_batch_size: `data.eval_batch_size`, cut to what the evaluated (and cached) examples
+      need, a multiple of the devices.
     mesh_shape: ``{'data': d, 'fsdp': f}`` with the -1 resolved.
     method: the checked distillation method (`jaxkd.distill.MethodPlan`).
     teacher: the teacher sources' settings (`jaxkd.teachers.Settings`).
     members: the population (`jaxkd.population.Members`), or None for one student.
     population_chunk: members updated together (None = one vmap); see `population.train_step`.
+    sampler: how training batches are generated (`jaxkd.sampling`), or None.
     run_record: what a checkpoint of this run is; a resumed run must match it.
+    set_aside_previous_run: the workdir holds another run, to be moved aside before starting
+      (`config.workdir_mismatch='fresh'`).
     run_dirs: where each student's metrics, model and results go (one per member).
   """
 
   config: ml_collections.ConfigDict
   task: tasks.Task
+  student_model: str
+  student_kwargs: Mapping[str, Any]
   spec: data.DatasetSpec | None
   num_classes: int
   tokenizer: Any
@@ -64,12 +75,15 @@ class Plan:
   total_steps: int
   stop_step: int
   eval_every_steps: int
+  eval_batch_size: int
   mesh_shape: Mapping[str, int]
   method: distill.MethodPlan
   teacher: teachers.Settings
   members: population.Members | None
   population_chunk: int | None
+  sampler: sampling.Sampler | None
   run_record: Mapping[str, Any]
+  set_aside_previous_run: bool
   run_dirs: tuple[str, ...]
 
 
@@ -94,6 +108,14 @@ def check(config) -> None:
   elif config.data.source in data.SOURCES:
     _choice("data.name", config.data.name, tuple(data.DATASETS))
   _choice("data.augment", config.data.augment, data.AUGMENTATIONS)
+  _choice("nonfinite", config.nonfinite, ("stop", "skip"))
+  _require(
+    config.data.num_workers >= -1,
+    "data.num_workers",
+    config.data.num_workers,
+    "must be -1 (one per core), 0 (threads only) or positive",
+  )
+  _choice("workdir_mismatch", config.workdir_mismatch, ("refuse", "fresh", "continue"))
   if config.data.source in data.TEXT_SOURCES:
     _require(
       config.data.augment == "none",
@@ -118,6 +140,7 @@ def check(config) -> None:
     ("data.eval_examples", config.data.eval_examples),
     ("stop_at_step", config.stop_at_step),
     ("eval_every_epochs", config.eval_every_epochs),
+    ("max_skipped_steps", config.max_skipped_steps),
   ):
     _require(value >= 0, field, value, "must be 0 or positive")
   _choice("student.model", config.student.model, models.names())
@@ -138,14 +161,40 @@ def check(config) -> None:
     config.optimizer.end_lr_factor,
     "must be 0 or positive",
   )
-  _require(config.optimizer.lr > 0, "optimizer.lr", config.optimizer.lr, "must be positive")
+  optimizer = config.optimizer
+  for field, low, high, why in (
+    ("lr", 0, math.inf, "must be positive and finite"),
+    ("momentum", 0, 1, "must be in [0, 1)"),
+    ("b1", 0, 1, "must be in [0, 1)"),
+    ("b2", 0, 1, "must be in [0, 1)"),
+    ("decay_factor", 0, math.inf, "must be positive and finite"),
+    ("weight_decay", 0, math.inf, "must be 0 or positive, and finite"),
+    ("end_lr_factor", 0, math.inf, "must be 0 or positive, and finite"),
+  ):
+    value = optimizer[field]
+    strict_low = field in ("lr", "decay_factor")
+    _require(
+      (low < value if strict_low else low <= value) and value < high,
+      f"optimizer.{field}",
+      value,
+      why,
+    )
+  _require(0 <= config.seed < 2**63, "seed", config.seed, "must be in [0, 2**63)")
   _require(
-    config.optimizer.weight_decay >= 0,
-    "optimizer.weight_decay",
-    config.optimizer.weight_decay,
-    "must be 0 or positive",
+    config.distributed in ("", "auto") or isinstance(config.distributed, Mapping),
+    "distributed",
+    config.distributed,
+    "must be '' (one process), 'auto' or a mapping of jax.distributed.initialize arguments",
   )
+  for axis, size in config.mesh.items():
+    _require(size == -1 or size >= 1, f"mesh.{axis}", size, "must be -1 (the rest) or positive")
   decay_epochs = tuple(config.optimizer.decay_epochs)
+  _require(
+    all(isinstance(epoch, (int, float)) and not isinstance(epoch, bool) for epoch in decay_epochs),
+    "optimizer.decay_epochs",
+    decay_epochs,
+    "must be numbers of epochs",
+  )
   _require(
     list(decay_epochs) == sorted(decay_epochs)
     and all(0 < epoch < config.num_epochs for epoch in decay_epochs),
@@ -168,6 +217,18 @@ def check(config) -> None:
     population.parse(config.population)
   except ValueError as error:
     raise ConfigError(f"config.{error}") from None
+
+
+def check_comparison(compare: Mapping[str, Any]) -> None:
+  """A comparison experiment's `config.compare` section."""
+  for field, low in (("seeds", 1), ("teacher_epochs", 1), ("teacher_train_examples", 0)):
+    value = compare[field]
+    _require(
+      isinstance(value, int) and value >= low,
+      f"compare.{field}",
+      value,
+      "must be positive" if low else "must be 0 (all) or positive",
+    )
 
 
 def check_experiment(name: str, experiments: Mapping[str, Any]) -> None:
@@ -200,19 +261,17 @@ def _probe(field: str, task: tasks.Task, model) -> tuple[jax.ShapeDtypeStruct, d
     ) from None
 
 
-def _abstract_student(config, num_classes: int) -> nnx.Module:
+def _abstract_student(model: str, kwargs: Mapping[str, Any], num_classes: int) -> nnx.Module:
   try:
-    return nnx.eval_shape(
-      lambda: models.create(config.student.model, num_classes=num_classes, **config.student.kwargs)
-    )
+    return nnx.eval_shape(lambda: models.create(model, num_classes=num_classes, **kwargs))
   except (TypeError, ValueError) as error:
     raise ConfigError(f"config.student.kwargs: {str(error).splitlines()[0]}") from None
 
 
-def _teacher_info(config, settings: teachers.Settings, task, num_classes: int) -> dict:
-  """The teacher's feature shapes (checked against the data), {} without a teacher."""
+def _teacher_record(config, settings: teachers.Settings) -> dict | None:
+  """The teacher's architecture record (jaxkd or Hugging Face directory), None without one."""
   if not settings.checkpoints:
-    return {}
+    return None
   try:
     record = teachers.read_architecture(settings.checkpoints)
   except ValueError as error:
@@ -222,19 +281,91 @@ def _teacher_info(config, settings: teachers.Settings, task, num_classes: int) -
       f"config.teacher.model={config.teacher.model!r}, but {settings.checkpoints[0]} holds a "
       f"{record['name']!r}"
     )
-  logits, features = _probe("teacher.checkpoint", task, teachers.abstract_model(record))
-  _check_heads("teacher.checkpoint", logits, num_classes)
-  return features
+  return record
 
 
-def _run_record(config, num_classes: int, members) -> dict:
-  """What a checkpoint's state is; passed through JSON, as it is stored, so that tuples compare
-  equal to the lists read back."""
+def _teacher_vocabulary(config, settings, teacher_outputs: int, num_classes: int, tokenizer):
+  """The classes to slice a teacher's outputs to, or None; a class-count or vocabulary
+  mismatch, or another tokenizer than the teacher's, is the one config error line.
+
+  A language-model teacher of the same tokenizer may have more output rows (an embedding padded
+  past the tokenizer, e.g. Qwen's 152064 vs 151936): its logits are sliced to the tokenizer's
+  (`jaxkd.losses.slice_vocab`).
+  """
+  directory = settings.checkpoints[0]
+  teacher_tokenizer = epath.Path(directory) / "tokenizer.json"
+  if tokenizer is not None and teachers.is_hugging_face(directory) and teacher_tokenizer.exists():
+    try:
+      hf.check_same_tokenizer(directory, tokenizer)
+    except ValueError as error:
+      raise ConfigError(f"config.data.tokenizer: {error}") from None
+    if teacher_outputs > num_classes:
+      return num_classes
+  if teacher_outputs == num_classes:
+    return None
+  raise ConfigError(
+    f"config.teacher.checkpoint={directory!r}: the teacher has {teacher_outputs} outputs, the "
+    f"data {num_classes} classes (vocabulary)"
+  )
+
+
+def _student_architecture(config, teacher_record, num_classes: int) -> tuple[str, dict, int]:
+  """`(model name, create kwargs, classes)` of the student: `config.student`, or a copy of the
+  teacher keeping the layers `config.student.teacher_layers` (MiniLM / Gemma-style
+  initialisation), which keeps the teacher's output rows (a padded vocabulary included)."""
+  try:
+    layers = [int(layer) for layer in config.student.teacher_layers]
+  except (TypeError, ValueError):
+    raise _error(
+      "student.teacher_layers", config.student.teacher_layers, "must be layer indices"
+    ) from None
+  if not layers:
+    return config.student.model, config.student.kwargs.to_dict(), num_classes
+  why = (
+    "needs teacher.checkpoint"
+    if teacher_record is None
+    else "needs a transformer_lm teacher"
+    if teacher_record["name"] != "transformer_lm"
+    else ""
+  )
+  _require(not why, "student.teacher_layers", tuple(layers), why)
+  kwargs = dict(teacher_record["create_kwargs"])
+  num_layers = kwargs.get("num_layers")
+  _require(
+    layers == sorted(set(layers)) and 0 <= layers[0] and layers[-1] < num_layers,
+    "student.teacher_layers",
+    tuple(layers),
+    f"must be increasing layer indices of the teacher's {num_layers}",
+  )
+  kwargs["num_layers"] = len(layers)
+  if kwargs.get("layer_types"):
+    kwargs["layer_types"] = [kwargs["layer_types"][layer] for layer in layers]
+  teacher_classes = kwargs.pop("vocab_size")
+  _require(
+    teacher_classes >= num_classes,
+    "student.teacher_layers",
+    tuple(layers),
+    f"the teacher has {teacher_classes} outputs, fewer than the data's {num_classes} classes",
+  )
+  return "transformer_lm", kwargs, teacher_classes
+
+
+def _run_record(config, student_kwargs, num_classes: int, members) -> dict:
+  """What a checkpoint's state is and the schedule it follows; a resumed run must match it.
+
+  Passed through JSON, as it is stored, so that tuples compare equal to the lists read back.
+  """
   record = {
     "student.model": config.student.model,
-    "student.kwargs": config.student.kwargs.to_dict(),
+    "student.kwargs": dict(student_kwargs),
     "num_classes": num_classes,
     "data.name": config.data.name,
+    "data.train_examples": config.data.train_examples,
+    "data.batch_size": config.data.batch_size,
+    "distill": config.distill.to_dict(),
+    "optimizer": config.optimizer.to_dict(),
+    "num_epochs": config.num_epochs,
+    "seed": config.seed,
   }
   if members is not None:
     record["population.size"] = members.size
@@ -291,11 +422,27 @@ def resolve(config, workdir: str) -> Plan:
     )
 
   # Models: the student and the teacher must read the data and have one output per class.
-  student = _abstract_student(config, num_classes)
+  settings = teacher_settings(config, in_step=False)
+  teacher_record = _teacher_record(config, settings)
+  student_model, student_kwargs, num_classes = _student_architecture(
+    config, teacher_record, num_classes
+  )
+  student = _abstract_student(student_model, student_kwargs, num_classes)
   student_logits, student_features = _probe("student.model", task, student)
   _check_heads("student.model", student_logits, num_classes)
-  settings = teacher_settings(config, in_step=False)
-  teacher_features = _teacher_info(config, settings, task, num_classes)
+  teacher_features = {}
+  if teacher_record is not None:
+    try:
+      abstract_teacher = teachers.abstract_model(settings.checkpoints[0])
+    except ValueError as error:
+      raise ConfigError(f"config.teacher.checkpoint: {error}") from None
+    teacher_logits, teacher_features = _probe("teacher.checkpoint", task, abstract_teacher)
+    settings = dataclasses.replace(
+      settings,
+      num_classes=_teacher_vocabulary(
+        config, settings, teacher_logits.shape[-1], num_classes, tokenizer
+      ),
+    )
 
   try:
     method = distill.plan(
@@ -312,6 +459,14 @@ def resolve(config, workdir: str) -> Plan:
   except ValueError as error:
     raise ConfigError(f"config.distill: {error}") from None
   settings = dataclasses.replace(settings, in_step=method.needs_teacher)
+  if config.data.augment in data.MIXING_AUGMENTATIONS:
+    _require(
+      not method.label_terms,
+      "data.augment",
+      config.data.augment,
+      f"a mixed view has no single label, and {method.label_terms[0] if method.label_terms else ''}"
+      " reads the labels: distil with teacher terms only (function matching)",
+    )
   if method.lm_head:
     _require(
       isinstance(task, tasks.CausalLM),
@@ -322,10 +477,11 @@ def resolve(config, workdir: str) -> Plan:
     task = dataclasses.replace(task, lm_head=True)
   if settings.train_source == "cached":
     _require(
-      config.data.augment == "none",
+      config.data.augment == "none" and not isinstance(train_source, data.RandomViewSource),
       "data.augment",
       config.data.augment,
-      "a cached teacher (teacher.cache.dir) holds the outputs of fixed views: use 'none'",
+      "a cached teacher (teacher.cache.dir) holds the outputs of fixed views: use 'none' "
+      "with a dataset read without random crops",
     )
     _check_cache_manifest(settings, config.data.name, num_train)
 
@@ -336,11 +492,14 @@ def resolve(config, workdir: str) -> Plan:
   except ValueError as error:
     raise ConfigError(f"config.{error}") from None
 
-  run_record = _run_record(config, num_classes, members)
-  _check_workdir(workdir, run_record)
+  sampler = _sampler(config, task, tokenizer, settings, members)
+  run_record = _run_record(config, student_kwargs, num_classes, members)
+  set_aside_previous_run = _check_workdir(workdir, run_record, config.workdir_mismatch)
   return Plan(
     config=config,
     task=task,
+    student_model=student_model,
+    student_kwargs=student_kwargs,
     spec=spec,
     num_classes=num_classes,
     tokenizer=tokenizer,
@@ -351,54 +510,118 @@ def resolve(config, workdir: str) -> Plan:
     total_steps=total_steps,
     stop_step=min(config.stop_at_step or total_steps, total_steps),
     eval_every_steps=config.eval_every_epochs * steps_per_epoch,
+    # A batch larger than the examples it covers only holds padding.
+    eval_batch_size=min(
+      config.data.eval_batch_size,
+      math.ceil(max(config.data.eval_examples or len(test_source), num_train) / num_devices)
+      * num_devices,
+    ),
     mesh_shape=mesh_shape,
     method=method,
     teacher=settings,
     members=members,
     # XLA:CPU runs vmapped convolutions as slower grouped ones (population.train_step).
     population_chunk=1 if members is not None and jax.default_backend() == "cpu" else None,
+    sampler=sampler,
     run_record=run_record,
+    set_aside_previous_run=set_aside_previous_run,
     run_dirs=tuple(os.path.join(workdir, "members", name) for name in members.names)
     if members is not None
     else (workdir,),
   )
 
 
-def _open_data(config):
-  """``(spec, tokenizer, train_source, test_source)``: an image dataset's spec and no tokenizer,
-  or no spec and the tokenizer of a text corpus."""
-  if config.data.source not in data.TEXT_SOURCES:
-    open_split = lambda split: data.open_split(
-      config.data.name, config.data.source, split, config.data.dir
-    )
-    return data.DATASETS[config.data.name], None, open_split("train"), open_split("test")
-  tokenizer = _tokenizer(config.data.tokenizer)
+def _sampler(config, task, tokenizer, settings: teachers.Settings, members):
+  """`config.sampling` as a `jaxkd.sampling.Sampler` (None when off)."""
+  options = config.sampling
+  if not options.kind:
+    return None
+  _choice("sampling.kind", options.kind, sampling.KINDS)
+  why_not = (
+    "sampling generates token continuations: the data must be text"
+    if not isinstance(task, tasks.CausalLM)
+    else "a population's stacked students cannot each generate in one step"
+    if members is not None
+    else "the step must score the samples with a live teacher: set teacher.checkpoint "
+    "(one model, not an ensemble, no teacher.cache.dir)"
+    if settings.train_source != "live"
+    else ""
+  )
+  _require(not why_not, "sampling.kind", options.kind, why_not)
+  prompt_len = options.prompt_len or config.data.seq_len // 2
+  _require(
+    1 <= prompt_len <= config.data.seq_len,
+    "sampling.prompt_len",
+    options.prompt_len,
+    f"must be in [1, data.seq_len={config.data.seq_len}]",
+  )
+  default = lambda value: None if value < 0 else value  # -1 = the kind's default
   try:
-    train_source, test_source = (
-      data.open_text_split(
-        config.data.name,
-        split,
-        seq_len=config.data.seq_len,
-        source=data.TEXT_SOURCES[config.data.source],
-        data_dir=config.data.dir,
-        tokenizer=tokenizer,
-        text_key=config.data.text_key,
-      )
-      for split in ("train", "test")
+    return sampling.Sampler(
+      kind=options.kind,
+      prompt_len=prompt_len,
+      token_bytes=tokenizer.token_bytes,
+      eos_id=tokenizer.eos_id,
+      pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id or 0,
+      fraction=default(options.fraction),
+      temperature=default(options.temperature),
+      top_k=options.top_k,
+      top_p=default(options.top_p),
+      teacher_temperature=options.teacher_temperature,
+      teacher_top_p=options.teacher_top_p,
+      speculative_k=options.speculative_k,
+      draft_tokens=options.draft_tokens,
     )
   except ValueError as error:
     raise ConfigError(f"config.{error}") from None
-  return None, tokenizer, train_source, test_source
 
 
-def _tokenizer(name: str):
-  """'bytes', or the tokenizer of a Hugging Face directory."""
-  if name == "bytes":
+def _open_data(config):
+  """``(spec, tokenizer, train_source, test_source)``: an image dataset's spec and no tokenizer,
+  or no spec and the tokenizer of a text corpus."""
+  spec = data.DATASETS.get(config.data.name) if config.data.source in data.SOURCES else None
+  tokenizer = open_tokenizer(config)
+  train_source, test_source = (open_split(config, split, tokenizer) for split in ("train", "test"))
+  return spec, tokenizer, train_source, test_source
+
+
+def open_tokenizer(config):
+  """The tokenizer of a text corpus ('bytes', or a Hugging Face directory, 'teacher' the
+  teacher's); None for image data."""
+  if config.data.source not in data.TEXT_SOURCES:
+    return None
+  directory = tokenizer_directory(config)
+  if directory == "bytes":
     return data.ByteTokenizer()
   try:
-    return hf.load_tokenizer(name)
+    return hf.load_tokenizer(directory)
   except (OSError, ValueError) as error:
-    raise ConfigError(f"config.data.tokenizer={name!r}: {error}") from None
+    raise ConfigError(f"config.data.tokenizer={directory!r}: {error}") from None
+
+
+def open_split(config, split: str, tokenizer):
+  """The random-access source of one split of the config's data (`tokenizer`: `open_tokenizer`'s)."""
+  if tokenizer is None:
+    return data.open_split(config.data.name, config.data.source, split, config.data.dir)
+  try:
+    return data.open_text_split(
+      config.data.name,
+      split,
+      seq_len=config.data.seq_len,
+      source=data.TEXT_SOURCES[config.data.source],
+      data_dir=config.data.dir,
+      tokenizer=tokenizer,
+      text_key=config.data.text_key,
+    )
+  except ValueError as error:
+    raise ConfigError(f"config.{error}") from None
+
+
+def tokenizer_directory(config) -> str:
+  """`config.data.tokenizer` with 'teacher' resolved to the teacher's directory."""
+  if config.data.tokenizer == "teacher":
+    return config.teacher.checkpoint.split(",")[0]
+  return config.data.tokenizer
 
 
 def _check_cache_manifest(settings: teachers.Settings, dataset: str, num_train: int) -> None:
@@ -439,17 +662,28 @@ def _check_cache_manifest(settings: teachers.Settings, dataset: str, num_train: 
     )
 
 
-def _check_workdir(workdir: str, run_record: Mapping[str, Any]) -> None:
-  """A workdir with checkpoints of another run is refused, naming the first field that differs."""
+def _check_workdir(workdir: str, run_record: Mapping[str, Any], policy: str) -> bool:
+  """Whether the workdir's earlier run must be set aside for a fresh start.
+
+  A workdir whose checkpoints were written by another run (another model, data, method,
+  optimiser, batch size or schedule) is refused, naming the first field that differs, unless
+  `config.workdir_mismatch` says 'fresh' (start over; the earlier run is kept aside) or
+  'continue' (resume its weights under the new settings).
+  """
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    return  # a new run: nothing to compare, and nothing created
+    return False  # a new run: nothing to compare, and nothing created
   saved = checkpoint.Checkpointer(workdir).run_info()
   if saved is None:
-    return
-  for key in {**saved, **run_record}:  # both ways: a key only one side has differs too
-    if saved.get(key) != run_record.get(key):
-      raise ConfigError(
-        f"the workdir's checkpoints were written for {key} = {saved.get(key)!r}, the config "
-        f"asks for {run_record.get(key)!r}; use a fresh --workdir (or delete its checkpoints/) "
-        "to start a new run"
-      )
+    return False
+  differing = [key for key in {**saved, **run_record} if saved.get(key) != run_record.get(key)]
+  if not differing or policy == "continue":
+    return False
+  if policy == "fresh":
+    return True
+  key = differing[0]
+  raise ConfigError(
+    f"the workdir's checkpoints were written for {key} = {saved.get(key)!r}, the config asks "
+    f"for {run_record.get(key)!r}; use another --workdir, or --config.workdir_mismatch=fresh "
+    "(start over, the earlier run kept in <workdir>/previous-<n>/) or =continue (resume its "
+    "weights with the new settings)"
+  )

@@ -66,8 +66,12 @@ def _flatten(sweep: Mapping[str, Any], prefix: str = "") -> dict[str, list]:
   for key, value in sweep.items():
     if hasattr(value, "items"):
       flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
+    elif isinstance(value, (list, tuple)):
       flat[f"{prefix}{key}"] = list(value)
+    else:
+      raise ValueError(
+        f"population.sweep {prefix}{key}={value!r}: must be a list of one value per member"
+      )
   return flat
 
 
@@ -85,6 +89,11 @@ def parse(population_config: Mapping[str, Any]) -> Members | None:
       raise ValueError(f"population.sweep {key!r} has {len(values)} values for {size} members")
   if size == 1 and not sweep:
     return None
+  if not sweep:
+    raise ValueError(
+      f"population.size={size}: without population.sweep the members are identical; sweep a "
+      f"key with {size} values (e.g. seed)"
+    )
   overrides = tuple({key: values[i] for key, values in sweep.items()} for i in range(size))
   names = tuple(
     ",".join(f"{key}={value}" for key, value in member.items()) or f"member{index}"

@@ -533,9 +533,14 @@ def plot_curves(runs: Sequence[Run], path: str | os.PathLike) -> None:
 
   groups = group(runs)
   language_models = all(run.results.get("bits_per_byte") is not None for run in runs)
-  accuracy_name = "token accuracy" if language_models else "top-1"
-  figure, (loss_axes, accuracy_axes) = plt.subplots(
-    1, 2, figsize=(13, 4.8), layout="constrained", squeeze=True
+  # Language models: bits per byte (lower is better); images: top-1 (%).
+  eval_name, scale, eval_label = (
+    ("bits_per_byte", 1.0, "eval bits per byte")
+    if language_models
+    else ("accuracy", 100.0, "eval top-1 (%)")
+  )
+  figure, (loss_axes, eval_axes) = plt.subplots(
+    1, 2, figsize=(12, 5.5), layout="constrained", squeeze=True
   )
   for index, g in enumerate(groups):
     seeds = f"{len(g.runs)} runs" if len(g.runs) > 1 else "1 run"
@@ -543,31 +548,29 @@ def plot_curves(runs: Sequence[Run], path: str | os.PathLike) -> None:
       label = f"{g.key.label} ({seeds})" if run_index == 0 else None
       steps, loss = run.series("train", "loss")
       loss_axes.plot(steps, loss, linewidth=1.0, alpha=0.8, label=label, **_style(index))
-      steps, accuracy = run.series("eval", "accuracy")
+      steps, values = run.series("eval", eval_name)
       marker = "o" if len(steps) <= _MAX_MARKERS else None  # A lone final evaluation shows too.
-      accuracy_axes.plot(
+      eval_axes.plot(
         steps,
-        100 * accuracy,
+        scale * values,
         marker=marker,
         markersize=3,
         linewidth=1.0,
         alpha=0.8,
         **_style(index),
       )
-  loss_axes.set(
-    xlabel="step",
-    ylabel="train loss (mean over each logging interval)",
-    yscale="log",
-    title="Train loss",
-  )
+  loss_axes.set(xlabel="step", ylabel="train loss (mean per logging interval)", yscale="log")
+  loss_axes.set_title("Train loss")
   plain = ticker.FuncFormatter(lambda value, _: f"{value:g}")
   loss_axes.yaxis.set_major_formatter(plain)  # 0.5 and 2 rather than 5×10⁻¹ and 2×10⁰.
   loss_axes.yaxis.set_minor_formatter(plain)
-  accuracy_axes.set(xlabel="step", ylabel=f"eval {accuracy_name} (%)")
-  accuracy_axes.set_title(f"Eval {accuracy_name} on the test split")
-  for axes in (loss_axes, accuracy_axes):
+  eval_axes.set(xlabel="step", ylabel=eval_label)
+  eval_axes.set_title(f"{eval_label[0].upper()}{eval_label[1:]}, test split")
+  for axes in (loss_axes, eval_axes):
     axes.grid(True, which="major", alpha=0.3)
-  figure.legend(loc="outside right upper", fontsize="small", title="teacher → student, method")
+  figure.legend(
+    loc="outside lower center", fontsize="small", title="teacher → student, method", ncols=2
+  )
   _save(plt, figure, path)
 
 

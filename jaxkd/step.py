@@ -39,8 +39,9 @@ from jaxkd.teachers import TeacherOutputs
 Batch = Mapping[str, jax.Array]
 TeacherFn = Callable[[jax.Array, Batch], TeacherOutputs]
 
-# Streams of the step's randomness (`jaxkd.state.step_key`).
-VIEW_STREAM, METHOD_STREAM = 0, 1
+# Streams of the step's randomness (`jaxkd.state.step_key`); the sampler's (jaxkd.sampling)
+# draws the batch before the step.
+VIEW_STREAM, METHOD_STREAM, SAMPLE_STREAM = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,8 +69,10 @@ def train_step(learner: Learner, state: TrainState, hparams, batch: Batch, teach
 def update(learner: Learner, state: TrainState, hparams, view, batch, teacher: TeacherOutputs):
   """The student half of `train_step`: loss and gradients on `view`, then the optimiser update.
 
-  Metrics: ``'loss'``, each term's unweighted value by loss name, and ``'accuracy'`` (top-1 of
-  the scored examples or tokens, before the update).
+  Metrics: ``'loss'``, each term's unweighted value by loss name, ``'accuracy'`` (top-1 of
+  the scored examples or tokens, before the update), ``'nonfinite'`` (1 when the loss or a
+  gradient was not finite and the update was skipped) and ``'first_nonfinite_grad'`` (the
+  index in `gradient_paths` of the first non-finite gradient, -1 if none).
   """
   labels, mask = learner.task.targets(batch)
   student_params, student_rest = split_params(state.student)
@@ -101,9 +104,9 @@ def update(learner: Learner, state: TrainState, hparams, view, batch, teacher: T
     return loss, (metrics, new_rest, method_state)
 
   params = {"student": student_params, "adapters": adapter_params}
-  grads, (metrics, (student_rest, adapter_rest), method_state) = jax.grad(loss_fn, has_aux=True)(
-    params
-  )
+  (loss, (metrics, (student_rest, adapter_rest), method_state)), grads = jax.value_and_grad(
+    loss_fn, has_aux=True
+  )(params)
   updates, opt_state = learner.optimizer.update(grads, state.opt_state, params)
   params = optax.apply_updates(params, updates)
   new_state = state.replace(
@@ -113,6 +116,14 @@ def update(learner: Learner, state: TrainState, hparams, view, batch, teacher: T
     opt_state=opt_state,
     method_state=method_state,
   )
+  # A non-finite loss or gradient leaves the state as it was (only the step count moves on),
+  # so no NaN ever reaches the weights, a checkpoint or an export; the trainer decides what
+  # to do (jaxkd.train: stop, or skip up to a limit).
+  finite, first_nonfinite = _finite(loss, grads)
+  metrics["nonfinite"] = (~finite).astype(jnp.float32)
+  metrics["first_nonfinite_grad"] = first_nonfinite
+  held = state.replace(step=state.step + 1)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, held)
   return new_state, metrics
 
 
@@ -159,6 +170,19 @@ def evaluate(learner: Learner, state: TrainState, view, batch, teacher_logits):
     )
     sums["kl"] = _sum(kl, mask)
   return sums
+
+
+def _finite(loss, grads) -> tuple[jax.Array, jax.Array]:
+  """``(loss and every gradient finite, index of the first non-finite gradient leaf or -1)``."""
+  leaf_finite = jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(grads)])
+  first = jnp.where(jnp.all(leaf_finite), -1, jnp.argmin(leaf_finite))
+  return jnp.isfinite(loss) & jnp.all(leaf_finite), first.astype(jnp.int32)
+
+
+def gradient_paths(state: TrainState) -> list[str]:
+  """The path of each gradient leaf, in the order of ``metrics['first_nonfinite_grad']``."""
+  params = {"student": split_params(state.student)[0], "adapters": split_params(state.adapters)[0]}
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def _sum(values, mask):

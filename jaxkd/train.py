@@ -20,36 +20,54 @@ in `members/<name>/`, with `results.json` in the workdir collecting every member
 import contextlib
 import functools
 import json
-import math
 import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from jaxkd import checkpoint, data, distill, metrics, models, optim, parallel, plan, population
-from jaxkd import provenance
+from jaxkd import errors, preemption, provenance, sampling
 from jaxkd import state as train_state
 from jaxkd import step, teachers
+from jaxkd.models import hf, transformer
 from jaxkd.models import io as model_io
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(
+  config, workdir: str, *, label: str = "", watch: preemption.Watch | None = None
+) -> dict:
   """Trains `config.student` as `config.distill` says; returns the final test evaluation.
 
-  For a population: ``{'members': {name: evaluation}}``.
+  For a population: ``{'members': {name: evaluation}}``. `label` prefixes the progress lines
+  (an experiment's 'run 2 of 7'); `watch` is an experiment's signal watch, shared by its runs
+  (one is made for a lone run).
+
+  Raises:
+    jaxkd.preemption.Preempted: SIGTERM or SIGINT (also during the set-up); the step it
+      stopped at is checkpointed.
+    jaxkd.errors.NonFiniteError: the loss or a gradient was not finite (`config.nonfinite`).
   """
+  watch = watch or preemption.Watch(sync_every=config.log_every_steps)
+  with watch.active():
+    return _train_and_evaluate(config, workdir, label, watch)
+
+
+def _train_and_evaluate(config, workdir: str, label: str, watch: preemption.Watch) -> dict:
   run = plan.resolve(config, workdir)
+  if run.set_aside_previous_run:
+    _set_aside_previous_run(workdir)
   mesh = parallel.make_mesh(run.mesh_shape)
   _record_provenance(config, workdir)
 
   # Models, teacher sources, method and optimiser.
   spec, members = run.spec, run.members
   make_student = functools.partial(
-    models.create, config.student.model, num_classes=run.num_classes, **config.student.kwargs
+    models.create, run.student_model, num_classes=run.num_classes, **run.student_kwargs
   )
-  student = make_student(seed=config.seed)
   teacher = teachers.load(
     run.teacher,
     task=run.task,
@@ -57,12 +75,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh=mesh,
     cache_identity=lambda: _cache_identity(run),
     cache_batches=lambda: data.eval_batches(
-      data.ArraySource(run.train_source.read(np.arange(run.num_train))),
+      run.train_source,
       spec,
-      global_batch_size=config.data.eval_batch_size,
+      global_batch_size=run.eval_batch_size,
+      num_examples=run.num_train,
       num_threads=config.data.num_threads,
+      num_workers=config.data.num_workers,
     ),
   )
+  if config.student.teacher_layers:  # the teacher's kept layers, weights copied
+    teacher_model = nnx.merge(teacher.eval.graphdef, teacher.state)
+    student = transformer.keep_layers(teacher_model, config.student.teacher_layers)
+  else:
+    student = make_student(seed=config.seed)
   method = distill.build(
     run.method,
     rngs=nnx.Rngs(config.seed),
@@ -102,17 +127,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_fn, teacher.train, mesh, abstract_state, leading_axes=leading_axes
   )
   eval_step = step.jit_eval_step(eval_fn, teacher.eval, mesh)
+  if run.sampler is not None:
+    sample_batch = sampling.jit_sample(run.sampler, learner.student, teacher.train.graphdef, mesh)
 
   def eval_now() -> list[dict[str, float]]:
     batches = data.eval_batches(
       run.test_source,
       spec,
-      global_batch_size=config.data.eval_batch_size,
+      global_batch_size=run.eval_batch_size,
       num_examples=config.data.eval_examples,
       num_threads=config.data.num_threads,
+      num_workers=config.data.num_workers,
     )
     sums = _sum_batches(eval_step, state, teacher.state, mesh, batches)
-    return [summarize(member_sums) for member_sums in _per_member(sums, members)]
+    return [metrics.summarize(member_sums) for member_sums in _per_member(sums, members)]
 
   # Loop. `step_index` counts the updates applied so far, as `state.step` does.
   progress = metrics.Progress(
@@ -121,6 +149,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     batch_size=config.data.batch_size,
     every=config.log_every_steps,
     members=members.names if members is not None else (),
+    label=label,
+  )
+  guard = _NonFiniteGuard(
+    config,
+    step.gradient_paths(initial_state if members is None else population.unstack(initial_state)[0]),
   )
   batches = data.train_batches(
     run.train_source,
@@ -131,30 +164,51 @@ def train_and_evaluate(config, workdir: str) -> dict:
     global_batch_size=config.data.batch_size,
     num_examples=run.num_train,
     num_threads=config.data.num_threads,
+    num_workers=config.data.num_workers,
   )
   with contextlib.ExitStack() as stack:
-    writers = [stack.enter_context(metrics.Writer(run_dir)) for run_dir in run.run_dirs]
+    writers = [
+      stack.enter_context(metrics.Writer(run_dir, resume_step=start_step))
+      for run_dir in run.run_dirs
+    ]
 
     def write(step_index, split, scalars_per_run):
       for writer, scalars in zip(writers, scalars_per_run):
         writer.write(step_index, split, scalars)
 
+    def save(step_index):
+      guard.check()
+      for writer in writers:  # the metrics of every checkpointed step are on storage first
+        writer.flush()
+      checkpointer.save(step_index, state, run.run_record)
+
     for step_index in range(start_step + 1, run.stop_step + 1):
-      host_batch = teacher.add_to_batch(next(batches))
-      state, step_metrics = train_step(
-        state, hparams, teacher.state, parallel.host_to_global(mesh, host_batch)
-      )
-      progress.add(step_metrics)
+      batch = parallel.host_to_global(mesh, teacher.add_to_batch(next(batches)))
+      sample_metrics = {}
+      if run.sampler is not None:  # before the step, which donates the state
+        key = train_state.step_key(state, step.SAMPLE_STREAM)
+        batch, sample_metrics = sample_batch(state.student, teacher.state, batch, key)
+      state, step_metrics = train_step(state, hparams, teacher.state, batch)
+      progress.add({**guard.add(step_index, step_metrics), **sample_metrics})
       if progress.due(step_index):
+        guard.check()
         write(step_index, "train", progress.summary(step_index, lr=schedule(step_index - 1)))
       if (
         run.eval_every_steps
         and step_index % run.eval_every_steps == 0
         and step_index != run.total_steps
       ):
+        progress.pause()
         write(step_index, "eval", eval_now())
-      if step_index % config.checkpoint_every_steps == 0 or step_index == run.stop_step:
-        checkpointer.save(step_index, state, run.run_record)
+      checkpoint_due = step_index % config.checkpoint_every_steps == 0
+      if checkpoint_due or step_index == run.stop_step:
+        save(step_index)
+      if watch.stop_requested(step_index, checkpoint_step=checkpoint_due):
+        if not checkpoint_due and step_index != run.stop_step:
+          save(step_index)
+        checkpointer.wait()
+        checkpointer.close()
+        raise preemption.Preempted(step_index, run.total_steps, watch.received)
     checkpointer.wait()
     checkpointer.close()
     if run.stop_step < run.total_steps:
@@ -164,6 +218,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         run.total_steps,
       )
       return {}
+    progress.pause()
     results = eval_now()
     if start_step < run.total_steps:
       write(run.total_steps, "eval", results)
@@ -175,13 +230,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
       metrics.best(run_dir, "eval", "accuracy") or run_results["accuracy"]
     )
     logging.info("Final evaluation of %s: %s", run_dir, json.dumps(run_results))
+    trained = step.student_model(learner.student, run_state)
     model_io.save(
       os.path.join(run_dir, "model"),
-      step.student_model(learner.student, run_state),
-      config.student.model,
+      trained,
+      run.student_model,
       num_classes=run.num_classes,
-      **config.student.kwargs,
+      **run.student_kwargs,
     )
+    if config.student.export_hugging_face and jax.process_index() == 0:
+      tokenizer = plan.tokenizer_directory(config)
+      hf.save_pretrained(
+        trained,
+        os.path.join(run_dir, "hf"),
+        tokenizer_directory=None if tokenizer == "bytes" else tokenizer,
+      )
     _write_json(os.path.join(run_dir, "results.json"), {"step": run.total_steps, **run_results})
   if members is None:
     return results[0]
@@ -190,6 +253,36 @@ def train_and_evaluate(config, workdir: str) -> dict:
     os.path.join(workdir, "results.json"), {"step": run.total_steps, "members": by_member}
   )
   return {"members": by_member}
+
+
+# What a run writes in its workdir, moved aside together by `config.workdir_mismatch='fresh'`.
+_RUN_FILES = (
+  "checkpoints",
+  "metrics.jsonl",
+  "tensorboard",
+  "model",
+  "results.json",
+  "provenance.json",
+  "config.py",
+  "members",
+)
+
+
+def _set_aside_previous_run(workdir: str) -> None:
+  """Moves the earlier run's files to <workdir>/previous-<n>/ (n = 1, 2, ...)."""
+  if jax.process_index() == 0:
+    workdir = epath.Path(workdir)
+    n = 1
+    while (workdir / f"previous-{n}").exists():
+      n += 1
+    aside = workdir / f"previous-{n}"
+    aside.mkdir(parents=True)
+    for name in _RUN_FILES:
+      if (workdir / name).exists():
+        (workdir / name).rename(aside / name)
+    logging.warning("The workdir held another run: moved to %s (workdir_mismatch='fresh')", aside)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("jaxkd previous run set aside")
 
 
 def _record_provenance(config, workdir: str) -> None:
@@ -201,6 +294,63 @@ def _record_provenance(config, workdir: str) -> None:
   for change in provenance.differences(saved, record) if saved else ():
     logging.warning("Changed since this workdir's run started: %s", change)
   provenance.write(workdir, record)
+
+
+class _NonFiniteGuard:
+  """What the trainer does when a step's loss or gradient is not finite.
+
+  The step itself never applies such an update (`jaxkd.step.update`). With
+  `config.nonfinite = 'stop'` the run ends with one line naming the step, the loss terms and
+  the first non-finite gradient; with 'skip' it goes on, and ends once more than
+  `config.max_skipped_steps` steps were skipped. The flags stay on the device between checks
+  (at every log line and before every checkpoint): fetching them each step would stall the
+  dispatch.
+  """
+
+  def __init__(self, config, gradient_paths: list[str]):
+    self.policy = config.nonfinite
+    self.max_skipped = config.max_skipped_steps
+    self.gradient_paths = gradient_paths
+    self.skipped = 0
+    self._pending: list[tuple[int, dict]] = []
+
+  def add(self, step_index: int, step_metrics: dict) -> dict:
+    """Keeps the step's guard fields; returns the metrics to log."""
+    step_metrics = dict(step_metrics)
+    flags = {key: step_metrics.pop(key) for key in ("nonfinite", "first_nonfinite_grad")}
+    self._pending.append((step_index, {**step_metrics, **flags}))
+    return step_metrics
+
+  def check(self) -> None:
+    pending, self._pending = jax.device_get(self._pending), []
+    for step_index, step_metrics in pending:
+      bad = np.atleast_1d(step_metrics["nonfinite"]) > 0  # [P] for a population
+      if not bad.any():
+        continue
+      self.skipped += 1
+      if self.policy == "skip" and self.skipped <= self.max_skipped:
+        logging.warning("Step %d: non-finite loss or gradient, update skipped", step_index)
+        continue
+      member = int(np.argmax(bad))
+      values = {
+        name: float(np.atleast_1d(value)[member])
+        for name, value in step_metrics.items()
+        if name not in ("nonfinite", "first_nonfinite_grad", "accuracy")
+      }
+      gradient = self.gradient_paths[
+        int(np.atleast_1d(step_metrics["first_nonfinite_grad"])[member])
+      ]
+      why = (
+        f"more than config.max_skipped_steps={self.max_skipped} steps were skipped"
+        if self.policy == "skip"
+        else "config.nonfinite='stop'"
+      )
+      terms = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+      raise errors.NonFiniteError(
+        f"step {step_index}: the loss or a gradient is not finite ({terms}; first non-finite "
+        f"gradient {gradient}); {why}. The update was not applied and the checkpoints hold "
+        "the last finite state: lower the learning rate or check the data"
+      )
 
 
 def _cache_identity(run: plan.Plan) -> dict:
@@ -227,26 +377,6 @@ def _per_member(sums: dict, members) -> list[dict]:
   return population.unstack(sums) if members is not None else [sums]
 
 
-def summarize(sums: dict) -> dict[str, float]:
-  """Evaluation means from the sums of `jaxkd.step.evaluate`.
-
-  ``accuracy`` (top-1) and ``top5``; ``loss`` (cross-entropy, nats per example or token) and,
-  for language models, ``bits_per_byte`` (total nats / ln 2 / bytes of the scored text); with a
-  teacher ``agreement`` (same argmax) and ``kl`` (KL(teacher ‖ student) at T = 1, nats).
-  """
-  count = max(float(sums["count"]), 1.0)
-  results = {"accuracy": float(sums["correct"]) / count, "loss": float(sums["nll"]) / count}
-  if "correct_top5" in sums:
-    results["top5"] = float(sums["correct_top5"]) / count
-  if "bytes" in sums:
-    results["bits_per_byte"] = float(sums["nll"]) / math.log(2) / max(float(sums["bytes"]), 1.0)
-  if "agree" in sums:
-    results["agreement"] = float(sums["agree"]) / count
-    results["kl"] = float(sums["kl"]) / count
-  return results
-
-
 def _write_json(path: str, record: dict) -> None:
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(record, f, indent=2)
+    epath.Path(path).write_text(json.dumps(record, indent=2))

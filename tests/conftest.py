@@ -16,6 +16,9 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs reads this when first imported (by any test): its gRPC bucket-layout probe stalls
+# against the local GCS emulator of the gs:// tests (tests/fake_gcs.py).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 xla_flags.configure_cpu()
 
 import jax  # noqa: E402  (after the XLA flags: jax reads them when its backend starts)

@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxkd"
 # Each module (or package) may import only modules of a strictly lower layer, or its own package.
 LAYERS = [
   {"errors"},
-  {"losses", "xla_flags", "parallel"},
+  {"losses", "xla_flags", "parallel", "cli", "preemption"},
   {"state", "tasks", "checkpoint"},
   {"configlib", "optim", "data", "models", "metrics", "reference"},
   {"distill"},
@@ -20,7 +20,7 @@ LAYERS = [
   {"step"},
   {"population", "sampling"},
   {"plan", "provenance"},
-  {"train", "report"},
+  {"train", "report", "evaluate"},
   {"experiments", "tools"},
   {"main"},
 ]

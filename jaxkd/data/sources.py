@@ -238,7 +238,12 @@ def write_tfds(data_dir: str, name: str, version: str, features: dict, splits: d
 def _idx_source(name: str, split: str, data_dir: str) -> ArraySource:
   directory = os.path.expanduser(data_dir or DEBIAN_FASHION_MNIST_DIR)
   try:
-    return ArraySource(idx.load_split(directory, split))
+    spec = DATASETS[name]
+    return ArraySource(
+      idx.load_split(
+        directory, split, image_shape=spec.image_shape[:2], num_classes=spec.num_classes
+      )
+    )
   except FileNotFoundError as error:
     raise DataUnavailableError(
       f"{error}. The {name} IDX files are missing from {directory}: install them with "

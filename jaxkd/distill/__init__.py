@@ -67,8 +67,8 @@ FeatureShapes = Mapping[str, jax.ShapeDtypeStruct]
 
 # Ranges a hyper-parameter can be declared to need (`LossDef.ranges`), and their check.
 RANGES = {
-  "positive": (lambda value: value > 0, "must be positive"),
-  "non_negative": (lambda value: value >= 0, "must be 0 or more"),
+  "positive": (lambda value: 0 < value < np.inf, "must be positive and finite"),
+  "non_negative": (lambda value: 0 <= value < np.inf, "must be 0 or more, and finite"),
   "unit_interval": (lambda value: 0 <= value <= 1, "must be in [0, 1]"),
   "finite": (lambda value: bool(np.isfinite(value)), "must be a finite number"),
 }
@@ -162,6 +162,7 @@ class LossDef:
       (`LossInputs.train_labels`; CRD's other-class negatives), or ``None`` (never).
     lm_head: the term reads the models' `jaxkd.losses.LMHead` (hidden states, unembedding) in
       place of logits and mixes the label and teacher parts itself (``chunked_lm``).
+    reads_labels: the term reads the labels (a mixed view has none: mixup, cutmix).
   """
 
   name: str
@@ -177,6 +178,7 @@ class LossDef:
   init_state: Callable[[Mapping[str, Any], FeatureInfo, int, jax.Array], Any] | None = None
   needs_train_labels: Callable[[Mapping[str, Any]], bool] | None = None
   lm_head: bool = False
+  reads_labels: bool = False
 
 
 _REGISTRY: dict[str, LossDef] = {}
@@ -277,6 +279,7 @@ class MethodPlan:
     hparams: the traced hyper-parameters, ``{'losses': {name: weight}, name: {hp: value}}``.
     student_features / teacher_features: feature names the models must return.
     needs_teacher: whether any term reads the teacher.
+    label_terms: the terms that read the labels.
     needs_train_labels: the first term that reads every training label, or ''.
     info: the feature shapes the method was planned for.
     steps_per_epoch: for epoch-based schedules.
@@ -289,6 +292,7 @@ class MethodPlan:
   student_features: tuple[str, ...]
   teacher_features: tuple[str, ...]
   needs_teacher: bool
+  label_terms: tuple[str, ...]
   needs_train_labels: str
   info: FeatureInfo
   steps_per_epoch: int
@@ -420,6 +424,7 @@ def plan(
     student_features=tuple(student_features),
     teacher_features=tuple(teacher_features),
     needs_teacher=any(term.loss.needs_teacher for term in terms),
+    label_terms=tuple(term.name for term in terms if term.loss.reads_labels),
     needs_train_labels=readers[0] if readers else "",
     info=info,
     steps_per_epoch=steps_per_epoch,

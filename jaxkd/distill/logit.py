@@ -35,6 +35,7 @@ register(
     hparams={"label_smoothing": 0.0},
     ranges={"label_smoothing": "unit_interval"},
     needs_teacher=False,
+    reads_labels=True,
   )
 )
 
@@ -93,6 +94,7 @@ def _register_divergence(
       ranges=dict(hparams),
       options={"standardize": False, **fn_options, **(term_options or {})},
       choices=choices or {},
+      reads_labels=with_labels,
     )
   )
 

@@ -136,5 +136,6 @@ register(
       "missing": ("renormalize", "residual"),
     },
     lm_head=True,
+    reads_labels=True,
   )
 )

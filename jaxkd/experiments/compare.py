@@ -26,10 +26,10 @@ import time
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 from flax import nnx
 
-from jaxkd import plan, report, teachers, train
-from jaxkd.models import io as model_io
+from jaxkd import plan, preemption, report, teachers, train
 
 _ROLES = ("scratch", "kd")
 # The table's metric columns: (results key, header, scale, digits), images and language models.
@@ -52,6 +52,7 @@ def teacher_config(config) -> ml_collections.ConfigDict:
   teacher.student.model = config.teacher.model
   teacher.student.kwargs = config.teacher.kwargs
   teacher.experiment = ""
+  teacher.method = ""  # trained alone: reported as 'scratch'
   teacher.teacher.model = ""
   teacher.teacher.checkpoint = ""
   teacher.distill = ml_collections.ConfigDict({"losses": {"ce": 1.0}})
@@ -70,13 +71,15 @@ def student_config(config, role: str, seed: int, teacher_dir: str) -> ml_collect
   student.seed = seed
   student.teacher.checkpoint = teacher_dir
   if role == "scratch":
+    student.method = ""
     student.distill = ml_collections.ConfigDict({"losses": {"ce": 1.0}})
+    student.sampling.kind = ""  # the data as it is
   return student
 
 
 def _num_params(model_dir: str) -> int:
   """Trainable parameters of an exported model (built abstractly from its model.json)."""
-  model = teachers.abstract_model(model_io.read_metadata(model_dir))
+  model = teachers.abstract_model(model_dir)
   return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -133,6 +136,7 @@ def student_cache_dir(workdir: str) -> str:
 
 def run(config, workdir: str) -> dict:
   """Runs the comparison (module docstring); returns the summary written to results.json."""
+  plan.check_comparison(config.compare)
   teacher_dir = os.path.join(workdir, "teacher")
   seeds = [config.seed + offset for offset in range(config.compare.seeds)]
   configs = {"teacher": teacher_config(config)}
@@ -149,11 +153,18 @@ def run(config, workdir: str) -> dict:
 
   start = time.perf_counter()
   results, seconds = {}, {}
-  for name, run_config in configs.items():
-    logging.info("=== %s ===", name)
-    run_start = time.perf_counter()
-    results[name] = train.train_and_evaluate(run_config, os.path.join(workdir, name))
-    seconds[name] = time.perf_counter() - run_start
+  watch = preemption.Watch(sync_every=config.log_every_steps)  # SIGTERM between runs too
+  with watch.active():
+    for index, (name, run_config) in enumerate(configs.items()):
+      logging.info("=== %s ===", name)
+      run_start = time.perf_counter()
+      results[name] = train.train_and_evaluate(
+        run_config,
+        os.path.join(workdir, name),
+        label=f"{name}, run {index + 1} of {len(configs)}",
+        watch=watch,
+      )
+      seconds[name] = time.perf_counter() - run_start
 
   summary = {
     "teacher": {
@@ -172,10 +183,8 @@ def run(config, workdir: str) -> dict:
   table = results_table(summary)
   print(table, flush=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(table + "\n")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    epath.Path(workdir, "results.md").write_text(table + "\n")
+    epath.Path(workdir, "results.json").write_text(json.dumps(summary, indent=2))
     runs = report.load_runs([workdir])
     report.plot_curves(runs, os.path.join(workdir, "curves.png"))
     report.plot_gains(report.group(runs), os.path.join(workdir, "gains.png"))

@@ -3,7 +3,8 @@
 The whole generation is one compiled program per (model structure, batch, prompt length,
 `max_new_tokens`, `top_k`, `greedy`, `return_logits`, whether `top_p` is None); the values of
 `temperature` and `top_p` are traced, so sweeping them does not recompile. On-policy distillation
-(GKD, MiniLLM, SKD) calls this for student samples.
+(GKD, MiniLLM) and sequence-level KD call this for student and teacher samples
+(`jaxkd.sampling`).
 
 Prompts are a [B, P] block. Equal-length prompts need no mask; ragged prompts are LEFT-padded
 with `prompt_mask` False on the padding, so that every sequence's last prompt token sits in
@@ -11,6 +12,10 @@ slot P-1 and generation proceeds in lock step. Positions (RoPE angles or learned
 count real tokens only, so a left-padded prompt generates exactly what it would alone, as
 Hugging Face's `generate` does. The cache keeps every slot; sliding-window layers mask the keys
 outside their window.
+
+`speculative_generate` samples with two models, as speculative KD does (Xu et al. 2024): the
+student proposes blocks of tokens with its cache, the teacher verifies each block in one cached
+forward and replaces the proposals outside its top-k by its own samples.
 """
 
 import functools
@@ -154,3 +159,210 @@ def _generate(
     return Generation(tokens, None)
   step_logits = jnp.concatenate([jnp.moveaxis(step_logits, 0, 1), last_logits[:, None]], axis=1)
   return Generation(tokens, step_logits)
+
+
+class SpeculativeGeneration(NamedTuple):
+  """The output of `speculative_generate`, all [B, N].
+
+  tokens: the generated ids.
+  replaced: True where the teacher's sample replaced a proposal outside its top-k.
+  judged: how many student proposals for this position the teacher judged with a valid prefix
+    (the row's proposals up to and including its first rejection in a block; more than one when
+    a block was cut short by another row and the position was drafted again).
+  accepted: how many of those were inside the teacher's top-k.
+  """
+
+  tokens: jax.Array
+  replaced: jax.Array
+  judged: jax.Array
+  accepted: jax.Array
+
+
+def speculative_generate(
+  student: TransformerLM,
+  teacher: TransformerLM,
+  prompt_tokens: jax.Array,
+  max_new_tokens: int,
+  *,
+  rng: jax.Array,
+  accept_top_k: int = 25,
+  draft_tokens: int = 5,
+  temperature=0.5,
+  top_k: int | None = None,
+  top_p=0.5,
+  teacher_temperature=0.2,
+  teacher_top_p=0.5,
+  greedy: bool = False,
+  teacher_greedy: bool = False,
+) -> SpeculativeGeneration:
+  """Speculative KD sampling (SKD, Xu et al. 2024): student proposals, teacher top-k verification.
+
+  Token by token, SKD draws y_i from the student (`temperature`, `top_k`, `top_p`, or its argmax
+  when `greedy`); if y_i is not among the `accept_top_k` most likely tokens of the teacher at
+  that prefix, it is replaced by a teacher sample (`teacher_temperature`, `teacher_top_p`, or
+  the argmax when `teacher_greedy`). k = 0 gives teacher samples (sequence-level KD); k = V the
+  student's own (on-policy). Defaults: google-research/speculative_kd (k = 25, blocks of 5
+  proposals, student T = 0.5 and top-p 0.5, teacher T = 0.2 and top-p 0.5).
+
+  Computed in blocks, in lock step over the batch, with fixed shapes: both models keep a KV cache
+  of everything but the last token. Per block the student drafts d_0..d_{D-1} (D =
+  `draft_tokens`, one cached forward each) and the teacher judges them in one cached forward over
+  [last, d_0..d_{D-2}]. With j_r the first rejection of row r (D if none) and m = min_r j_r, every
+  row advances by min(m + 1, D): positions before m are accepted proposals in every row; at m,
+  rows rejected there take the teacher's sample and the others keep their accepted d_m. Both
+  caches then roll their `end` back to the new last token, which the next block feeds first.
+
+  Each row's tokens have exactly the distribution of token-by-token SKD: the cut at m depends
+  only on the outcomes at positions <= m (a stopping time of the position-by-position process),
+  so the kept tokens are a prefix of an SKD trajectory, and an accepted proposal dropped past m
+  is simply drafted again from the same prefix in the next block. Top-k membership counts the
+  teacher logits strictly above the proposal's (ties at the boundary are accepted).
+
+  Prompts are an equal-length [B, P] block (no padding). The caches hold P + N + D slots. One
+  compiled program per (model structures, shapes, `draft_tokens`, `top_k`, the greedy flags,
+  which top-p are None); k, the temperatures and the top-p values are traced.
+  """
+  if student.vocab_size != teacher.vocab_size:
+    raise ValueError(
+      f"student and teacher vocabularies differ: {student.vocab_size} vs {teacher.vocab_size}"
+    )
+  if max_new_tokens < 1 or draft_tokens < 1 or accept_top_k < 0:
+    raise ValueError(
+      f"need max_new_tokens >= 1, draft_tokens >= 1 and accept_top_k >= 0, got "
+      f"{max_new_tokens}, {draft_tokens}, {accept_top_k}"
+    )
+  student_graphdef, student_state = nnx.split(student)
+  teacher_graphdef, teacher_state = nnx.split(teacher)
+  return _speculative_generate(
+    student_graphdef,
+    teacher_graphdef,
+    student_state,
+    teacher_state,
+    prompt_tokens,
+    rng,
+    accept_top_k,
+    temperature,
+    top_p,
+    teacher_temperature,
+    teacher_top_p,
+    max_new_tokens=max_new_tokens,
+    draft_tokens=draft_tokens,
+    top_k=top_k,
+    greedy=greedy,
+    teacher_greedy=teacher_greedy,
+  )
+
+
+@functools.partial(
+  jax.jit,
+  static_argnums=(0, 1),
+  static_argnames=(
+    "max_new_tokens",
+    "draft_tokens",
+    "top_k",
+    "greedy",
+    "teacher_greedy",
+  ),
+)
+def _speculative_generate(
+  student_graphdef,
+  teacher_graphdef,
+  student_state,
+  teacher_state,
+  prompt_tokens,
+  rng,
+  accept_top_k,
+  temperature,
+  top_p,
+  teacher_temperature,
+  teacher_top_p,
+  *,
+  max_new_tokens,
+  draft_tokens,
+  top_k,
+  greedy,
+  teacher_greedy,
+):
+  student = nnx.merge(student_graphdef, student_state)
+  teacher = nnx.merge(teacher_graphdef, teacher_state)
+  propose = functools.partial(
+    sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+  )
+  resample = functools.partial(
+    sample_logits, temperature=teacher_temperature, top_p=teacher_top_p, greedy=teacher_greedy
+  )
+  batch, prompt_length = prompt_tokens.shape
+  end_length = prompt_length + max_new_tokens
+  capacity = end_length + draft_tokens  # the last block may draft past the end
+  student_cache = student.init_cache(batch, capacity)
+  teacher_cache = teacher.init_cache(batch, capacity)
+  if prompt_length > 1:  # the caches hold everything but the last token
+    student_cache = student(prompt_tokens[:, :-1], cache=student_cache)[2]
+    teacher_cache = teacher(prompt_tokens[:, :-1], cache=teacher_cache)[2]
+  padding = jnp.zeros((batch, capacity - prompt_length), jnp.int32)
+  tokens = jnp.concatenate([prompt_tokens.astype(jnp.int32), padding], axis=1)
+  counts = jnp.zeros((batch, capacity), jnp.int32)
+  offsets = jnp.arange(draft_tokens)
+
+  def draft(carry, step_rng):
+    cache, token = carry
+    logits, _, cache = student(token[:, None], cache=cache)
+    proposal = propose(logits[:, 0], step_rng).astype(jnp.int32)
+    return (cache, proposal), proposal
+
+  def block(carry):
+    tokens, replaced, judged, accepted, length, student_cache, teacher_cache, rng = carry
+    rng, draft_rng, teacher_rng = jax.random.split(rng, 3)
+    last = jax.lax.dynamic_index_in_dim(tokens, length - 1, axis=1, keepdims=False)
+    (student_cache, _), proposals = jax.lax.scan(
+      draft, (student_cache, last), jax.random.split(draft_rng, draft_tokens)
+    )
+    proposals = proposals.T  # [B, D]
+    fed = jnp.concatenate([last[:, None], proposals[:, :-1]], axis=1)
+    teacher_logits, _, teacher_cache = teacher(fed, cache=teacher_cache)  # [B, D, V]
+    proposal_logits = jnp.take_along_axis(teacher_logits, proposals[..., None], axis=-1)
+    in_top_k = jnp.sum(teacher_logits > proposal_logits, axis=-1) < accept_top_k
+    first_rejection = jnp.where(
+      jnp.all(in_top_k, axis=1), draft_tokens, jnp.argmax(~in_top_k, axis=1)
+    )
+    cut = jnp.min(first_rejection)
+    cut_logits = jax.lax.dynamic_index_in_dim(
+      teacher_logits, jnp.minimum(cut, draft_tokens - 1), axis=1, keepdims=False
+    )
+    teacher_sample = resample(cut_logits, teacher_rng).astype(jnp.int32)
+    swap = (offsets == cut)[None, :] & (first_rejection == cut)[:, None]  # none when cut = D
+    block_tokens = jnp.where(swap, teacher_sample[:, None], proposals)
+    valid = offsets[None, :] <= first_rejection[:, None]  # judged with a valid prefix
+
+    def write(buffer, values):
+      return jax.lax.dynamic_update_slice_in_dim(buffer, values.astype(buffer.dtype), length, 1)
+
+    def add(buffer, values):
+      current = jax.lax.dynamic_slice_in_dim(buffer, length, draft_tokens, axis=1)
+      return write(buffer, current + values)
+
+    # Entries past the advance are overwritten by the next block, or lie past the end.
+    tokens, replaced = write(tokens, block_tokens), write(replaced, swap)
+    judged, accepted = add(judged, valid), add(accepted, valid & in_top_k)
+    length = length + jnp.minimum(cut + 1, draft_tokens)
+    student_cache = student_cache.replace(end=length - 1)
+    teacher_cache = teacher_cache.replace(end=length - 1)
+    return tokens, replaced, judged, accepted, length, student_cache, teacher_cache, rng
+
+  carry = (
+    tokens,
+    counts.astype(bool),
+    counts,
+    counts,
+    jnp.asarray(prompt_length, jnp.int32),
+    student_cache,
+    teacher_cache,
+    rng,
+  )
+  tokens, replaced, judged, accepted, *_ = jax.lax.while_loop(
+    lambda carry: carry[4] < end_length, block, carry
+  )
+  generated = slice(prompt_length, end_length)
+  return SpeculativeGeneration(
+    tokens[:, generated], replaced[:, generated], judged[:, generated], accepted[:, generated]
+  )

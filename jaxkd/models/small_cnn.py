@@ -126,6 +126,10 @@ def small_cnn(
 
   `input_size` (square images) only matters with `flatten=True`.
   """
+  if not widths or min(widths) < 1:
+    raise ValueError(f"widths={tuple(widths)!r}: at least one width, each at least 1")
+  if not 1 <= depth <= 64:
+    raise ValueError(f"depth={depth!r}: must be in [1, 64]")
   return SmallCNN(
     widths=tuple(widths),
     depth=depth,

@@ -30,9 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxkd import models, parallel, tasks
+from etils import epath
+
+from jaxkd import errors, models, parallel, tasks
 from jaxkd.losses.chunked import LMHead
 from jaxkd.losses.sequence import SparseTeacher
+from jaxkd.models import hf
 from jaxkd.models import io as model_io
 from jaxkd.teachers import cache as cache_lib
 
@@ -96,7 +99,9 @@ class Teacher:
     graphdef: the model's graph definition (one member's, for an ensemble).
     rule: the ensemble rule.
     feature_names: the features the method reads.
-    num_classes: width of the dense logits a top-k cache expands to.
+    num_classes: width of the dense logits a top-k cache expands to; for a live teacher whose
+      vocabulary is padded past its tokenizer's (Qwen's 152064 embedding rows for 151936
+      tokens), the entries kept (`jaxkd.losses.slice_vocab`).
   """
 
   source: Source
@@ -118,8 +123,10 @@ class Teacher:
       logits, features = self.task.apply(
         model, view, batch, train=False, return_features=bool(self.feature_names)
       )
-      if not isinstance(logits, LMHead):  # an LMHead keeps its dtypes (chunked losses)
-        logits = logits.astype(jnp.float32)
+      if isinstance(logits, LMHead):  # an LMHead keeps its dtypes (chunked losses)
+        logits = logits._replace(unembed=logits.unembed[:, : self.num_classes])
+      else:
+        logits = logits[..., : self.num_classes].astype(jnp.float32)
       return logits, {name: features[name] for name in self.feature_names}
 
     if self.source == "live":
@@ -161,6 +168,9 @@ class Settings:
     cache_top_p, cache_temperature: see `cache_topk`.
     cache_dtype: storage dtype of the logits / log-probabilities.
     in_step: whether the training step reads the teacher (the method has teacher terms).
+    num_classes: the classes the student predicts; a teacher with more output entries (a
+      padded vocabulary of the same tokenizer) is sliced to them. None = no slicing.
+    dtype: the teacher's compute dtype ('float32' or 'bfloat16').
   """
 
   checkpoints: tuple[str, ...] = ()
@@ -171,6 +181,8 @@ class Settings:
   cache_temperature: float = 1.0
   cache_dtype: str = "float32"
   in_step: bool = False
+  num_classes: int | None = None
+  dtype: str = "float32"
 
   @property
   def train_source(self) -> Source:
@@ -194,9 +206,12 @@ def settings(teacher_config: Mapping[str, Any], *, in_step: bool) -> Settings:
     cache_temperature=float(cache["temperature"]),
     cache_dtype=cache["dtype"],
     in_step=in_step,
+    dtype=teacher_config["dtype"],
   )
   if resolved.rule not in ENSEMBLE_RULES:
     raise ValueError(f"teacher.ensemble={resolved.rule!r}: must be one of {ENSEMBLE_RULES}")
+  if resolved.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"teacher.dtype={resolved.dtype!r}: must be 'float32' or 'bfloat16'")
   if resolved.cache_topk < 0:
     raise ValueError(f"teacher.cache.topk={resolved.cache_topk}: must be 0 (dense) or positive")
   if not 0 < resolved.cache_top_p <= 1:
@@ -220,14 +235,34 @@ def settings(teacher_config: Mapping[str, Any], *, in_step: bool) -> Settings:
   return resolved
 
 
+def is_hugging_face(directory: str) -> bool:
+  """Whether `directory` is a Hugging Face model (config.json + safetensors), not a jaxkd one
+  (model.json + an orbax state)."""
+  path = epath.Path(directory)
+  return (path / "config.json").exists() and not (path / "model.json").exists()
+
+
+def read_record(directory: str) -> dict:
+  """The ``{'name', 'create_kwargs'}`` record of a jaxkd model directory or a Hugging Face one
+  (a `transformer_lm` of its config.json); ValueError saying why not."""
+  try:
+    if is_hugging_face(directory):
+      return {"name": "transformer_lm", "create_kwargs": hf.read_config(directory).create_kwargs()}
+    return model_io.read_metadata(directory)
+  except (OSError, errors.CheckpointError) as error:
+    raise ValueError(str(error)) from None
+
+
+def load_model(directory: str, *, dtype: str = "float32", mesh=None) -> nnx.Module:
+  """The teacher model in `directory` (jaxkd or Hugging Face), weights placed on `mesh`."""
+  if is_hugging_face(directory):
+    return hf.load_pretrained(directory, dtype=jnp.dtype(dtype), mesh=mesh)
+  return model_io.load(directory, dtype=jnp.dtype(dtype), mesh=mesh)
+
+
 def read_architecture(checkpoints: Sequence[str]) -> dict:
-  """The `model.json` record the checkpoints share; ValueError naming a checkpoint that differs."""
-  records = []
-  for directory in checkpoints:
-    try:
-      records.append(model_io.read_metadata(directory))
-    except FileNotFoundError as error:
-      raise ValueError(str(error)) from None
+  """The model record the checkpoints share; ValueError naming a checkpoint that differs."""
+  records = [read_record(directory) for directory in checkpoints]
   for directory, record in zip(checkpoints[1:], records[1:]):
     if record != records[0]:
       raise ValueError(
@@ -237,8 +272,16 @@ def read_architecture(checkpoints: Sequence[str]) -> dict:
   return records[0]
 
 
-def abstract_model(record: Mapping[str, Any]) -> nnx.Module:
-  """The teacher model of a `model.json` record, built abstractly (no weights, no FLOPs)."""
+def abstract_model(directory: str) -> nnx.Module:
+  """The teacher model in `directory`, built abstractly (no weights, no FLOPs); a jaxkd
+  directory's model.json is checked against its saved weights' shapes. ValueError saying why
+  not."""
+  try:
+    if not is_hugging_face(directory):
+      return model_io.abstract_model(directory)
+  except errors.CheckpointError as error:
+    raise ValueError(str(error)) from None
+  record = read_record(directory)
   return nnx.eval_shape(lambda: models.create(record["name"], **record["create_kwargs"]))
 
 
@@ -280,6 +323,7 @@ def from_models(
   feature_names: Sequence[str] = (),
   rule: str = "mean_logits",
   in_step: bool = True,
+  num_classes: int | None = None,
 ) -> Teachers:
   """Live (one model) or ensemble (several, one architecture) sources of `teacher_models`.
 
@@ -292,17 +336,20 @@ def from_models(
     rule: how an ensemble combines (`ENSEMBLE_RULES`).
     in_step: whether the training step reads the teacher (else its source is ``'none'`` and
       the models only serve evaluation).
+    num_classes: slice the teacher's outputs to these first entries (a padded vocabulary).
   """
   if rule not in ENSEMBLE_RULES:
     raise ValueError(f"unknown ensemble rule {rule!r}; known rules: {', '.join(ENSEMBLE_RULES)}")
   ensemble = len(teacher_models) > 1
-  state = parallel.shard_state(mesh, _stacked_state(teacher_models), leading_axes=int(ensemble))
+  # Never donated: placed without a host copy (a large teacher loaded sharded stays so).
+  state = parallel.place_state(mesh, _stacked_state(teacher_models), leading_axes=int(ensemble))
   live = Teacher(
     source="ensemble" if ensemble else "live",
     task=task,
     graphdef=nnx.graphdef(teacher_models[0]),
     rule=rule,
     feature_names=tuple(feature_names),
+    num_classes=num_classes,
   )
   # 'per_teacher' has no single teacher distribution to compare with: evaluate the mean.
   eval_teacher = dataclasses.replace(
@@ -336,7 +383,11 @@ def load(
   if not resolved.checkpoints:
     none = Teacher(source="none")
     return Teachers(train=none, eval=none)
-  teacher_models = [model_io.load(directory) for directory in resolved.checkpoints]
+  ensemble = len(resolved.checkpoints) > 1
+  teacher_models = [
+    load_model(directory, dtype=resolved.dtype, mesh=None if ensemble else mesh)
+    for directory in resolved.checkpoints
+  ]
   source = resolved.train_source
   live = from_models(
     teacher_models,
@@ -345,6 +396,7 @@ def load(
     feature_names=feature_names,
     rule=resolved.rule,
     in_step=source in ("live", "ensemble"),
+    num_classes=resolved.num_classes,
   )
   if source != "cached":
     return live
@@ -387,7 +439,7 @@ def with_cache(
   """
   identity = dict(identity, teacher_fingerprint=teacher_fingerprint)
   teacher = live.eval
-  if not os.path.exists(os.path.join(directory, cache_lib.MANIFEST)):
+  if not (epath.Path(directory) / cache_lib.MANIFEST).exists():
     outputs = jax.jit(
       lambda state, batch: teacher.outputs(state, teacher.task.view(batch, None), batch)
     )

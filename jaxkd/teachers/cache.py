@@ -12,7 +12,8 @@ outputs for an example every epoch, so its forward can be paid once. A cache hol
   65,536 classes, else int32; float16 / bfloat16 / float32 log-probabilities). Unused slots (a
   nucleus smaller than k) hold the padding id and -inf.
 
-Layout: ``manifest.json`` (what the cache was computed from: dataset name, size and fingerprint,
+Layout (local or ``gs://``; a remote cache is copied to local disk when opened, since memory maps
+need a local file): ``manifest.json`` (what the cache was computed from: dataset name, size and fingerprint,
 the teacher's weights' fingerprint, kind, k, top-p, τ, dtypes, classes) and one shard per
 writing process, ``shard-<p>-of-<P>/``, holding ``index.npy`` (the example indices it covers)
 and the arrays, in `.npy` files read with ``mmap_mode='r'``: a batch reads its rows only. Each
@@ -34,12 +35,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxkd.errors import UserError
@@ -112,8 +115,24 @@ def _numpy_dtype(dtype: str):
   return np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
 
 
-def _shard_dir(directory: str, process: int, num_shards: int) -> str:
-  return os.path.join(directory, f"shard-{process:05d}-of-{num_shards:05d}")
+def _shard_dir(directory: str, process: int, num_shards: int) -> epath.Path:
+  return epath.Path(directory) / f"shard-{process:05d}-of-{num_shards:05d}"
+
+
+def _save(path: epath.Path, array: np.ndarray) -> None:
+  with path.open("wb") as f:
+    np.save(f, array)
+
+
+def _load(path: epath.Path, staging: str | None) -> np.ndarray:
+  """The array at `path`, memory-mapped; a remote one (``gs://``) is first copied into the
+  local `staging` directory (memory maps need a local file)."""
+  if "://" in os.fspath(path):
+    local = os.path.join(staging, path.parent.name, path.name)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    path.copy(local, overwrite=True)
+    path = local
+  return np.load(os.fspath(path), mmap_mode="r")
 
 
 def _files(kind: Kind) -> tuple[str, ...]:
@@ -165,7 +184,7 @@ def write_cache(
 
   process, num_shards = jax.process_index(), jax.process_count()
   shard = _shard_dir(directory, process, num_shards)
-  os.makedirs(shard, exist_ok=True)
+  shard.mkdir(parents=True, exist_ok=True)
   parts: dict[str, list[np.ndarray]] = {"index": []}
   num_classes = None
   for batch in batches:
@@ -188,12 +207,13 @@ def write_cache(
     array = np.concatenate(chunks)
     if array.dtype == jnp.bfloat16:
       array = array.view(np.uint16)
-    np.save(os.path.join(shard, f"{name}.npy"), array)
+    _save(shard / f"{name}.npy", array)
   if num_shards > 1:
     multihost_utils.sync_global_devices("jaxkd teacher cache shards written")
   covered = np.zeros(num_examples, bool)
   for p in range(num_shards):
-    covered[np.load(os.path.join(_shard_dir(directory, p, num_shards), "index.npy"))] = True
+    with (_shard_dir(directory, p, num_shards) / "index.npy").open("rb") as f:
+      covered[np.load(f)] = True
   if not covered.all():
     raise ValueError(f"the batches cover {int(covered.sum())} of {num_examples} examples")
   manifest = Manifest(
@@ -210,8 +230,9 @@ def write_cache(
     num_shards=num_shards,
   )
   if process == 0:
-    with open(os.path.join(directory, MANIFEST), "w") as f:
-      json.dump(dataclasses.asdict(manifest), f, indent=2)
+    (epath.Path(directory) / MANIFEST).write_text(
+      json.dumps(dataclasses.asdict(manifest), indent=2)
+    )
   if num_shards > 1:
     multihost_utils.sync_global_devices("jaxkd teacher cache manifest written")
   return manifest
@@ -259,11 +280,10 @@ class TeacherCache:
 
 def read_manifest(directory: str) -> Manifest:
   """The manifest of the cache in `directory`; FileNotFoundError if there is none."""
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.exists(path):
+  path = epath.Path(directory) / MANIFEST
+  if not path.exists():
     raise FileNotFoundError(f"no teacher cache at {directory} ({MANIFEST} is missing)")
-  with open(path) as f:
-    record = json.load(f)
+  record = json.loads(path.read_text())
   if record.get("version") != FORMAT_VERSION:
     raise CacheMismatchError(
       f"teacher cache {directory} has format version {record.get('version')!r}, this jaxkd "
@@ -308,16 +328,12 @@ def open_cache(
         "(delete the directory and run again)"
       )
   shards, shard_of, row_of = [], np.full(num_examples, -1), np.full(num_examples, -1)
+  staging = tempfile.mkdtemp(prefix="jaxkd-teacher-cache-") if "://" in directory else None
   for p in range(manifest.num_shards):
     path = _shard_dir(directory, p, manifest.num_shards)
-    index = np.load(os.path.join(path, "index.npy"))
+    index = _load(path / "index.npy", staging)
     shard_of[index], row_of[index] = p, np.arange(len(index))
-    shards.append(
-      {
-        name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r")
-        for name in _files(manifest.kind)
-      }
-    )
+    shards.append({name: _load(path / f"{name}.npy", staging) for name in _files(manifest.kind)})
   return TeacherCache(manifest=manifest, shards=tuple(shards), shard_of=shard_of, row_of=row_of)
 
 

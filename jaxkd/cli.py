@@ -1,0 +1,67 @@
+"""What a jaxkd command does with its command line: flags read into one clear error line.
+
+Shared by `python -m jaxkd.main` and `python -m jaxkd.evaluate`, which define their own flags.
+"""
+
+import logging as python_logging
+import sys
+import warnings
+from typing import NoReturn
+
+from absl import flags
+
+from jaxkd import errors
+
+
+def flag_error_message(error: BaseException) -> str:
+  """One line for a command-line error, without the traceback config_flags would embed."""
+  # config_flags re-raises an error of get_config with its traceback pasted into the message;
+  # the innermost user error of the chain is the one to show.
+  user_error, cause = None, error
+  while cause is not None:
+    if isinstance(cause, errors.UserError):
+      user_error = cause
+    cause = cause.__cause__ or cause.__context__
+  if user_error is not None:
+    return str(user_error)
+  if isinstance(error, (AttributeError, KeyError)):
+    # ml_collections' answer to `--config.<field>` for a field the config lacks:
+    # AttributeError(KeyError("'name'\nDid you mean ...?")).
+    while error.args and isinstance(error.args[0], BaseException):
+      error = error.args[0]
+    message = str(error.args[0] if error.args else error).replace("\n", ": ")
+    return f"--config override of a field the config does not have: {message}"
+  return str(error)
+
+
+def read_flags(argv: list[str], flag_values: flags.FlagValues, config_flag) -> list[str]:
+  """absl's flag parsing of `argv` and the config's loading and overrides.
+
+  Returns the arguments left over; any mistake on the command line, the config file or an
+  override is a `UserError` whose message is the one line to print.
+  """
+  try:
+    remaining_argv = flag_values(argv)
+    # A config file that cannot be loaded is reported only when the config is first read.
+    config_flag.value.get("seed")
+    return remaining_argv
+  except (flags.Error, AttributeError, KeyError) as error:
+    message = flag_error_message(error)
+  except OSError as error:
+    message = f"--config: {' '.join(str(error.__cause__ or error).split())}"
+  raise errors.UserError(message)
+
+
+def exit_with_error(error: errors.UserError) -> NoReturn:
+  """Prints `error` as one `error:` line, the last thing on screen, and exits with status 1."""
+  # What was printed or logged before comes first (stdout may be a buffered pipe).
+  sys.stdout.flush()
+  for handler in python_logging.getLogger().handlers:
+    handler.flush()
+  message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  # Nothing may follow the line: what library threads log or warn while the interpreter shuts
+  # down (an unfinished background read, an unclosed pool) is a consequence of the error.
+  python_logging.disable(python_logging.CRITICAL)
+  warnings.simplefilter("ignore")
+  sys.exit(1)

@@ -1,0 +1,82 @@
+"""Language-model distillation through the trainer, on the standard library's sources:
+every `configs/lm_kd.py` method runs end to end from one tiny teacher (stored top-p-k logits,
+α schedules, on-policy GKD, sequence-level KD, speculative KD, the chunked loss)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxkd import train
+from jaxkd.experiments import compare
+
+import testing_utils
+
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
+def _config(method: str):
+  return testing_utils.load_config("lm_kd", f"smoke,seeds=1,method={method}")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("lm_teacher")
+  results = train.train_and_evaluate(compare.teacher_config(_config("kd")), str(workdir))
+  assert 0 < results["bits_per_byte"] < 9
+  return str(workdir / "model")
+
+
+def _records(workdir, split="train"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [record for record in map(json.loads, f) if record["split"] == split]
+
+
+def _student(method, teacher_dir, tmp_path):
+  config = compare.student_config(_config(method), "kd", 0, teacher_dir)
+  if config.teacher.cache.topk:
+    config.teacher.cache.dir = str(tmp_path / "cache")
+  workdir = str(tmp_path / method)
+  return train.train_and_evaluate(config, workdir), _records(workdir)
+
+
+def test_stored_top_p_k_teacher(teacher_dir, tmp_path):
+  """'kd': the teacher's truncated distributions are written once (float16, uint16 ids) and
+  read back; evaluation compares with the live teacher."""
+  results, records = _student("kd", teacher_dir, tmp_path)
+  with open(tmp_path / "cache" / "manifest.json") as f:
+    manifest = json.load(f)
+  assert (manifest["k"], manifest["top_p"], manifest["dtype"]) == (50, 0.95, "float16")
+  assert manifest["num_classes"] == 259
+  assert {"bits_per_byte", "agreement", "kl"} <= set(results)
+  assert all(np.isfinite(record["kd"]) for record in records)
+
+
+def test_pretraining_distillation_alpha_follows_its_schedule(teacher_dir, tmp_path):
+  """'pretrain': α warms up, holds 0.9 and decays (WSD), beside a WSD learning rate."""
+  _, records = _student("pretrain", teacher_dir, tmp_path)
+  alphas = [record["alpha"] for record in records]
+  assert max(alphas) == pytest.approx(0.9) and alphas[0] < 0.9
+  for record in records:
+    mixed = (1 - record["alpha"]) * record["ce"] + record["alpha"] * record["kd"]
+    assert record["loss"] == pytest.approx(mixed, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["gkd", "seq_kd", "skd"])
+def test_sampled_continuations(method, teacher_dir, tmp_path):
+  """The sampling methods train on generated continuations and log how they were made."""
+  results, records = _student(method, teacher_dir, tmp_path)
+  assert np.isfinite(results["bits_per_byte"])
+  assert all("sampled" in record for record in records)
+  if method == "skd":
+    assert all(0 <= record["accept_rate"] <= 1 for record in records)
+    assert any(record["replace_rate"] > 0 for record in records)
+
+
+def test_chunked_loss_trains_without_logits(teacher_dir, tmp_path):
+  _, records = _student("chunked", teacher_dir, tmp_path)
+  for record in records:
+    assert record["loss"] == pytest.approx(
+      0.5 * record["chunked_lm/ce"] + 0.5 * record["chunked_lm/kd"], rel=1e-4
+    )
