@@ -372,8 +372,10 @@ def _run_record(config, student_kwargs, num_classes: int, members) -> dict:
   return json.loads(json.dumps(record))
 
 
-def resolve(config, workdir: str) -> Plan:
-  """Checks `config` and the run's facts; returns the `Plan` (module docstring)."""
+def resolve(config, workdir: str | None) -> Plan:
+  """Checks `config` and the run's facts; returns the `Plan` (module docstring). Without a
+  `workdir` (a command that trains nothing, e.g. `jaxkd.tools.store_teacher`) the plan has no
+  run directories and no earlier run is checked."""
   check(config)
   parallel.maybe_initialize_distributed(config)
   try:
@@ -494,7 +496,9 @@ def resolve(config, workdir: str) -> Plan:
 
   sampler = _sampler(config, task, tokenizer, settings, members)
   run_record = _run_record(config, student_kwargs, num_classes, members)
-  set_aside_previous_run = _check_workdir(workdir, run_record, config.workdir_mismatch)
+  set_aside_previous_run = workdir is not None and _check_workdir(
+    workdir, run_record, config.workdir_mismatch
+  )
   return Plan(
     config=config,
     task=task,
@@ -525,7 +529,9 @@ def resolve(config, workdir: str) -> Plan:
     sampler=sampler,
     run_record=run_record,
     set_aside_previous_run=set_aside_previous_run,
-    run_dirs=tuple(os.path.join(workdir, "members", name) for name in members.names)
+    run_dirs=()
+    if workdir is None
+    else tuple(os.path.join(workdir, "members", name) for name in members.names)
     if members is not None
     else (workdir,),
   )

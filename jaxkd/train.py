@@ -61,28 +61,15 @@ def _train_and_evaluate(config, workdir: str, label: str, watch: preemption.Watc
   if run.set_aside_previous_run:
     _set_aside_previous_run(workdir)
   mesh = parallel.make_mesh(run.mesh_shape)
-  _record_provenance(config, workdir)
+  record = _record_provenance(config, workdir)
 
   # Models, teacher sources, method and optimiser.
   spec, members = run.spec, run.members
   make_student = functools.partial(
     models.create, run.student_model, num_classes=run.num_classes, **run.student_kwargs
   )
-  teacher = teachers.load(
-    run.teacher,
-    task=run.task,
-    feature_names=run.method.teacher_features,
-    mesh=mesh,
-    cache_identity=lambda: _cache_identity(run),
-    cache_batches=lambda: data.eval_batches(
-      run.train_source,
-      spec,
-      global_batch_size=run.eval_batch_size,
-      num_examples=run.num_train,
-      num_threads=config.data.num_threads,
-      num_workers=config.data.num_workers,
-    ),
-  )
+  teacher = load_teacher(run, mesh)
+
   if config.student.teacher_layers:  # the teacher's kept layers, weights copied
     teacher_model = nnx.merge(teacher.eval.graphdef, teacher.state)
     student = transformer.keep_layers(teacher_model, config.student.teacher_layers)
@@ -222,13 +209,22 @@ def _train_and_evaluate(config, workdir: str, label: str, watch: preemption.Watc
     results = eval_now()
     if start_step < run.total_steps:
       write(run.total_steps, "eval", results)
+    run_records = (
+      [record] if members is None else [provenance.member_record(record, n) for n in members.names]
+    )
+    for writer, run_dir, run_results, run_record in zip(
+      writers, run.run_dirs, results, run_records
+    ):
+      writer.flush()
+      # RepDistiller reports the last epoch, mdistiller the best: keep both.
+      run_results["best_accuracy"] = (
+        metrics.best(run_dir, "eval", "accuracy") or run_results["accuracy"]
+      )
+      if start_step < run.total_steps:
+        writer.write_hparams(provenance.hparams(run_record), run_results, step=run.total_steps)
 
   member_states = population.unstack(state) if members is not None else [state]
   for run_dir, run_results, run_state in zip(run.run_dirs, results, member_states):
-    # RepDistiller reports the last epoch, mdistiller the best: keep both.
-    run_results["best_accuracy"] = (
-      metrics.best(run_dir, "eval", "accuracy") or run_results["accuracy"]
-    )
     logging.info("Final evaluation of %s: %s", run_dir, json.dumps(run_results))
     trained = step.student_model(learner.student, run_state)
     model_io.save(
@@ -285,15 +281,17 @@ def _set_aside_previous_run(workdir: str) -> None:
     multihost_utils.sync_global_devices("jaxkd previous run set aside")
 
 
-def _record_provenance(config, workdir: str) -> None:
-  """Writes what produced the run (`jaxkd.provenance`); a resumed run says what changed."""
+def _record_provenance(config, workdir: str) -> dict:
+  """Writes what produced the run (`jaxkd.provenance`) and returns it; a resumed run says what
+  changed."""
   record = provenance.collect(config)
   if jax.process_index() != 0:
-    return
+    return record
   saved = provenance.read(workdir)
   for change in provenance.differences(saved, record) if saved else ():
     logging.warning("Changed since this workdir's run started: %s", change)
   provenance.write(workdir, record)
+  return record
 
 
 class _NonFiniteGuard:
@@ -351,6 +349,30 @@ class _NonFiniteGuard:
         f"gradient {gradient}); {why}. The update was not applied and the checkpoints hold "
         "the last finite state: lower the learning rate or check the data"
       )
+
+
+def load_teacher(run: plan.Plan, mesh) -> teachers.Teachers:
+  """The run's teacher sources; a cached teacher's outputs are written first if the cache
+  directory holds none (over the run's training examples, `_cache_identity`)."""
+  config = run.config
+  teacher = teachers.load(
+    run.teacher,
+    task=run.task,
+    feature_names=run.method.teacher_features,
+    mesh=mesh,
+    cache_identity=lambda: _cache_identity(run),
+    cache_batches=lambda: data.eval_batches(
+      run.train_source,
+      run.spec,
+      global_batch_size=run.eval_batch_size,
+      num_examples=run.num_train,
+      num_threads=config.data.num_threads,
+      num_workers=config.data.num_workers,
+    ),
+  )
+  if teacher.cache is not None:
+    logging.info("Teacher cache %s: %s", run.teacher.cache_dir, teacher.cache.describe())
+  return teacher
 
 
 def _cache_identity(run: plan.Plan) -> dict:

@@ -5,16 +5,15 @@ import glob
 import json
 import logging
 import os
-import struct
 
 import jax.numpy as jnp
 import pytest
 from etils import epath
-from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 
 from jaxkd import metrics
 
 import fake_gcs
+import testing_utils
 
 
 def _rows(workdir) -> list[tuple]:
@@ -25,23 +24,13 @@ def _rows(workdir) -> list[tuple]:
   ]
 
 
-def _events(path: str) -> list:
-  """The events of one TFRecord event file: length (u64), crc, payload, crc."""
-  data, events, offset = epath.Path(path).read_bytes(), [], 0
-  while offset < len(data):
-    (length,) = struct.unpack("<Q", data[offset : offset + 8])
-    events.append(event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length]))
-    offset += 12 + length + 4
-  return events
-
-
 def _tensorboard_view(directory) -> dict:
   """{(tag, step): value} as TensorBoard shows the run: files in name (time) order, and a
   SessionLog START at step s discards the points at steps >= s read so far (TensorBoard's
   purge of orphaned data after a restart)."""
   points = {}
   for path in sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*"))):
-    for event in _events(path):
+    for event in testing_utils.tensorboard_events(path):
       if event.HasField("session_log") and event.session_log.status == event.session_log.START:
         points = {key: value for key, value in points.items() if key[1] < event.step}
       for value in event.summary.value:
@@ -97,12 +86,7 @@ def test_hparams(tmp_path):
       {"optimizer": {"learning_rate": 0.1}, "student": {"widths": (4, 8)}, "seed": 3},
       {"best_accuracy": 0.75},
     )
-  [path] = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
-  values = [value for event in _events(path) for value in event.summary.value]
-  start = next(v for v in values if v.tag == "_hparams_/session_start_info")
-  hparams = plugin_hparams_pb2.HParamsPluginData.FromString(
-    start.metadata.plugin_data.content
-  ).session_start_info.hparams
+  hparams = testing_utils.tensorboard_hparams(tmp_path / "tensorboard")
   assert hparams["optimizer.learning_rate"].number_value == 0.1
   assert hparams["student.widths"].string_value == "[4, 8]"
   assert hparams["seed"].number_value == 3

@@ -1,10 +1,13 @@
 """Multi-host: 2 local processes × 4 CPU devices (gloo collectives) == 1 process × 8 devices.
 
-MULTI-PROCESS TEST. It starts two subprocesses running this file as workers; each calls
+MULTI-PROCESS TESTS. They start two subprocesses running this file as workers; each calls
 `jaxkd.parallel.maybe_initialize_distributed` from the JAX_COORDINATOR_ADDRESS /
-JAX_NUM_PROCESSES / JAX_PROCESS_ID environment, feeds only its half of every global batch
-(`host_to_global`), and trains 3 steps on a ('data'=4, 'fsdp'=2) mesh spanning both processes.
-Losses and parameters must equal the single-process 8-device run of the same steps.
+JAX_NUM_PROCESSES / JAX_PROCESS_ID environment.
+* 'train': each feeds only its half of every global batch (`host_to_global`) and trains 3 steps
+  on a ('data'=4, 'fsdp'=2) mesh spanning both processes. Losses and parameters must equal the
+  single-process 8-device run of the same steps.
+* 'preempt': only process 1 receives SIGTERM, between two sync points of `preemption.Watch`;
+  both processes must stop after the same step, the next sync point.
 """
 
 import os
@@ -58,22 +61,48 @@ def _train():
   return np.asarray(losses), flat
 
 
-def _worker(output_path: str) -> None:
+# 'preempt': the signal reaches process 1 after this step; the processes compare flags every
+# SYNC_EVERY steps, so both stop after the next multiple of it.
+SIGNAL_AFTER_STEP, SYNC_EVERY = 5, 4
+
+
+def _preempt(output_path: str) -> None:
+  import signal
+
+  import jax
+
+  from jaxkd import preemption
+
+  watch = preemption.Watch(sync_every=SYNC_EVERY)
+  with watch.active():
+    for step in range(1, 100):
+      if jax.process_index() == 1 and step == SIGNAL_AFTER_STEP:
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: only sets the flag
+      if watch.stop_requested(step):
+        break
+  with open(f"{output_path}.{jax.process_index()}", "w") as f:
+    f.write(f"{step} {watch.received}")
+
+
+def _worker(mode: str, output_path: str) -> None:
   from jaxkd import parallel
 
   assert parallel.maybe_initialize_distributed(None)
   import jax
 
   assert jax.process_count() == NUM_PROCESSES and jax.device_count() == 8
+  if mode == "preempt":
+    _preempt(output_path)
+    return
   losses, flat = _train()
   if jax.process_index() == 0:
     np.savez(output_path, losses=losses, **flat)
 
 
-def test_two_processes_match_one_process(tmp_path):
+def _run_workers(mode: str, output_path: str) -> None:
+  """Runs `_worker(mode, output_path)` in two local processes; fails on a worker's failure."""
   portpicker = pytest.importorskip("portpicker")
   port = portpicker.pick_unused_port()
-  output_path = str(tmp_path / "multihost.npz")
   env_base = {key: value for key, value in os.environ.items() if not key.startswith("JAX_")}
   env_base.update(
     JAX_PLATFORMS="cpu",
@@ -86,7 +115,7 @@ def test_two_processes_match_one_process(tmp_path):
   )
   workers = [
     subprocess.Popen(
-      [sys.executable, __file__, output_path],
+      [sys.executable, __file__, mode, output_path],
       env={**env_base, "JAX_PROCESS_ID": str(process_id)},
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
@@ -103,6 +132,10 @@ def test_two_processes_match_one_process(tmp_path):
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output[-3000:]
 
+
+def test_two_processes_match_one_process(tmp_path):
+  output_path = str(tmp_path / "multihost.npz")
+  _run_workers("train", output_path)
   losses, flat = _train()  # this process: 8 simulated devices (tests/conftest.py)
   result = np.load(output_path)
   np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
@@ -110,5 +143,12 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(result[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+  output_path = str(tmp_path / "preempt")
+  _run_workers("preempt", output_path)
+  stops = [(tmp_path / f"preempt.{index}").read_text() for index in range(NUM_PROCESSES)]
+  assert stops == ["8 SIGTERM (another process)", "8 SIGTERM"]
+
+
 if __name__ == "__main__":
-  _worker(sys.argv[1])
+  _worker(sys.argv[1], sys.argv[2])

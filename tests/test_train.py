@@ -67,6 +67,11 @@ def test_quickstart_comparison_end_to_end(comparison):
   # Only the KD student trains with the teacher's loss.
   with open(tmp_path / "kd" / "seed_0" / "metrics.jsonl") as f:
     assert "kd" in json.loads(f.readline())
+  # TensorBoard's HParams tab: the resolved config and the results of each run.
+  hparams = testing_utils.tensorboard_hparams(tmp_path / "kd" / "seed_0" / "tensorboard")
+  assert hparams["method"].string_value == "kd"
+  assert hparams["distill.kd.temperature"].number_value == 4.0
+  assert hparams["data.train_examples"].number_value == 64
 
 
 def test_results_table_mean_and_std():

@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from jaxkd import train
+from jaxkd import errors, train
 from jaxkd.experiments import compare
+from jaxkd.tools import store_teacher
 
 import testing_utils
 
@@ -42,9 +43,21 @@ def _student(method, teacher_dir, tmp_path):
 
 
 def test_stored_top_p_k_teacher(teacher_dir, tmp_path):
-  """'kd': the teacher's truncated distributions are written once (float16, uint16 ids) and
-  read back; evaluation compares with the live teacher."""
+  """'kd': `jaxkd.tools.store_teacher` writes the teacher's truncated distributions once
+  (float16, uint16 ids); the student's run reads them back without rewriting; evaluation
+  compares with the live teacher."""
+  config = compare.student_config(_config("kd"), "kd", 0, teacher_dir)
+  config.teacher.cache.dir = str(tmp_path / "cache")
+  described = store_teacher.store(config)
+  # 259 byte-level classes: dense float32 1,036 bytes; 50 × (uint16 id + float16) = 200 bytes.
+  assert "top-p 0.95 then top-50 at T 1, float16" in described
+  assert (
+    "× 200 bytes" in described and "dense float32: 1,036 bytes per position, 5.18×" in described
+  )
+  written = os.path.getmtime(tmp_path / "cache" / "manifest.json")
+
   results, records = _student("kd", teacher_dir, tmp_path)
+  assert os.path.getmtime(tmp_path / "cache" / "manifest.json") == written
   with open(tmp_path / "cache" / "manifest.json") as f:
     manifest = json.load(f)
   assert (manifest["k"], manifest["top_p"], manifest["dtype"]) == (50, 0.95, "float16")
@@ -80,3 +93,9 @@ def test_chunked_loss_trains_without_logits(teacher_dir, tmp_path):
     assert record["loss"] == pytest.approx(
       0.5 * record["chunked_lm/ce"] + 0.5 * record["chunked_lm/kd"], rel=1e-4
     )
+
+
+def test_store_teacher_needs_a_cache_directory(teacher_dir):
+  config = compare.student_config(_config("kd"), "kd", 0, teacher_dir)
+  with pytest.raises(errors.ConfigError, match="config.teacher.cache.dir is empty"):
+    store_teacher.store(config)

@@ -1,10 +1,15 @@
-"""Shared by the data, config and training tests: config loading and small IDX datasets."""
+"""Shared by the data, config and training tests: config loading, small IDX datasets and
+TensorBoard event files read back."""
 
+import glob
 import gzip
 import importlib.util
 import os
+import struct
 
 import numpy as np
+from etils import epath
+from tensorboardX.proto import event_pb2, plugin_hparams_pb2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,3 +52,22 @@ def write_dataset(directory, num_train: int, num_test: int) -> str:
   write_split(directory, "train", num_train, compress=False, seed=0)
   write_split(directory, "t10k", num_test, compress=True, seed=1)
   return str(directory)
+
+
+def tensorboard_events(path) -> list:
+  """The events of one TFRecord event file: length (u64), crc, payload, crc."""
+  data, events, offset = epath.Path(path).read_bytes(), [], 0
+  while offset < len(data):
+    (length,) = struct.unpack("<Q", data[offset : offset + 8])
+    events.append(event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length]))
+    offset += 12 + length + 4
+  return events
+
+
+def tensorboard_hparams(directory) -> dict:
+  """The hparams of the HParams tab's session start in a run's event files: {name: Value}."""
+  [path] = glob.glob(os.path.join(directory, "events.out.tfevents.*"))
+  values = [value for event in tensorboard_events(path) for value in event.summary.value]
+  start = next(v for v in values if v.tag == "_hparams_/session_start_info")
+  content = start.metadata.plugin_data.content
+  return plugin_hparams_pb2.HParamsPluginData.FromString(content).session_start_info.hparams

@@ -277,6 +277,27 @@ class TeacherCache:
     """`host_batch` plus its cached teacher outputs (looked up by ``host_batch['index']``)."""
     return {**host_batch, **self.lookup(host_batch["index"])}
 
+  def describe(self) -> str:
+    """What is stored and its size against dense float32 logits, e.g. 'top-p 0.95 then top-50
+    at T 1, float16: 16,777,216 positions × 300 bytes = 4.69 GiB (dense float32: 1,028 bytes per
+    position, 3.4× as much)'."""
+    manifest = self.manifest
+    positions = sum(
+      int(np.prod(shard[_files(manifest.kind)[0]].shape[:-1])) for shard in self.shards
+    )
+    dense = manifest.num_classes * 4
+    stored = manifest.bytes_per_position
+    what = (
+      "dense logits"
+      if manifest.kind == "dense"
+      else f"top-p {manifest.top_p:g} then top-{manifest.k} at T {manifest.temperature:g}"
+    )
+    return (
+      f"{what}, {manifest.dtype}: {positions:,} positions × {stored:,} bytes = "
+      f"{positions * stored / 2**30:.3g} GiB (dense float32: {dense:,} bytes per position, "
+      f"{dense / stored:.3g}× as much)"
+    )
+
 
 def read_manifest(directory: str) -> Manifest:
   """The manifest of the cache in `directory`; FileNotFoundError if there is none."""
