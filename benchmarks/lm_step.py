@@ -6,15 +6,18 @@ time within a round, reported as tokens per second.
 
   python benchmarks/lm_step.py                                 # configs/lm_kd.py's small pair
   python benchmarks/lm_step.py --rounds 5 --steps 3 --batch 16 --seq-len 256
+  python benchmarks/lm_step.py --size base --batch 8                  # lm_kd.py:size=base's pair
 
-Variants (byte-level vocabulary 259, the `configs/lm_kd.py` teacher and student):
+Variants (byte-level vocabulary 259, the `configs/lm_kd.py:size=...` teacher and student):
   student_only  CE step of the student alone (no teacher)
   teacher_fwd   the teacher's forward alone
   kd            (1 − α)·CE + α·KL step with the live teacher inside (jaxkd.step)
-  stored        the same step reading the teacher's stored top-p-k distributions (batch keys)
+  stored        the same step reading the teacher's stored top-p-k distributions (batch keys),
+                `kd` on them expanded to [B, S, V] with -inf outside the kept ids
+  stored_sparse the same loss as `sparse_topk_kd` on the stored pair itself (no [B, S, V] teacher)
   generate      on-policy GKD's sampling of the continuation (second half of the window)
   gkd_update    the JSD update on the sampled batch, teacher scoring inside
-Ratios printed: kd / (student_only + teacher_fwd), stored / student_only, and the on-policy step
+Ratios printed: kd / (student_only + teacher_fwd), stored(_sparse) / student_only, and the on-policy step
 (generate + update) broken down.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -83,12 +87,24 @@ def _step(name, task, student, method, optimizer, mesh, teacher_source, teacher_
   return Timed(name, jitted, state, method.hparams, teacher_state, batch)
 
 
+def _lm_kd_config(size: str):
+  """configs/lm_kd.py:size=<size>, for its teacher's and student's architectures."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  spec = importlib.util.spec_from_file_location("lm_kd", os.path.join(path, "lm_kd.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(f"size={size}")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--seq-len", type=int, default=256)
+  parser.add_argument(
+    "--size", default="small", help="configs/lm_kd.py's model sizes: 'small' or 'base'"
+  )
   parser.add_argument("--json", help="also write the results to this file")
   args = parser.parse_args(argv)
   xla_flags.configure_cpu()
@@ -102,12 +118,9 @@ def main(argv=None):
   mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
   task = tasks.CausalLM(seq_len=args.seq_len)
   vocab = tokenizer.vocab_size
-  teacher = models.create(
-    "transformer_lm", num_classes=vocab, num_layers=4, width=128, num_heads=4, seed=1
-  )
-  student = models.create(
-    "transformer_lm", num_classes=vocab, num_layers=2, width=64, num_heads=4, seed=0
-  )
+  config = _lm_kd_config(args.size)
+  teacher = models.create("transformer_lm", num_classes=vocab, seed=1, **config.teacher.kwargs)
+  student = models.create("transformer_lm", num_classes=vocab, seed=0, **config.student.kwargs)
   optimizer = optax.adamw(3e-3, weight_decay=0.01)
   batch = parallel.host_to_global(mesh, host_batch)
   live = teachers.from_models([teacher], task=task, mesh=mesh)
@@ -134,6 +147,17 @@ def main(argv=None):
   )
   kd_config = {"losses": {"ce": 0.5, "kd": 0.5}, "kd": KL}
   kd_method = _method(kd_config, student, teacher, task)
+  # The same loss on the stored pair itself: KL from the renormalised top-k teacher (equal to
+  # `kd` on the teacher expanded with -inf outside its top-k) without a [B, S, V] teacher.
+  sparse_method = _method(
+    {
+      "losses": {"ce": 0.5, "sparse_topk_kd": 0.5},
+      "sparse_topk_kd": {"scale_by_temperature_squared": False},
+    },
+    student,
+    teacher,
+    task,
+  )
   ce_method = _method({"losses": {"ce": 1.0}}, student, None, task)
   gkd_method = _method({"losses": {"jsd": 1.0}, "jsd": {"beta": 0.5}}, student, teacher, task)
 
@@ -164,6 +188,17 @@ def main(argv=None):
     _step("kd", task, student, kd_method, optimizer, mesh, live.train, live.state, batch),
     _step(
       "stored", task, student, kd_method, optimizer, mesh, cached.train, live.state, stored_batch
+    ),
+    _step(
+      "stored_sparse",
+      task,
+      student,
+      sparse_method,
+      optimizer,
+      mesh,
+      cached.train,
+      live.state,
+      stored_batch,
     ),
     Timed(
       "generate",
@@ -196,6 +231,7 @@ def main(argv=None):
       "batch": args.batch,
       "seq_len": args.seq_len,
       "vocab": vocab,
+      "size": args.size,
       "rounds": args.rounds,
       "steps": args.steps,
       "backend": jax.default_backend(),
@@ -205,6 +241,7 @@ def main(argv=None):
     "compile_s": {v.name: v.compile_s for v in variants},
     "kd_over_parts": seconds["kd"] / (seconds["student_only"] + seconds["teacher_fwd"]),
     "stored_over_student": seconds["stored"] / seconds["student_only"],
+    "stored_sparse_over_student": seconds["stored_sparse"] / seconds["student_only"],
     "on_policy": {
       "generate_s": seconds["generate"],
       "update_s": seconds["gkd_update"],

@@ -5,7 +5,7 @@
 Trains a CNN teacher on the 60,000 training images, then the same small student twice per
 seed, from scratch and with Hinton KD from that teacher, and prints (and writes to
 <workdir>/results.md and results.json) top-1, agreement with the teacher and
-KL(teacher ‖ student) on the 10,000 test images, as mean ± std over seeds (jaxkd.compare).
+KL(teacher ‖ student) on the 10,000 test images, as mean ± std over seeds (jaxkd.experiments.compare).
 
 The data are the IDX files of Debian's `dataset-fashion-mnist` (/usr/share/datasets/
 fashion-mnist/); `--config.data.dir=DIR` reads them from any directory, and

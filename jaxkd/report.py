@@ -7,7 +7,8 @@ member of a population counts as a run of its own), groups the runs by (dataset,
 student, method) and aggregates their seeds, prints a markdown table (and the gain of every
 method over training from scratch), and with `--out` writes it to `DIR/report.md` with two
 plots: `curves.png` (train loss and eval top-1 against the step, one line per run) and
-`gains.png` (top-1 gain over scratch per method, error bars over seeds).
+`gains.png` (the difference to scratch per method, error bars over seeds: top-1 points, or
+bits per byte for language models).
 
 Aggregation: mean ± sample standard deviation over seeds (ddof = 1; a single run shows its value).
 Runs of one (dataset, teacher → student, method) whose configs differ in more than the seed and
@@ -438,8 +439,31 @@ def _published_gain(key: GroupKey) -> float | None:
   return None
 
 
-def gains(groups: Sequence[Group], metric: str = "accuracy") -> list[Gain]:
-  """The gain of every non-scratch group with a scratch baseline (`_baseline`).
+@dataclasses.dataclass(frozen=True)
+class _Measure:
+  """How a gain in one metric is shown: `scale` · value with `digits`, in `unit`."""
+
+  scale: float
+  digits: int
+  unit: str
+  lower_is_better: bool
+
+
+# Images: top-1 in percentage points; language models: bits per byte (lower is better).
+_MEASURES = {
+  "accuracy": _Measure(100.0, 2, "top-1 (points)", False),
+  "bits_per_byte": _Measure(1.0, 4, "bits per byte, lower is better", True),
+}
+
+
+def gain_metric(group: Group) -> str:
+  """'bits_per_byte' for language models (every run reports it), else 'accuracy'."""
+  return "bits_per_byte" if group.stat("bits_per_byte") is not None else "accuracy"
+
+
+def gains(groups: Sequence[Group], metric: str | None = None) -> list[Gain]:
+  """The gain of every non-scratch group with a scratch baseline (`_baseline`), in `metric`
+  (default: `gain_metric` of the group).
 
   Paired by seed where both have runs of a seed: mean and sample std of the per-seed
   differences (what varies with the seed cancels). Otherwise the difference of the means, with
@@ -451,17 +475,19 @@ def gains(groups: Sequence[Group], metric: str = "accuracy") -> list[Gain]:
     baseline = _baseline(group.key, by_key) if group.key.method != "scratch" else None
     if baseline is None:
       continue
-    ours, theirs = group.by_seed(metric), baseline.by_seed(metric)
+    name = metric or gain_metric(group)
+    ours, theirs = group.by_seed(name), baseline.by_seed(name)
     seeds = sorted(ours.keys() & theirs.keys()) if ours is not None and theirs is not None else []
     if seeds:
       difference, paired = stat(ours[s] - theirs[s] for s in seeds), True
     else:
-      a, b = group.stat(metric), baseline.stat(metric)
+      a, b = group.stat(name), baseline.stat(name)
       if a is None or b is None:
         continue
       std = math.hypot(a.std, b.std) if a.std is not None and b.std is not None else None
       difference, paired = Stat(a.mean - b.mean, std, a.count), False
-    found.append(Gain(group, baseline, metric, difference, paired, _published_gain(group.key)))
+    published = _published_gain(group.key) if name == "accuracy" else None
+    found.append(Gain(group, baseline, name, difference, paired, published))
   return found
 
 
@@ -472,20 +498,29 @@ def _how(gain: Gain) -> str:
   return f"unpaired, {len(gain.group.runs)} vs {len(gain.baseline.runs)} runs"
 
 
-def _gain_cell(gain: Gain) -> str:
-  return f"{gain.stat.format(2, 100.0, '+')} ({_how(gain)})"
+def _gain_value(gain: Gain) -> str:
+  measure = _MEASURES[gain.metric]
+  return gain.stat.format(measure.digits, measure.scale, "+")
+
+
+def _gain_cell(gain: Gain, with_unit: bool) -> str:
+  unit = f" {_MEASURES[gain.metric].unit}" if with_unit else ""
+  return f"{_gain_value(gain)}{unit} ({_how(gain)})"
 
 
 def gains_table(found: Sequence[Gain]) -> str:
-  """Markdown rows of `gains`: top-1 points over scratch, ours and published."""
+  """Markdown rows of `gains`: the difference to scratch (top-1 points, or bits per byte for
+  language models), ours and published."""
   with_published = any(g.published is not None for g in found)
-  headers = ["dataset", "teacher → student", "method", "gain over scratch, top-1 (points)"]
+  metrics = {g.metric for g in found}
+  units = f", {_MEASURES[next(iter(metrics))].unit}" if len(metrics) == 1 else ""
+  headers = ["dataset", "teacher → student", "method", f"difference to scratch{units}"]
   headers += ["published gain (points)"] if with_published else []
   lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
   for gain in found:
     key = gain.group.key
     method = f"{key.method} ({key.variant})" if key.variant else key.method
-    cells = [key.dataset, key.pair, method, _gain_cell(gain)]
+    cells = [key.dataset, key.pair, method, _gain_cell(gain, with_unit=len(metrics) > 1)]
     if with_published:
       cells.append("—" if gain.published is None else f"{gain.published:+.2f}")
     lines.append("| " + " | ".join(cells) + " |")
@@ -497,7 +532,7 @@ def markdown(groups: Sequence[Group], published: Published | None = reference.lo
   text = "## Results\n\n" + markdown_table(groups, published)
   found = gains(groups)
   if found:
-    text += "\n\n## Gain over training from scratch (last epoch)\n\n" + gains_table(found)
+    text += "\n\n## Difference to training from scratch (last epoch)\n\n" + gains_table(found)
   return text + "\n"
 
 
@@ -582,29 +617,34 @@ def _bar_label(gain: Gain) -> str:
 
 
 def plot_gains(groups: Sequence[Group], path: str | os.PathLike) -> bool:
-  """Bar chart of `gains` in top-1 points, error bars ± the std over seeds, published gains as
-  markers where known; written to `path` (PNG). False (nothing written) without any gain."""
+  """Bar chart of `gains` (top-1 points; bits per byte when every gain is a language model's),
+  error bars ± the std over seeds, published gains as markers where known; written to `path`
+  (PNG). False (nothing written) without any gain."""
   found = gains(groups)
   if not found:
     return False
+  if len({g.metric for g in found}) > 1:  # one axis, one unit: images and LMs together
+    found = [g for g in found if g.metric == "accuracy"]
+  measure = _MEASURES[found[0].metric]
   plt = _pyplot()
   figure, axes = plt.subplots(figsize=(max(6.0, 1.3 * len(found) + 2), 4.8), layout="constrained")
   positions = np.arange(len(found))
-  means = [100 * g.stat.mean for g in found]
-  errors = [100 * (g.stat.std or 0.0) for g in found]
+  means = [measure.scale * g.stat.mean for g in found]
+  errors = [measure.scale * (g.stat.std or 0.0) for g in found]
+  better = [(mean < 0) == measure.lower_is_better for mean in means]
   axes.bar(
     positions,
     means,
     yerr=errors,
     capsize=4,
-    color=["C2" if mean >= 0 else "C3" for mean in means],
+    color=["C2" if good else "C3" for good in better],
     alpha=0.8,
     label="ours: mean ± std over seeds",
   )
   for position, mean, error, gain in zip(positions, means, errors, found):
     above = mean >= 0  # The value sits beyond the end of its error bar.
     axes.annotate(
-      gain.stat.format(2, 100.0, "+"),
+      _gain_value(gain),
       (position, mean + error if above else mean - error),
       xytext=(0, 4 if above else -4),
       textcoords="offset points",
@@ -624,8 +664,8 @@ def plot_gains(groups: Sequence[Group], path: str | os.PathLike) -> bool:
     )
   axes.axhline(0.0, color="black", linewidth=0.8)
   axes.set_xticks(positions, [_bar_label(g) for g in found], fontsize=8)
-  axes.set_ylabel("top-1 gain over scratch (percentage points)")
-  axes.set_title("Gain over training from scratch, last epoch")
+  axes.set_ylabel(f"difference to scratch, {measure.unit}")
+  axes.set_title("Difference to training from scratch, last epoch")
   axes.margins(y=0.2)
   axes.grid(True, axis="y", alpha=0.3)
   axes.legend(fontsize="small", loc="best")

@@ -9,14 +9,14 @@ The option, and why (figures and commands in BENCHMARKS.md, "XLA:CPU"):
 
 - `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions). jaxlib 0.10 hands
   convolutions and reductions to YNNPACK; on the CIFAR ResNets' narrow NHWC convolutions XLA's
-  own (Eigen) convolutions are faster: the KD step took 0.85× (resnet56 → resnet20) and 0.77×
+  own (Eigen) convolutions are faster: the KD step took 0.84× (resnet56 → resnet20) and 0.82×
   (resnet32x4 → resnet8x4) of its time with XLA's defaults, side by side
   (`python benchmarks/xla_cpu_flags.py --pairs resnet56:resnet20,resnet32x4:resnet8x4`).
 
   Not for populations: a step that updates P students one after the other (the CPU setting of
   `jaxkd.step`) ran faster with YNNPACK, whose small single-threaded kernels let the
-  independent members run side by side on the cores: 8 quickstart students took 0.45 and 0.39
-  of 8 single steps with it, 0.49 and 0.57 without
+  independent members run side by side on the cores: 8 quickstart students took 0.41 and 0.48
+  of 8 single steps with it, 0.64 and 0.54 without
   (`python benchmarks/xla_cpu_flags.py --pairs "" --population-pairs quickstart`).
 
 The flag is experimental, and XLA aborts at start-up on a flag it does not know, so it is set

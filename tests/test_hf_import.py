@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 import pytest
+from etils import epath
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -26,6 +27,8 @@ from jaxkd import models, parallel  # noqa: E402
 from jaxkd.models import hf  # noqa: E402
 from jaxkd.models.generate import generate  # noqa: E402
 from jaxkd.models.transformer import keep_layers  # noqa: E402
+
+import fake_gcs  # noqa: E402
 
 VOCAB = 97
 BATCH, LENGTH, PROMPT, NEW = 3, 12, 8, 5
@@ -242,6 +245,30 @@ def test_sharded_checkpoint_loads_into_the_fsdp_layout(tmp_path):
     split += "fsdp" in sharding.spec
     np.testing.assert_array_equal(array, single_params[path][...])
   assert split >= 5  # embeddings, MLP and attention kernels are split over 'fsdp'
+
+
+def test_bucket_checkpoint_is_copied_once_to_the_local_cache(tmp_path, monkeypatch):
+  """A gs:// teacher: its shards are copied to $JAXKD_CACHE_DIR (safetensors memory-maps
+  local files) once, and the model equals the local directory's."""
+  local = tmp_path / "local"
+  _hf_model("llama", local, max_shard_size="20KB")
+  remote = epath.Path(fake_gcs.bucket()) / "llama"
+  for file in local.iterdir():
+    (remote / file.name).write_bytes(file.read_bytes())
+  monkeypatch.setenv("JAXKD_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.chdir(tmp_path)
+
+  loaded = hf.load_pretrained(remote, dtype=jnp.float32)
+  copies = sorted((tmp_path / "cache" / "hf").glob("*/*"))
+  assert len(copies) == len(list(local.glob("*.safetensors"))) > 1
+  modified = [copy.stat().st_mtime_ns for copy in copies]
+  again = hf.load_pretrained(str(remote), dtype=jnp.float32)
+  assert [copy.stat().st_mtime_ns for copy in copies] == modified  # reused, not copied again
+  expected = dict(nnx.to_flat_state(nnx.state(hf.load_pretrained(local, dtype=jnp.float32))))
+  for model in (loaded, again):
+    for path, variable in nnx.to_flat_state(nnx.state(model)):
+      np.testing.assert_array_equal(variable[...], expected[path][...])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "local"]  # nothing under ./gs:
 
 
 def test_bfloat16_by_default(tmp_path):

@@ -216,6 +216,7 @@ def test_gains_paired_by_seed(sweep):
   table = report.gains_table(report.gains(groups))
   assert "| +0.80 ± 0.10 (paired by seed, 3 seeds) | +0.83 |" in table
   assert "| +3.80 ± 0.20 (paired by seed, 3 seeds) | — |" in table
+  assert "| difference to scratch, top-1 (points) | published gain (points) |" in table
 
 
 def test_unpaired_gain_without_common_seeds():
@@ -304,6 +305,37 @@ def test_language_model_columns():
   ]
 
 
+def test_language_model_gains_are_in_bits_per_byte(tmp_path):
+  """Language models' difference to scratch is in bits per byte, where lower is better, and a
+  report mixing images and LMs names the unit in every cell."""
+
+  def run(method, seed, bits_per_byte, accuracy):
+    config = {
+      "seed": seed,
+      "data": {"name": "stdlib"},
+      "teacher": {"model": "transformer_lm"},
+      "student": {"model": "transformer_lm"},
+      "distill": {"losses": {"ce": 0.5, "kd": 0.5} if method == "kd" else {"ce": 1.0}},
+    }
+    results = {"accuracy": accuracy, "bits_per_byte": bits_per_byte}
+    return report.Run(f"/{method}/{seed}", config, results)
+
+  runs = [run("scratch", 0, 3.50, 0.39), run("scratch", 1, 3.60, 0.40)]
+  runs += [run("kd", 0, 3.40, 0.40), run("kd", 1, 3.44, 0.40)]
+  (gain,) = report.gains(report.group(runs))
+  assert gain.metric == "bits_per_byte" and gain.published is None
+  np.testing.assert_allclose([gain.stat.mean, gain.stat.std], [-0.13, 0.0424264], atol=1e-6)
+  table = report.gains_table([gain])
+  assert "| difference to scratch, bits per byte, lower is better |" in table
+  assert "| -0.1300 ± 0.0424 (paired by seed, 2 seeds) |" in table
+  image = report.Gain(gain.group, gain.baseline, "accuracy", report.stat([0.01, 0.02]), True, None)
+  mixed = report.gains_table([gain, image])
+  assert "| -0.1300 ± 0.0424 bits per byte, lower is better (paired by seed, 2 seeds) |" in mixed
+  assert "| +1.50 ± 0.71 top-1 (points) (paired by seed, 2 seeds) |" in mixed
+  assert report.plot_gains(report.group(runs), tmp_path / "gains.png")
+  _assert_png(tmp_path / "gains.png")
+
+
 def _assert_png(path):
   from PIL import Image
 
@@ -334,7 +366,7 @@ def test_command_line(sweep, tmp_path, capsys):
   printed = capsys.readouterr().out
   row = "| cifar100 | resnet32x4 → resnet8x4 | kd | 3 | 73.30 ± 0.20 | 73.60 ± 0.20 |"
   assert row in printed
-  assert "## Gain over training from scratch" in printed
+  assert "## Difference to training from scratch" in printed
   assert sorted(os.listdir(tmp_path / "out")) == ["curves.png", "gains.png", "report.md"]
   assert "![gain over scratch](gains.png)" in (tmp_path / "out" / "report.md").read_text()
 

@@ -9,17 +9,21 @@ Conv1D weights as [in, out] (jaxkd's kernel layout) and fuses q, k, v into the c
 
 Loading reads each tensor memory-mapped (`safetensors.safe_open`); with a mesh every device's
 shard is read and converted on its own (`jax.make_array_from_callback`), so no host ever holds a
-whole tensor per device, or the whole model.
+whole tensor per device, or the whole model. A `gs://` directory's shards are copied once to a
+local cache (`local_cache_dir()`), since memory-mapping needs a local file.
 """
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
@@ -138,7 +142,8 @@ def read_config(directory) -> DecoderConfig:
 
 
 def _weight_files(directory: epath.Path) -> list[str]:
-  """The local safetensors files of the checkpoint: the index's shards, or model.safetensors."""
+  """The local safetensors files of the checkpoint, the index's shards or model.safetensors;
+  those of a remote directory are copied to `local_cache_dir()` first (`_local_copy`)."""
   index = directory / WEIGHTS_INDEX_FILE
   if index.exists():
     files = sorted(
@@ -151,13 +156,36 @@ def _weight_files(directory: epath.Path) -> list[str]:
       f"{directory} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} (only safetensors "
       "checkpoints are read)"
     )
-  files = [os.fspath(file) for file in files]
-  if any("://" in file for file in files):
-    raise ValueError(
-      f"{directory}: safetensors are memory-mapped from a local file system; copy the "
-      "directory locally first"
-    )
-  return files
+  return [_local_copy(file) if "://" in os.fspath(file) else os.fspath(file) for file in files]
+
+
+def local_cache_dir() -> epath.Path:
+  """Where remote safetensors shards are copied: `$JAXKD_CACHE_DIR/hf`, default
+  `~/.cache/jaxkd/hf`."""
+  root = os.environ.get("JAXKD_CACHE_DIR") or os.path.join(
+    os.path.expanduser("~"), ".cache", "jaxkd"
+  )
+  return epath.Path(root) / "hf"
+
+
+def _local_copy(file: epath.Path) -> str:
+  """A local copy of a remote (`gs://`) safetensors shard, made once and reused.
+
+  safetensors memory-maps its files, which needs a local file system. The copy is keyed by the
+  remote path and size; it is written to a temporary name and renamed, so that processes of one
+  host loading the same teacher at once never read a half-written shard.
+  """
+  size = file.stat().length
+  key = hashlib.sha256(f"{file}\0{size}".encode()).hexdigest()[:16]
+  target = local_cache_dir() / key / file.name
+  if not (target.exists() and target.stat().length == size):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{file.name}.{os.getpid()}.partial"
+    with file.open("rb") as source, open(partial, "wb") as destination:
+      shutil.copyfileobj(source, destination, length=64 << 20)
+    os.replace(partial, target)
+    logging.info("Copied %s (%.2f GiB) to %s", file, size / 2**30, target)
+  return os.fspath(target)
 
 
 def load_pretrained(
