@@ -100,6 +100,30 @@ def _choice(field: str, value, choices) -> None:
   _require(value in choices, field, value, f"must be one of {', '.join(map(str, choices))}")
 
 
+def _check_sampling(config) -> None:
+  """`config.sampling`: token data, one student, one live teacher to sample and score with."""
+  options = config.sampling
+  _choice("sampling.kind", options.kind, sampling.KINDS)
+  checkpoints = [path for path in config.teacher.checkpoint.split(",") if path.strip()]
+  why_not = (
+    "sampling generates token continuations: the data must be text"
+    if config.data.source not in data.TEXT_SOURCES
+    else "a population's stacked students cannot each generate in one step"
+    if config.population.size > 1
+    else "the step must score the samples with a live teacher: set teacher.checkpoint "
+    "(one model, not an ensemble, no teacher.cache.dir)"
+    if len(checkpoints) != 1 or config.teacher.cache.dir
+    else ""
+  )
+  _require(not why_not, "sampling.kind", options.kind, why_not)
+  _require(
+    0 <= options.prompt_len <= config.data.seq_len,
+    "sampling.prompt_len",
+    options.prompt_len,
+    f"must be in [1, data.seq_len={config.data.seq_len}], or 0 for half of it",
+  )
+
+
 def check(config) -> None:
   """The static checks: every value that can be judged from the config alone."""
   _choice("data.source", config.data.source, (*data.SOURCES, *data.TEXT_SOURCES))
@@ -116,6 +140,8 @@ def check(config) -> None:
     "must be -1 (one per core), 0 (threads only) or positive",
   )
   _choice("workdir_mismatch", config.workdir_mismatch, ("refuse", "fresh", "continue"))
+  if config.sampling.kind:
+    _check_sampling(config)
   if config.data.source in data.TEXT_SOURCES:
     _require(
       config.data.augment == "none",
@@ -494,7 +520,7 @@ def resolve(config, workdir: str | None) -> Plan:
   except ValueError as error:
     raise ConfigError(f"config.{error}") from None
 
-  sampler = _sampler(config, task, tokenizer, settings, members)
+  sampler = _sampler(config, tokenizer, settings)
   run_record = _run_record(config, student_kwargs, num_classes, members)
   set_aside_previous_run = workdir is not None and _check_workdir(
     workdir, run_record, config.workdir_mismatch
@@ -537,30 +563,18 @@ def resolve(config, workdir: str | None) -> Plan:
   )
 
 
-def _sampler(config, task, tokenizer, settings: teachers.Settings, members):
+def _sampler(config, tokenizer, settings: teachers.Settings):
   """`config.sampling` as a `jaxkd.sampling.Sampler` (None when off)."""
   options = config.sampling
   if not options.kind:
-    return None
-  _choice("sampling.kind", options.kind, sampling.KINDS)
-  why_not = (
-    "sampling generates token continuations: the data must be text"
-    if not isinstance(task, tasks.CausalLM)
-    else "a population's stacked students cannot each generate in one step"
-    if members is not None
-    else "the step must score the samples with a live teacher: set teacher.checkpoint "
-    "(one model, not an ensemble, no teacher.cache.dir)"
-    if settings.train_source != "live"
-    else ""
-  )
-  _require(not why_not, "sampling.kind", options.kind, why_not)
-  prompt_len = options.prompt_len or config.data.seq_len // 2
+    return None  # `_check_sampling` judged the rest from the config
   _require(
-    1 <= prompt_len <= config.data.seq_len,
-    "sampling.prompt_len",
-    options.prompt_len,
-    f"must be in [1, data.seq_len={config.data.seq_len}]",
+    settings.train_source == "live",
+    "sampling.kind",
+    options.kind,
+    "the step scores the samples with the teacher: config.distill.losses needs a teacher term",
   )
+  prompt_len = options.prompt_len or config.data.seq_len // 2
   default = lambda value: None if value < 0 else value  # -1 = the kind's default
   try:
     return sampling.Sampler(
@@ -681,15 +695,32 @@ def _check_workdir(workdir: str, run_record: Mapping[str, Any], policy: str) -> 
   saved = checkpoint.Checkpointer(workdir).run_info()
   if saved is None:
     return False
-  differing = [key for key in {**saved, **run_record} if saved.get(key) != run_record.get(key)]
-  if not differing or policy == "continue":
+  difference = _first_difference(saved, run_record)
+  if difference is None or policy == "continue":
     return False
   if policy == "fresh":
     return True
-  key = differing[0]
+  key, was, asked = difference
   raise ConfigError(
-    f"the workdir's checkpoints were written for {key} = {saved.get(key)!r}, the config asks "
-    f"for {run_record.get(key)!r}; use another --workdir, or --config.workdir_mismatch=fresh "
-    "(start over, the earlier run kept in <workdir>/previous-<n>/) or =continue (resume its "
-    "weights with the new settings)"
+    f"the workdir's checkpoints were written for {key} = {was!r}, the config asks for "
+    f"{asked!r}; use another --workdir, or --config.workdir_mismatch=fresh (start over, the "
+    "earlier run kept in <workdir>/previous-<n>/) or =continue (resume its weights with the new "
+    "settings)"
   )
+
+
+_ABSENT = "(absent)"
+
+
+def _first_difference(saved: Mapping, asked: Mapping, prefix: str = "") -> tuple | None:
+  """(dotted key, saved value, asked value) of the first leaf where two run records differ,
+  descending into nested dicts so that the one line names `optimizer.schedule`, not the whole
+  optimizer; None if they are equal."""
+  for key in {**saved, **asked}:
+    was, now = saved.get(key, _ABSENT), asked.get(key, _ABSENT)
+    if was == now:
+      continue
+    if isinstance(was, Mapping) and isinstance(now, Mapping):
+      return _first_difference(was, now, f"{prefix}{key}.")
+    return f"{prefix}{key}", was, now
+  return None

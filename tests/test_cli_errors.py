@@ -177,6 +177,23 @@ _CASES = (
     base=_LM,
   ),
   Case(
+    "sampling_without_a_teacher",
+    ("--config.sampling.kind=on_policy",),
+    ("config.sampling.kind='on_policy'", "live teacher"),
+    base=_LM,
+  ),
+  Case(
+    "sampling_images",
+    ("--config.sampling.kind=seq_kd", "--config.teacher.checkpoint=<teacher>"),
+    ("config.sampling.kind='seq_kd'", "must be text"),
+  ),
+  Case(
+    "sampling_kind_unknown",
+    ("--config.sampling.kind=onpolicy",),
+    ("config.sampling.kind='onpolicy'", "on_policy"),
+    base=_LM,
+  ),
+  Case(
     "teacher_model_json_disagrees_with_weights",
     ("--config.teacher.checkpoint=<teacher_wrong_json>",),
     ("<teacher_wrong_json>/model.json", "weights"),

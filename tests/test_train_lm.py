@@ -29,6 +29,26 @@ def teacher_dir(tmp_path_factory):
   return str(workdir / "model")
 
 
+@pytest.mark.parametrize("method", ["kd", "pretrain", "gkd", "seq_kd", "skd", "chunked"])
+def test_every_run_of_the_recipe_is_checked_and_only_the_kd_students_distil(method, tmp_path):
+  """`configs/lm_kd.py:method=M` checks all its runs before the first starts; the teacher and
+  the scratch students train on the data as it is, with cross-entropy alone."""
+  configs = compare.run_configs(_config(method), str(tmp_path))
+  assert list(configs) == ["teacher", "scratch/seed_0", "kd/seed_0"]
+  for name, config in configs.items():
+    if name != "kd/seed_0":
+      assert config.sampling.kind == "" and dict(config.distill.losses) == {"ce": 1.0}, name
+  assert configs["kd/seed_0"].sampling.kind == _config(method).sampling.kind
+
+
+def test_a_sampling_recipe_runs_its_whole_comparison(tmp_path):
+  """The teacher, scratch and on-policy GKD students of `lm_kd.py:smoke,method=gkd`."""
+  summary = compare.run(_config("gkd"), str(tmp_path))
+  assert np.isfinite(summary["runs"]["kd"][0]["bits_per_byte"])
+  assert all("sampled" in record for record in _records(tmp_path / "kd" / "seed_0"))
+  assert not any("sampled" in record for record in _records(tmp_path / "scratch" / "seed_0"))
+
+
 def _records(workdir, split="train"):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [record for record in map(json.loads, f) if record["split"] == split]

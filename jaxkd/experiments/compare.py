@@ -56,6 +56,7 @@ def teacher_config(config) -> ml_collections.ConfigDict:
   teacher.teacher.model = ""
   teacher.teacher.checkpoint = ""
   teacher.distill = ml_collections.ConfigDict({"losses": {"ce": 1.0}})
+  teacher.sampling.kind = ""  # the data as it is
   teacher.num_epochs = config.compare.teacher_epochs
   teacher.data.train_examples = config.compare.teacher_train_examples
   return teacher
@@ -134,22 +135,33 @@ def student_cache_dir(workdir: str) -> str:
   return os.path.join(workdir, "teacher", "cache")
 
 
-def run(config, workdir: str) -> dict:
-  """Runs the comparison (module docstring); returns the summary written to results.json."""
+def run_configs(config, workdir: str) -> dict[str, ml_collections.ConfigDict]:
+  """The comparison's runs in order, by their directory under `workdir`: 'teacher', then
+  'scratch/seed_<s>' and 'kd/seed_<s>' for every seed. Each is checked (`plan.check`), so a
+  mistake in any of them is reported before the first one starts."""
   plan.check_comparison(config.compare)
-  teacher_dir = os.path.join(workdir, "teacher")
-  seeds = [config.seed + offset for offset in range(config.compare.seeds)]
+  teacher_model = os.path.join(workdir, "teacher", "model")
   configs = {"teacher": teacher_config(config)}
   for role in _ROLES:
-    for seed in seeds:
-      configs[f"{role}/seed_{seed}"] = student_config(
-        config, role, seed, os.path.join(teacher_dir, "model")
-      )
+    for seed in _seeds(config):
+      student = student_config(config, role, seed, teacher_model)
       if role == "kd" and config.compare.get("cache_teacher", False):
-        configs[f"{role}/seed_{seed}"].teacher.cache.dir = student_cache_dir(workdir)
-  # Every run is checked before the first one starts: a typo must not wait for the teacher.
+        student.teacher.cache.dir = student_cache_dir(workdir)
+      configs[f"{role}/seed_{seed}"] = student
   for run_config in configs.values():
     plan.check(run_config)
+  return configs
+
+
+def _seeds(config) -> list[int]:
+  return [config.seed + offset for offset in range(config.compare.seeds)]
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the comparison (module docstring); returns the summary written to results.json."""
+  configs = run_configs(config, workdir)
+  teacher_dir = os.path.join(workdir, "teacher")
+  seeds = _seeds(config)
 
   start = time.perf_counter()
   results, seconds = {}, {}
