@@ -1,14 +1,16 @@
 """What a jaxkd command does with its command line: flags read into one clear error line.
 
-Shared by `python -m jaxkd.main` and `python -m jaxkd.evaluate`, which define their own flags.
+Shared by `python -m jaxkd.main`, `python -m jaxkd.evaluate` and `python -m jaxkd.tools.*`.
 """
 
 import logging as python_logging
 import sys
 import warnings
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from absl import flags
+from ml_collections import config_flags
 
 from jaxkd import errors
 
@@ -50,6 +52,37 @@ def read_flags(argv: list[str], flag_values: flags.FlagValues, config_flag) -> l
   except OSError as error:
     message = f"--config: {' '.join(str(error.__cause__ or error).split())}"
   raise errors.UserError(message)
+
+
+def tool_flags() -> tuple[flags.FlagValues, Any]:
+  """The flags of a command beside `jaxkd.main` (`jaxkd.evaluate`, `jaxkd.tools.*`): its own
+  `FlagValues` (absl's global ones hold `jaxkd.main`'s --config when both are imported) with a
+  locked, required --config. Returns the flag values and the config flag."""
+  flag_values = flags.FlagValues()
+  config_flag = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "A configs/*.py file (get_config(arg); ':arg' picks a variant).",
+    flag_values=flag_values,
+    lock_config=True,
+  )
+  flags.mark_flags_as_required(["config"], flag_values=flag_values)
+  return flag_values, config_flag
+
+
+def tool_flags_parser(flag_values: flags.FlagValues, config_flag) -> Callable[[list[str]], list]:
+  """`app.run`'s flags_parser for a `tool_flags` command: a mistake is one `error:` line and
+  status 1; absl's own flags (logging) keep their defaults."""
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      remaining_argv = read_flags(argv, flag_values, config_flag)
+    except errors.UserError as error:
+      exit_with_error(error)
+    flags.FLAGS(argv[:1])
+    return remaining_argv
+
+  return parse
 
 
 def exit_with_error(error: errors.UserError) -> NoReturn:

@@ -28,28 +28,19 @@ import jax
 from absl import app, flags, logging
 from etils import epath
 from flax import nnx
-from ml_collections import config_flags
 
 from jaxkd import cli, data, errors, metrics, parallel, plan, step, tasks, teachers, xla_flags
 from jaxkd.errors import ConfigError, UserError
 from jaxkd.models import io as model_io
 
-# Its own flags, not absl's global ones: `jaxkd.main` (importable beside it) defines --config.
-_FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  None,
-  "A configs/*.py file (get_config(arg); ':arg' picks a variant).",
-  flag_values=_FLAGS,
-  lock_config=True,
-)
+_FLAGS, _CONFIG = cli.tool_flags()
 _MODEL = flags.DEFINE_string(
   "model", None, "The model directory to evaluate (jaxkd.models.io).", flag_values=_FLAGS
 )
 _OUTPUT = flags.DEFINE_string(
   "output", None, "Also write the results as JSON to this path.", flag_values=_FLAGS
 )
-flags.mark_flags_as_required(["config", "model"], flag_values=_FLAGS)
+flags.mark_flags_as_required(["model"], flag_values=_FLAGS)
 
 
 @flax.struct.dataclass
@@ -202,16 +193,6 @@ def format_table(results: Mapping) -> str:
   return "\n".join(lines)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing; an error ends the program with one `error:` line and status 1."""
-  try:
-    remaining_argv = cli.read_flags(argv, _FLAGS, _CONFIG)
-  except UserError as error:
-    cli.exit_with_error(error)
-  flags.FLAGS(argv[:1])  # absl's own flags (logging) keep their defaults
-  return remaining_argv
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -232,4 +213,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.tool_flags_parser(_FLAGS, _CONFIG))

@@ -16,22 +16,12 @@ A problem the user fixes (the config, the data, the teacher) is one `error:` lin
 exit status 1.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
 from jaxkd import cli, errors, parallel, plan, train, xla_flags
 from jaxkd.errors import ConfigError
 
-# Its own flags, not absl's global ones: `jaxkd.main` (importable beside it) defines --config.
-_FLAGS = flags.FlagValues()
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  None,
-  "A configs/*.py file (get_config(arg); ':arg' picks a variant).",
-  flag_values=_FLAGS,
-  lock_config=True,
-)
-flags.mark_flags_as_required(["config"], flag_values=_FLAGS)
+_FLAGS, _CONFIG = cli.tool_flags()
 
 
 def store(config) -> str:
@@ -43,15 +33,6 @@ def store(config) -> str:
   run = plan.resolve(config, workdir=None)
   teacher = train.load_teacher(run, parallel.make_mesh(run.mesh_shape))
   return f"{config.teacher.cache.dir}: {teacher.cache.describe()}"
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    remaining_argv = cli.read_flags(argv, _FLAGS, _CONFIG)
-  except errors.UserError as error:
-    cli.exit_with_error(error)
-  flags.FLAGS(argv[:1])  # absl's own flags (logging) keep their defaults
-  return remaining_argv
 
 
 def main(argv):
@@ -66,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.tool_flags_parser(_FLAGS, _CONFIG))
